@@ -1,0 +1,194 @@
+"""The Llama 3 Transformer: Meta's reference forward pass over NumPy arrays, with a KV cache."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from . import bf16
+from .config import ModelArgs
+from .ops import apply_rotary_emb, attention, feed_forward, identity, linear, precompute_freqs_cis, rms_norm
+
+DTYPES = ("float32", "bfloat16")
+
+
+class WeightError(ValueError):
+    """A weight that is missing, misshapen or of an unusable dtype."""
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Meta's tensor names and shapes for `args` (output.weight is optional: tied head)."""
+    hd, kv = args.head_dim, args.n_kv_heads
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, args.dim),
+            p + "attention.wk.weight": (kv * hd, args.dim),
+            p + "attention.wv.weight": (kv * hd, args.dim),
+            p + "attention.wo.weight": (args.dim, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (args.ffn_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.ffn_dim),
+            p + "feed_forward.w3.weight": (args.ffn_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+# Present in some of Meta's older checkpoints and recomputed here, so safe to ignore.
+IGNORED_WEIGHTS = ("rope.freqs",)
+
+
+def as_float32(name: str, w) -> np.ndarray:
+    """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
+    widened exactly; float16/float64 are converted."""
+    w = np.asarray(w)
+    if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
+        return bf16.from_bits(w.view(np.uint16))
+    if w.dtype in (np.float32, np.float16, np.float64):
+        return w.astype(np.float32, copy=False)
+    raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
+
+
+class Transformer:
+    """Llama 3 with a preallocated KV cache.
+
+    weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
+    "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
+    """
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
+                 max_seq_len: int | None = None, max_batch_size: int = 1):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.args, self.dtype = args, dtype
+        self.max_seq_len = int(max_seq_len or args.max_seq_len)
+        self.max_batch_size = int(max_batch_size)
+        if self.max_seq_len <= 0 or self.max_batch_size <= 0:
+            raise ValueError("max_seq_len and max_batch_size must be positive")
+        self.rnd = bf16.round if dtype == "bfloat16" else identity
+        self.weights = self._check_weights(weights)
+        self.tied = "output.weight" not in weights
+        scaling = None
+        if args.use_scaled_rope:
+            scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
+                           high_freq_factor=args.high_freq_factor,
+                           original_max_position_embeddings=args.original_max_position_embeddings)
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta, scaling)
+        cache_shape = (args.n_layers, self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
+        self.cache_k = np.zeros(cache_shape, dtype=np.float32)
+        self.cache_v = np.zeros(cache_shape, dtype=np.float32)
+
+    def _check_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shapes = expected_shapes(self.args)
+        unknown = sorted(set(weights) - set(shapes) - set(IGNORED_WEIGHTS))
+        if unknown:
+            raise WeightError(f"unexpected tensors for these params: {', '.join(unknown[:5])}"
+                              + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        out = {}
+        for name, shape in shapes.items():
+            if name not in weights:
+                if name == "output.weight":
+                    continue
+                raise WeightError(f"missing tensor {name} (expected shape {shape})")
+            w = weights[name]
+            if tuple(w.shape) != shape:
+                raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
+            w = as_float32(name, w)
+            # bf16 numerics hold bf16 weights, as a torch model in bf16 would.
+            out[name] = self.rnd(w) if self.dtype == "bfloat16" else w
+        return out
+
+    def reset(self) -> None:
+        """Forget the cache contents (they are overwritten anyway; this is for clarity)."""
+        self.cache_k.fill(0)
+        self.cache_v.fill(0)
+
+    def forward(self, tokens, start_pos: int = 0, trace: dict | None = None,
+                last_only: bool = False) -> np.ndarray:
+        """tokens (T,) or (B, T) ints -> float32 logits (T, vocab) or (B, T, vocab).
+
+        Positions start_pos .. start_pos+T-1; the cache must hold positions < start_pos from
+        earlier calls. last_only returns only the last position's logits, (vocab,) or (B, vocab).
+        trace, when a dict, receives every intermediate under the names of the Trace format.
+        """
+        tokens = np.asarray(tokens)
+        single = tokens.ndim == 1
+        if single:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape (T,) or (B, T) with T >= 1, got {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        B, T = tokens.shape
+        args, w, rnd = self.args, self.weights, self.rnd
+        if B > self.max_batch_size:
+            raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size}")
+        if not 0 <= start_pos or start_pos + T > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={self.max_seq_len}")
+        if tokens.min() < 0 or tokens.max() >= args.vocab_size:
+            raise ValueError(f"token ids must be in [0, {args.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
+        hd, n_heads, n_kv = args.head_dim, args.n_heads, args.n_kv_heads
+
+        def record(name, x):
+            if trace is not None:
+                trace[name] = x[0] if single else x
+
+        h = w["tok_embeddings.weight"][tokens]                        # (B, T, dim)
+        record("tokens", tokens)
+        record("token_embeddings", h)
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            x = rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps, rnd)
+            xq = linear(x, w[p + "attention.wq.weight"], rnd).reshape(B, T, n_heads, hd)
+            xk = linear(x, w[p + "attention.wk.weight"], rnd).reshape(B, T, n_kv, hd)
+            xv = linear(x, w[p + "attention.wv.weight"], rnd).reshape(B, T, n_kv, hd)
+            record(p + "attention_norm", x)
+            record(p + "q", xq)
+            record(p + "k", xk)
+            record(p + "v", xv)
+            xq = apply_rotary_emb(xq, freqs_cis, rnd)
+            xk = apply_rotary_emb(xk, freqs_cis, rnd)
+            record(p + "q_rotated", xq)
+            record(p + "k_rotated", xk)
+            self.cache_k[i, :B, start_pos:start_pos + T] = xk
+            self.cache_v[i, :B, start_pos:start_pos + T] = xv
+            keys = self.cache_k[i, :B, :start_pos + T]                 # (B, S, n_kv_heads, head_dim)
+            values = self.cache_v[i, :B, :start_pos + T]
+            inner = {} if trace is not None else None
+            attn = attention(xq, keys, values, start_pos, rnd, inner)  # (B, T, dim)
+            attn_out = linear(attn, w[p + "attention.wo.weight"], rnd)
+            h = rnd(h + attn_out)
+            if trace is not None:
+                record(p + "scores", inner["scores"])
+                record(p + "probs", inner["probs"])
+                record(p + "attention", attn)
+                record(p + "attention_out", attn_out)
+                record(p + "h", h)
+            x = rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps, rnd)
+            inner = {} if trace is not None else None
+            ffn_out = feed_forward(x, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w2.weight"],
+                                   w[p + "feed_forward.w3.weight"], rnd, inner)
+            h = rnd(h + ffn_out)
+            if trace is not None:
+                record(p + "ffn_norm", x)
+                record(p + "w1", inner["w1"])
+                record(p + "w3", inner["w3"])
+                record(p + "ffn_out", ffn_out)
+                record(p + "out", h)
+        if last_only:
+            h = h[:, -1:]
+        h = rms_norm(h, w["norm.weight"], args.norm_eps, rnd)
+        logits = linear(h, w["output.weight"] if not self.tied else w["tok_embeddings.weight"], rnd)
+        record("norm", h)
+        record("logits", logits)
+        if last_only:
+            logits = logits[:, 0]
+        return logits[0] if single else logits
+
+    __call__ = forward
