@@ -44,13 +44,16 @@ IGNORED_WEIGHTS = ("rope.freqs",)
 
 def as_float32(name: str, w) -> np.ndarray:
     """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
-    widened exactly; float16/float64 are converted."""
-    w = np.asarray(w)
+    widened exactly; float16/float64 are converted; float32 (memory maps too) is kept."""
+    w = np.asarray(w) if not isinstance(w, np.ndarray) else w
     if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
         return bf16.from_bits(w.view(np.uint16))
     if w.dtype in (np.float32, np.float16, np.float64):
         return w.astype(np.float32, copy=False)
     raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
+
+
+WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
 
 
 class Transformer:
@@ -71,6 +74,7 @@ class Transformer:
             raise ValueError("max_seq_len and max_batch_size must be positive")
         self.rnd = bf16.round if dtype == "bfloat16" else identity
         self.weights = self._check_weights(weights)
+        self._ready: dict[str, np.ndarray] = {}
         self.tied = "output.weight" not in weights
         scaling = None
         if args.use_scaled_rope:
@@ -84,6 +88,8 @@ class Transformer:
         self.cache_v = np.zeros(cache_shape, dtype=np.float32)
 
     def _check_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Names, shapes and dtypes only: no weight data is read here, so a memory-mapped
+        checkpoint stays on disk until a forward pass touches it."""
         shapes = expected_shapes(self.args)
         unknown = sorted(set(weights) - set(shapes) - set(IGNORED_WEIGHTS))
         if unknown:
@@ -98,10 +104,29 @@ class Transformer:
             w = weights[name]
             if tuple(w.shape) != shape:
                 raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
-            w = as_float32(name, w)
-            # bf16 numerics hold bf16 weights, as a torch model in bf16 would.
-            out[name] = self.rnd(w) if self.dtype == "bfloat16" else w
+            if w.dtype.name not in WEIGHT_DTYPES:
+                raise WeightError(f"{name}: unsupported dtype {w.dtype} "
+                                  "(expected float32, float16, float64 or bf16 as uint16)")
+            out[name] = w
         return out
+
+    def weight(self, name: str) -> np.ndarray:
+        """A weight in compute form (float32; bf16-rounded in bfloat16 numerics), made on
+        first use and kept."""
+        w = self._ready.get(name)
+        if w is None:
+            w = as_float32(name, self.weights[name])
+            # bf16 numerics hold bf16 weights, as a torch model in bf16 would.
+            w = self._ready[name] = self.rnd(w) if self.dtype == "bfloat16" else w
+        return w
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        # Gather the rows first: an untied model never needs the whole table in float32.
+        name = "tok_embeddings.weight"
+        if name in self._ready:
+            return self._ready[name][tokens]
+        rows = as_float32(name, self.weights[name][tokens])
+        return self.rnd(rows) if self.dtype == "bfloat16" else rows
 
     def reset(self) -> None:
         """Forget the cache contents (they are overwritten anyway; this is for clarity)."""
@@ -125,7 +150,7 @@ class Transformer:
         if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens must be integers, got {tokens.dtype}")
         B, T = tokens.shape
-        args, w, rnd = self.args, self.weights, self.rnd
+        args, w, rnd = self.args, self.weight, self.rnd
         if B > self.max_batch_size:
             raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size}")
         if not 0 <= start_pos or start_pos + T > self.max_seq_len:
@@ -139,15 +164,15 @@ class Transformer:
             if trace is not None:
                 trace[name] = x[0] if single else x
 
-        h = w["tok_embeddings.weight"][tokens]                        # (B, T, dim)
+        h = self.embed(tokens)                                        # (B, T, dim)
         record("tokens", tokens)
         record("token_embeddings", h)
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            x = rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps, rnd)
-            xq = linear(x, w[p + "attention.wq.weight"], rnd).reshape(B, T, n_heads, hd)
-            xk = linear(x, w[p + "attention.wk.weight"], rnd).reshape(B, T, n_kv, hd)
-            xv = linear(x, w[p + "attention.wv.weight"], rnd).reshape(B, T, n_kv, hd)
+            x = rms_norm(h, w(p + "attention_norm.weight"), args.norm_eps, rnd)
+            xq = linear(x, w(p + "attention.wq.weight"), rnd).reshape(B, T, n_heads, hd)
+            xk = linear(x, w(p + "attention.wk.weight"), rnd).reshape(B, T, n_kv, hd)
+            xv = linear(x, w(p + "attention.wv.weight"), rnd).reshape(B, T, n_kv, hd)
             record(p + "attention_norm", x)
             record(p + "q", xq)
             record(p + "k", xk)
@@ -162,7 +187,7 @@ class Transformer:
             values = self.cache_v[i, :B, :start_pos + T]
             inner = {} if trace is not None else None
             attn = attention(xq, keys, values, start_pos, rnd, inner)  # (B, T, dim)
-            attn_out = linear(attn, w[p + "attention.wo.weight"], rnd)
+            attn_out = linear(attn, w(p + "attention.wo.weight"), rnd)
             h = rnd(h + attn_out)
             if trace is not None:
                 record(p + "scores", inner["scores"])
@@ -170,10 +195,10 @@ class Transformer:
                 record(p + "attention", attn)
                 record(p + "attention_out", attn_out)
                 record(p + "h", h)
-            x = rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps, rnd)
+            x = rms_norm(h, w(p + "ffn_norm.weight"), args.norm_eps, rnd)
             inner = {} if trace is not None else None
-            ffn_out = feed_forward(x, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w2.weight"],
-                                   w[p + "feed_forward.w3.weight"], rnd, inner)
+            ffn_out = feed_forward(x, w(p + "feed_forward.w1.weight"), w(p + "feed_forward.w2.weight"),
+                                   w(p + "feed_forward.w3.weight"), rnd, inner)
             h = rnd(h + ffn_out)
             if trace is not None:
                 record(p + "ffn_norm", x)
@@ -183,8 +208,8 @@ class Transformer:
                 record(p + "out", h)
         if last_only:
             h = h[:, -1:]
-        h = rms_norm(h, w["norm.weight"], args.norm_eps, rnd)
-        logits = linear(h, w["output.weight"] if not self.tied else w["tok_embeddings.weight"], rnd)
+        h = rms_norm(h, w("norm.weight"), args.norm_eps, rnd)
+        logits = linear(h, w("tok_embeddings.weight" if self.tied else "output.weight"), rnd)
         record("norm", h)
         record("logits", logits)
         if last_only:

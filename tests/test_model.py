@@ -186,7 +186,7 @@ def test_float32_stays_float32():
     assert out.dtype == np.float32
     bad = {k: v.dtype for k, v in tr.items() if k != "tokens" and v.dtype != np.float32}
     assert not bad
-    assert all(v.dtype == np.float32 for v in m.weights.values())
+    assert all(m.weight(name).dtype == np.float32 for name in m.weights)
 
 
 def test_bf16_weights_as_uint16_are_widened_exactly():
