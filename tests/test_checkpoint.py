@@ -1,0 +1,295 @@
+"""Converters (Meta .pth without torch, HF safetensors, GGUF), the format and the loader.
+Source checkpoints are written here by torch.save, HF save_pretrained and the gguf writer."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import npllama
+from npllama import bf16, checkpoint
+from npllama.checkpoint import CheckpointError
+from npllama.convert import convert, mp_axis
+from oracles import hf_logits, hf_model, random_weights, small_args
+
+ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
+
+
+def params_json(args):
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+            "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta}
+
+
+def save_meta(path, weights, args=ARGS, n_shards=1, dtype=torch.bfloat16, perturb_norms=False):
+    """Meta's layout: consolidated.NN.pth, split by Llama 3's model-parallel rules."""
+    os.makedirs(path, exist_ok=True)
+    for s in range(n_shards):
+        sd = {}
+        for name, w in weights.items():
+            axis = mp_axis(name)
+            part = w if axis is None else np.split(w, n_shards, axis=axis)[s]
+            if axis is None and perturb_norms and s > 0:
+                part = part + 0.5  # Meta's replicated norms are not bit-identical across shards
+            sd[name] = torch.from_numpy(np.ascontiguousarray(part)).to(dtype)
+        torch.save(sd, os.path.join(path, f"consolidated.{s:02d}.pth"))
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params_json(args), f)
+    with open(os.path.join(path, "tokenizer.model"), "w") as f:
+        f.write("not really a tokenizer\n")
+    return path
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_weights(ARGS, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_meta_pth_converts_bit_for_bit(tmp_path, weights, dtype):
+    src = save_meta(tmp_path / "meta", weights, dtype=dtype)
+    convert(str(src), str(tmp_path / "out"), quiet=True)
+    index = checkpoint.read_index(str(tmp_path / "out"))
+    got = checkpoint.open_tensors(str(tmp_path / "out"))
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        expected = torch.from_numpy(w).to(dtype)
+        if dtype == torch.bfloat16:
+            assert index["tensors"][name]["dtype"] == "bfloat16" and got[name].dtype == np.uint16
+            assert np.array_equal(got[name], expected.view(torch.int16).numpy().view(np.uint16))
+        else:
+            assert np.array_equal(got[name], expected.numpy())
+    assert (tmp_path / "out" / "tokenizer.model").read_text() == "not really a tokenizer\n"
+    assert json.loads((tmp_path / "out" / "params.json").read_text())["hidden_dim"] == ARGS.ffn_dim
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_model_parallel_shards_merge(tmp_path, weights, n_shards):
+    one = save_meta(tmp_path / "one", weights)
+    many = save_meta(tmp_path / f"mp{n_shards}", weights, n_shards=n_shards, perturb_norms=True)
+    convert(str(one), str(tmp_path / "a"), quiet=True)
+    convert(str(many), str(tmp_path / "b"), quiet=True)
+    a, b = checkpoint.open_tensors(str(tmp_path / "a")), checkpoint.open_tensors(str(tmp_path / "b"))
+    for name in weights:
+        assert np.array_equal(a[name], b[name]), name  # norms: shard 0's copy is taken
+    toks = np.arange(20) % ARGS.vocab_size
+    assert np.array_equal(npllama.load(str(tmp_path / "a")).forward(toks),
+                          npllama.load(str(tmp_path / "b")).forward(toks))
+
+
+def test_pth_with_strided_and_shared_storages_reads_like_torch(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = {"t": base.t(), "slice": base[1:3], "same": base}
+    torch.save(sd, tmp_path / "x.pth")
+    from npllama.convert import PthFile
+    f = PthFile(str(tmp_path / "x.pth"))
+    for k, v in sd.items():
+        assert np.array_equal(f.array(k), v.numpy())
+
+
+@pytest.mark.parametrize("tied,shard", [(False, None), (True, "20KB")])
+def test_hf_safetensors_match_meta_route_and_hf_forward(tmp_path, tied, shard):
+    w = random_weights(ARGS, seed=5, tied=tied)
+    hf = hf_model(ARGS, w).to(torch.bfloat16)
+    kw = {"max_shard_size": shard} if shard else {}
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True, **kw)
+    if shard:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    convert(str(tmp_path / "hf"), str(tmp_path / "from_hf"), quiet=True)
+    save_meta(tmp_path / "meta", w)
+    convert(str(tmp_path / "meta"), str(tmp_path / "from_meta"), quiet=True)
+    a = checkpoint.open_tensors(str(tmp_path / "from_hf"))
+    b = checkpoint.open_tensors(str(tmp_path / "from_meta"))
+    assert set(a) == set(b) == set(w)
+    for name in w:
+        assert np.array_equal(a[name], b[name]), name
+    toks = np.arange(30) * 7 % ARGS.vocab_size
+    ours = npllama.load(str(tmp_path / "from_hf")).forward(toks)
+    # HF's own forward, in float32, on the same bf16-valued weights (a fresh model: `.to(bf16)`
+    # also rounded HF's rotary inv_freq buffer, which `.float()` would not undo).
+    ref = hf_logits(hf_model(ARGS, {k: bf16.round(v) for k, v in w.items()}), toks)
+    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()  # fp32 tolerance, see test_model
+
+
+def write_gguf(path, args, weights, quant=None):
+    import gguf
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_block_count(args.n_layers)
+    wr.add_context_length(args.max_seq_len)
+    wr.add_embedding_length(args.dim)
+    wr.add_feed_forward_length(args.ffn_dim)
+    wr.add_head_count(args.n_heads)
+    wr.add_head_count_kv(args.n_kv_heads)
+    wr.add_layer_norm_rms_eps(args.norm_eps)
+    wr.add_rope_freq_base(args.rope_theta)
+    wr.add_vocab_size(args.vocab_size)
+    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    inv = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+           "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
+           "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    for name, w in weights.items():
+        if name not in names:
+            _, i, rest = name.split(".", 2)
+            names[name] = f"blk.{i}.{inv[rest.rsplit('.', 1)[0]]}.weight"
+        if quant is not None and w.ndim == 2:
+            q = gguf.quants.quantize(w, quant)
+            wr.add_tensor(names[name], q, raw_dtype=quant)
+        else:
+            wr.add_tensor(names[name], w)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
+def test_gguf_round_trips(tmp_path, weights):
+    import gguf
+    write_gguf(tmp_path / "m.gguf", ARGS, weights)
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "out"), quiet=True)
+    got = checkpoint.open_tensors(str(tmp_path / "out"))
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        assert np.array_equal(got[name], w), name
+    # Quantized: the converter's dequantization is gguf's own, exactly.
+    write_gguf(tmp_path / "q.gguf", ARGS, weights, quant=gguf.GGMLQuantizationType.Q8_0)
+    convert(str(tmp_path / "q.gguf"), str(tmp_path / "q"), quiet=True)
+    got = checkpoint.open_tensors(str(tmp_path / "q"))
+    w = weights["layers.1.attention.wq.weight"]
+    expected = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                      gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(got["layers.1.attention.wq.weight"], expected)
+    assert np.abs(expected - w).max() < 0.02 * np.abs(w).max()  # and it is w, quantized
+
+
+def test_dtype_option_and_force(tmp_path, weights):
+    src = save_meta(tmp_path / "meta", weights, dtype=torch.float32)
+    convert(str(src), str(tmp_path / "out"), dtype="bfloat16", quiet=True)
+    got = checkpoint.open_tensors(str(tmp_path / "out"))
+    assert np.array_equal(got["norm.weight"], bf16.to_bits(weights["norm.weight"]))
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(str(src), str(tmp_path / "out"), quiet=True)
+    convert(str(src), str(tmp_path / "out"), dtype="float16", force=True, quiet=True)
+    assert checkpoint.open_tensors(str(tmp_path / "out"))["norm.weight"].dtype == np.float16
+    assert sorted(os.listdir(tmp_path)) == ["meta", "out"]  # no temporary directories left
+
+
+def test_shards_split_and_members_are_aligned(tmp_path, weights):
+    src = save_meta(tmp_path / "meta", weights)
+    convert(str(src), str(tmp_path / "out"), shard_bytes=40_000, quiet=True)
+    index = checkpoint.read_index(str(tmp_path / "out"))
+    assert len(index["shards"]) > 3
+    for name, arr in checkpoint.open_tensors(str(tmp_path / "out")).items():
+        assert isinstance(arr, np.memmap) and arr.ctypes.data % 64 == 0, name
+    # any np.load can read the shards too
+    with np.load(tmp_path / "out" / next(iter(index["shards"]))) as z:
+        assert len(z.files) >= 1
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    os.makedirs(tmp_path / "meta")
+    with zipfile.ZipFile(tmp_path / "meta" / "consolidated.00.pth", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"tok_embeddings.weight": Evil()}, protocol=2))
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params_json(ARGS)))
+    r = run_cli("convert", str(tmp_path / "meta"), str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "refusing to load global" in r.stderr and "system" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_truncated_pth_is_a_clear_error(tmp_path, weights):
+    src = save_meta(tmp_path / "meta", weights)
+    pth = src / "consolidated.00.pth"
+    data = pth.read_bytes()
+    pth.write_bytes(data[: len(data) // 2])
+    r = run_cli("convert", str(src), str(tmp_path / "out"))
+    assert r.returncode == 1 and "consolidated.00.pth" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_shards_are_clear_errors(tmp_path, weights):
+    convert(str(save_meta(tmp_path / "meta", weights)), str(tmp_path / "out"), quiet=True)
+    out = tmp_path / "out"
+    shard = out / next(iter(checkpoint.read_index(str(out))["shards"]))
+    assert run_cli("info", str(out), "--verify").returncode == 0
+    # a flipped byte keeps the size: only --verify can see it
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run_cli("info", str(out), "--verify")
+    assert r.returncode == 1 and "sha256 mismatch" in r.stderr and shard.name in r.stderr
+    # truncated
+    shard.write_bytes(bytes(data[:-100]))
+    r = run_cli("info", str(out))
+    assert r.returncode == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(CheckpointError, match="truncated"):
+        npllama.load(str(out))
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path, weights):
+    src = save_meta(tmp_path / "meta", {k: v for k, v in weights.items() if k != "layers.1.ffn_norm.weight"})
+    convert(str(src), str(tmp_path / "out"), quiet=True)
+    with pytest.raises(npllama.WeightError, match="missing tensor layers.1.ffn_norm.weight"):
+        npllama.load(str(tmp_path / "out"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    index["tensors"]["layers.0.ffn_norm.weight"]["shape"] = [3]
+    (tmp_path / "out" / "index.json").write_text(json.dumps(index))
+    r = run_cli("info", str(tmp_path / "out"))
+    assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "index says" in r.stderr
+
+
+def test_unknown_sources_are_clear_errors(tmp_path):
+    r = run_cli("convert", str(tmp_path), str(tmp_path / "out"))
+    assert r.returncode == 1 and "neither a Meta checkpoint" in r.stderr
+    (tmp_path / "x.bin").write_bytes(b"nope")
+    r = run_cli("convert", str(tmp_path / "x.bin"), str(tmp_path / "out"))
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr
+
+
+RSS_SCRIPT = """
+import sys, time, numpy as np, npllama
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss()
+t0 = time.perf_counter()
+m = npllama.load(sys.argv[1])
+took = time.perf_counter() - t0
+after = rss()
+m.forward(np.array([1, 2, 3]))
+print(before, after, rss(), took)
+"""
+
+
+def test_loading_maps_instead_of_reading(tmp_path):
+    # ~1.1 GB of float32 weights; loading must not read them.
+    args = npllama.ModelArgs(dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, vocab_size=100_000,
+                             multiple_of=256, ffn_dim_multiplier=1.5)
+    from npllama.model import expected_shapes
+    shapes = expected_shapes(args)
+    total = sum(int(np.prod(s)) * 4 for s in shapes.values())
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal(1 << 16).astype(np.float32) * 0.02
+    tensors = ((n, np.resize(small, s)) for n, s in shapes.items())
+    checkpoint.write_checkpoint(str(tmp_path / "big"), args, tensors, total, len(shapes), quiet=True)
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "big")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    before, after, used, _took = map(float, r.stdout.split())
+    assert total > 1e9
+    assert after - before < 0.05 * total       # mapped, not read
+    assert used - before > 0.3 * total         # ...and a forward pass does read the weights
