@@ -8,9 +8,10 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .model import WeightError
+from .tokenizer import TokenizerError
 
 # Errors a user can cause and fix: shown as one line, never as a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, WeightError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, WeightError, TokenizerError, FileNotFoundError, ValueError)
 
 
 def cmd_convert(a) -> int:
@@ -43,6 +44,94 @@ def cmd_info(a) -> int:
     return 0
 
 
+def open_model(a):
+    """The model directory named by -m (or the default model), loaded, with its tokenizer."""
+    import npllama
+    from .generate import Generator
+    from .tokenizer import load as load_tokenizer
+    path = a.model
+    if path is None:
+        from .hub import default_model
+        path = default_model()
+    model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx)
+    return Generator(model, load_tokenizer(path))
+
+
+def sampling_params(a):
+    from .generate import SamplingParams
+    return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+
+
+def cmd_generate(a) -> int:
+    from .tokenizer import chat_format
+    gen = open_model(a)
+    sampling = sampling_params(a)  # validated before any work
+    tok = gen.tokenizer
+    use_chat = a.chat if a.chat is not None else tok.chat_default
+    if use_chat:
+        prompt = chat_format(tok, tok.default_system).encode_dialog_prompt([{"role": "user", "content": a.prompt}])
+    else:
+        prompt = tok.encode(a.prompt, bos=tok.add_bos)
+        sys.stdout.write(a.prompt)
+    for piece, _, _ in gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or ()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(gen.timings.line(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .tokenizer import chat_format
+    gen = open_model(a)
+    sampling = sampling_params(a)
+    tok = gen.tokenizer
+    fmt = chat_format(tok, tok.default_system)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            prompt = fmt.encode_dialog_prompt(messages)
+            if len(prompt) >= gen.model.max_seq_len:
+                print(f"npllama: the conversation ({len(prompt)} tokens) outgrew the context of "
+                      f"{gen.model.max_seq_len}; starting over from this message", file=sys.stderr)
+                messages = system + messages[-1:]
+                prompt = fmt.encode_dialog_prompt(messages)
+            for piece, _, _ in gen.stream(prompt, a.max_new_tokens, sampling):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": gen.result.text})
+            print(gen.timings.line(), file=sys.stderr)
+            gen.timings.__init__()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+def add_model_args(p):
+    p.add_argument("-m", "--model", metavar="DIR", help="converted model directory (default: SmolLM2-135M-Instruct, "
+                   "fetched once into ~/.cache/npllama)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: the model's, "
+                   "at most 8192)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="npllama", description="Llama 3 in plain NumPy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256 against the index")
     i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="continue a prompt (streams text)",
+                       description="Generate text from a prompt, streaming it to stdout; a tokens/s line goes "
+                       "to stderr.")
+    g.add_argument("prompt")
+    add_model_args(g)
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="send the prompt as a user message in the model's chat format "
+                      "(default for instruct models)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="plain completion of the prompt")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive multi-turn chat",
+                        description="Chat with the model: one user message per line of stdin (Ctrl-D or "
+                        "Ctrl-C ends). The KV cache is kept across turns.")
+    add_model_args(ch)
+    ch.add_argument("--system", help="system prompt")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 

@@ -162,3 +162,28 @@ def meta_logits(model, tokens, start_pos: int = 0) -> np.ndarray:
     if t.ndim == 1:
         return model(t[None], start_pos)[0].float().numpy()
     return model(t, start_pos).float().numpy()
+
+
+def meta_function(module: str, name: str):
+    """One top-level function of a llama_models source file, run as Meta wrote it, without
+    importing the rest of that module (e.g. generation.py needs fairscale's process groups)."""
+    import ast
+    import importlib.util
+    import torch
+    path = importlib.util.find_spec(module.rsplit(".", 1)[0]).submodule_search_locations[0]
+    path = f"{path}/{module.rsplit('.', 1)[1]}.py"
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)
+    return namespace[name]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens) with Llama 3-style control tokens and chat
+    format, for random models with a small vocabulary (vocab_size 256 + 4)."""
+    from npllama.tokenizer import Tokenizer
+    special = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258, "<|start_header_id|>": 259}
+    return Tokenizer({bytes([i]): i for i in range(256)}, r".", special, bos="<|begin_of_text|>",
+                     eos="<|end_of_text|>", stop=["<|end_of_text|>", "<|eot_id|>"], chat_format=None)

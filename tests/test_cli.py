@@ -1,0 +1,73 @@
+"""The npllama command line, driven as a user would: subprocesses, pipes, exit codes."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import npllama
+from npllama import checkpoint
+from npllama.model import expected_shapes
+
+
+def run(*argv, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, text=True, input=stdin,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random model with the real Llama 3 tokenizer (vocab 128256)."""
+    import llama_models.llama3
+    args = npllama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+                             max_seq_len=256)
+    rng = np.random.default_rng(0)
+    shapes = expected_shapes(args)
+    tensors = ((n, (rng.standard_normal(s) / np.sqrt(s[-1] if len(s) > 1 else 1)).astype(np.float32))
+               for n, s in shapes.items())
+    out = str(tmp_path_factory.mktemp("m") / "tiny")
+    tok = os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")
+    checkpoint.write_checkpoint(out, args, tensors, 0, len(shapes), extra_files={"tokenizer.model": tok}, quiet=True)
+    return out
+
+
+def test_help_for_every_command():
+    for cmd in ("convert", "info", "generate", "chat"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "usage: npllama " + cmd in r.stdout
+
+
+def test_generate_streams_and_reports_speed(model_dir):
+    r = run("generate", "-m", model_dir, "The capital of France is", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is") and len(r.stdout) > len("The capital of France is")
+    assert "prompt: 6 tokens" in r.stderr and "generated: " in r.stderr and "tok/s" in r.stderr
+    again = run("generate", "-m", model_dir, "The capital of France is", "--max-new-tokens", "8")
+    assert again.stdout == r.stdout  # greedy is deterministic
+    s1 = run("generate", "-m", model_dir, "Hi", "--temperature", "1", "--seed", "5", "--max-new-tokens", "8")
+    s2 = run("generate", "-m", model_dir, "Hi", "--temperature", "1", "--seed", "5", "--max-new-tokens", "8")
+    assert s1.returncode == 0 and s1.stdout == s2.stdout
+
+
+def test_chat_through_a_pipe_answers_and_exits(model_dir):
+    r = run("chat", "-m", model_dir, "--system", "Be brief.", "--max-new-tokens", "6",
+            stdin="Hello there\nAnd a second question\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tok/s") == 4  # one stats line per turn (prompt and generated rates)
+    lines = r.stderr.strip().splitlines()
+    # the second turn prefills only its new tokens: the cache is kept across turns
+    first, second = (int(line.split("prompt: ")[1].split()[0]) for line in lines)
+    assert second < first + 20
+
+
+def test_errors_are_one_line(model_dir, tmp_path):
+    for argv, msg in [(("generate", "-m", str(tmp_path / "nope"), "x"), "not a directory"),
+                      (("generate", "-m", model_dir, "x", "--temperature", "-1"), "temperature"),
+                      (("generate", "-m", model_dir, "x", "--top-p", "2"), "top_p"),
+                      (("generate", "-m", model_dir, "x" * 2000, "--ctx", "64"), "exceeds the context")]:
+        r = run(*argv)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = run("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
