@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, ModelArgs, preset  # noqa: E402
 from .model import Transformer, WeightError  # noqa: E402
+from . import hub  # noqa: E402,F401  (npllama.hub.default_model())
 
 
 def load(path, dtype: str = "float32", **kwargs) -> Transformer:

@@ -86,8 +86,13 @@ class Progress:
         if self.quiet:
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        print(f"[{self.i:>{len(str(self.n))}}/{self.n}] {name:<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
-              f"  {self.done / dt / 1e6:7.0f} MB/s", file=self.stream, flush=True)
+        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {name:<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
+                f"  {self.done / dt / 1e6:7.0f} MB/s")
+        # On a terminal one line updates in place; in a log, a line per tensor.
+        if self.stream.isatty():
+            print("\r" + line, end="\n" if self.i == self.n else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
 
 
 def _aligned_zipinfo(name: str, offset: int, npy_bytes: int) -> zipfile.ZipInfo:
@@ -112,7 +117,8 @@ def _npy_header(arr: np.ndarray) -> bytes:
 
 def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.ndarray]], total_bytes: int,
                      n_tensors: int, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     extra_files: dict[str, str] | None = None, force: bool = False, quiet: bool = False) -> dict:
+                     extra_files: dict[str, str] | None = None, extra_data: dict[str, bytes] | None = None,
+                     force: bool = False, quiet: bool = False) -> dict:
     """Stream (name, array) pairs into a checkpoint directory, atomically.
 
     Arrays are float32/float16 or uint16 (bf16 bits). dtype converts every tensor to
@@ -170,6 +176,9 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
             json.dump(index, f, indent=1)
         for target, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, target))
+        for target, data in (extra_data or {}).items():
+            with open(os.path.join(tmp, target), "wb") as f:
+                f.write(data)
         if os.path.exists(dst):
             old = f"{dst}.old-{os.getpid()}"
             os.rename(dst, old)

@@ -7,11 +7,13 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .hub import DownloadError
 from .model import WeightError
 from .tokenizer import TokenizerError
 
 # Errors a user can cause and fix: shown as one line, never as a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, WeightError, TokenizerError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, WeightError, TokenizerError, DownloadError, FileNotFoundError,
+               ValueError)
 
 
 def cmd_convert(a) -> int:

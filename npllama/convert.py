@@ -3,11 +3,13 @@ HF safetensors and GGUF. Each source yields (name, array) pairs with Meta's name
 Meta's interleaved RoPE layout, one tensor at a time."""
 from __future__ import annotations
 
+import base64
 import collections
 import glob
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ class Source:
     names: list[str]
     nbytes: int
     load: Callable[[str], np.ndarray]        # name -> float32/float16 or uint16 (bf16 bits)
-    extra_files: dict[str, str] = field(default_factory=dict)
+    extra_files: dict[str, str] = field(default_factory=dict)    # name in DST -> file to copy
+    extra_data: dict[str, bytes] = field(default_factory=dict)     # name in DST -> contents
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names:
@@ -392,7 +395,73 @@ def read_gguf(src: str) -> Source:
         return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     nbytes = sum(int(t.n_elements) * 4 for t in reader.tensors)
-    return Source(args, list(by_name), nbytes, load)
+    extra = {}
+    if tokens is not None:
+        spec = gguf_tokenizer_spec(reader, path)
+        extra["tokenizer.json"] = json.dumps(spec).encode()
+    return Source(args, list(by_name), nbytes, load, extra_data=extra)
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes (bytes_to_unicode), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+def gguf_tokenizer_spec(reader, path: str) -> dict:
+    """npllama's tokenizer.json from a GGUF's byte-level BPE vocabulary (tokenizer.ggml.*)."""
+    from .tokenizer import PRE_TOKENIZERS
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is)")
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)} are)")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = gguf_field(reader, "tokenizer.ggml.merges") or []
+    ids = {t: i for i, t in enumerate(tokens)}
+    merged = [ids.get(a + b, -1) for a, b in (m.split(" ", 1) for m in merges)]
+    if any(x >= y for x, y in zip(merged, merged[1:])) or -1 in merged:
+        # tiktoken ranks pairs by the merged token's id; that is BPE's merge order only if
+        # merged ids increase with merge priority.
+        raise CheckpointError(f"{path}: BPE merges are not in token-id order; cannot express as tiktoken ranks")
+    byte_of = gpt2_byte_decoder()
+    CONTROL, USER_DEFINED = 3, 4
+    out, special = [], {}
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if kind in (CONTROL, USER_DEFINED):
+            special[t] = i
+            out.append(None)
+        else:
+            try:
+                out.append(base64.b64encode(bytes(byte_of[c] for c in t)).decode())
+            except KeyError:
+                raise CheckpointError(f"{path}: token {i} {t!r} is not in GPT-2's byte alphabet") from None
+    name = lambda key: tokens[gguf_field(reader, key)] if gguf_field(reader, key) is not None else None  # noqa: E731
+    template = gguf_field(reader, "tokenizer.chat_template") or ""
+    chat, default_system = None, None
+    if "<|im_start|>" in template:
+        chat = "chatml"
+        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
+        default_system = m.group(1) if m else None
+    elif "<|start_header_id|>" in template:
+        chat = "llama3"
+    eos = name("tokenizer.ggml.eos_token_id")
+    stop = [eos] + [t for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
+                    if t in special and t != eos]
+    return {"pat_str": PRE_TOKENIZERS[pre], "tokens": out, "special_tokens": special,
+            "bos": name("tokenizer.ggml.bos_token_id"), "eos": eos, "stop": stop,
+            "add_bos": bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True)),
+            "chat_format": chat, "chat_default": bool(template), "default_system": default_system}
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -427,4 +496,5 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
     source = open_source(src)
     kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
     return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.names), dtype=dtype,
-                            extra_files=source.extra_files, force=force, quiet=quiet, **kw)
+                            extra_files=source.extra_files, extra_data=source.extra_data, force=force,
+                            quiet=quiet, **kw)

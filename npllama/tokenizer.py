@@ -24,6 +24,15 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
                   "<|image|>"]
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIAL))]
 
+# Pre-tokenizers of byte-level BPE vocabularies, by GGUF's tokenizer.ggml.pre, as one
+# tiktoken regex each.
+GPT2_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# SmolLM (HF: Digits(individual_digits) then ByteLevel; llama.cpp: "\p{N}" then GPT-2's): every
+# digit alone, and whitespace before a digit ends its run as it would at the end of a piece.
+SMOLLM_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+PRE_TOKENIZERS = {"smollm": SMOLLM_PAT_STR, "gpt2": GPT2_PAT_STR, "default": GPT2_PAT_STR,
+                  "llama-bpe": LLAMA3_PAT_STR, "llama3": LLAMA3_PAT_STR}
+
 # Meta splits long inputs so tiktoken's regex never sees a huge piece (it can panic).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
@@ -81,6 +90,7 @@ class Tokenizer:
         self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = self.model.n_vocab
+        self.absent_bytes = b""  # single bytes the vocabulary lacks (see from_json)
         self.bos_id = self.special_tokens[bos] if bos else None
         self.eos_id = self.special_tokens[eos]
         self.stop_ids = [self.special_tokens[s] for s in stop]
@@ -105,16 +115,27 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, path: str) -> "Tokenizer":
-        """npllama's tokenizer.json: a byte-level BPE as tiktoken ranks, with its control tokens."""
+        """npllama's tokenizer.json: a byte-level BPE as tiktoken ranks, with its control tokens.
+
+        "tokens" lists every id's bytes (base64; null for control tokens, which are named
+        in "special_tokens"). A BPE vocabulary whose merges are ranked in id order is exactly
+        tiktoken's rank table. Bytes the vocabulary lacks (HF drops them) get ranks past the
+        vocabulary and are dropped from encode's output too."""
         try:
             with open(path) as f:
                 spec = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(spec["ranks"])}
-            return cls(ranks, spec["pat_str"], spec["special_tokens"], spec.get("bos"), spec["eos"], spec["stop"],
-                       spec.get("chat_format"), name=os.path.basename(path), add_bos=spec.get("add_bos", True),
-                       chat_default=spec.get("chat_default", False), default_system=spec.get("default_system"))
+            ranks = {base64.b64decode(t): i for i, t in enumerate(spec["tokens"]) if t is not None}
+            n = len(spec["tokens"])
+            missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+            ranks.update({b: n + i for i, b in enumerate(missing)})
+            tok = cls(ranks, spec["pat_str"], spec["special_tokens"], spec.get("bos"), spec["eos"], spec["stop"],
+                      spec.get("chat_format"), name=os.path.basename(path), add_bos=spec.get("add_bos", True),
+                      chat_default=spec.get("chat_default", False), default_system=spec.get("default_system"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TokenizerError(f"{path}: not a valid npllama tokenizer.json ({type(e).__name__}: {e})") from None
+        tok.n_words = n
+        tok.absent_bytes = b"".join(missing)
+        return tok
 
     def encode(self, s: str, bos: bool = False, eos: bool = False, allowed_special: str | set = frozenset()) -> list[int]:
         """Text to ids. Text that looks like a control token (`<|eot_id|>` typed by a user)
@@ -122,12 +143,34 @@ class Tokenizer:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
-            for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
-                                                             MAX_NO_WHITESPACES_CHARS):
-                ids.extend(self.model.encode(piece, allowed_special=allowed_special, disallowed_special=()))
+        if self.absent_bytes and not allowed_special and self._has_absent_bytes(s):
+            ids.extend(self._encode_dropping_absent_bytes(s))
+        else:
+            for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+                for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                                 MAX_NO_WHITESPACES_CHARS):
+                    ids.extend(self.model.encode(piece, allowed_special=allowed_special, disallowed_special=()))
+            if self.absent_bytes:
+                ids = [t for t in ids if t < self.n_words]
         if eos:
             ids.append(self.eos_id)
+        return ids
+
+    def _has_absent_bytes(self, s: str) -> bool:
+        data = s.encode("utf-8", "surrogatepass")
+        return len(data.translate(None, self.absent_bytes)) != len(data)
+
+    def _encode_dropping_absent_bytes(self, s: str) -> list[int]:
+        """HF's BPE drops bytes its vocabulary lacks inside each pre-tokenized piece, then
+        merges what is left. tiktoken cannot skip a byte mid-merge, so such text is split
+        here (the `regex` module, as tiktoken's own pure-Python path does) and each piece is
+        merged without those bytes."""
+        import regex
+        ids = []
+        for piece in regex.findall(self.model._pat_str, s):
+            data = piece.encode("utf-8", "surrogatepass").translate(None, self.absent_bytes)
+            if data:
+                ids.extend(self.model._encode_single_piece(data))
         return ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:

