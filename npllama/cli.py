@@ -13,7 +13,7 @@ from .tokenizer import TokenizerError
 
 # Errors a user can cause and fix: shown as one line, never as a traceback.
 USER_ERRORS = (CheckpointError, ConfigError, WeightError, TokenizerError, DownloadError, FileNotFoundError,
-               ValueError)
+               FileExistsError, ValueError)
 
 
 def cmd_convert(a) -> int:
@@ -121,6 +121,48 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def parse_layers(spec: str | None):
+    if spec is None:
+        return None
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers takes comma-separated layer numbers, got {spec!r}") from None
+
+
+def prompt_tokens(gen, text: str) -> list[int]:
+    tok = gen.tokenizer
+    return tok.encode(text, bos=tok.add_bos)
+
+
+def cmd_trace(a) -> int:
+    from . import tracing as tr
+    gen = open_model(a)
+    layers = parse_layers(a.layers)
+    bad = [i for i in layers or [] if not 0 <= i < gen.model.args.n_layers]
+    if bad:
+        raise ValueError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
+    t = tr.trace(gen.model, prompt_tokens(gen, a.prompt), layers)
+    t["__meta__"]["prompt"] = a.prompt
+    tr.save(a.output, t)
+    print(f"wrote {a.output}: {len(t) - 1} tensors for {len(t['tokens'])} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from . import tracing as tr
+    ok, first, _ = tr.compare(tr.load(a.a), tr.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps, out=sys.stdout)
+    return 0 if ok else 1
+
+
+def cmd_golden(a) -> int:
+    from .golden import write_golden
+    gen = open_model(a)
+    write_golden(gen, a.output, a.prompt, a.max_new_tokens, force=a.force)
+    print(f"wrote {a.output}", file=sys.stderr)
+    return 0
+
+
 def add_model_args(p):
     p.add_argument("-m", "--model", metavar="DIR", help="converted model directory (default: SmolLM2-135M-Instruct, "
                    "fetched once into ~/.cache/npllama)")
@@ -176,6 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ch)
     ch.add_argument("--system", help="system prompt")
     ch.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("trace", help="record every intermediate of a forward pass",
+                       description="Run the prompt through the model and save every intermediate (names in the "
+                       "README's Trace format) to an .npz.")
+    t.add_argument("prompt")
+    t.add_argument("-o", "--output", required=True, help="the .npz to write")
+    t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
+    add_model_args(t)
+    t.set_defaults(func=cmd_trace)
+
+    cp = sub.add_parser("compare", help="compare two traces, tensor by tensor, in forward order",
+                        description="Print max abs error, max relative error (to the largest |B|) and bf16 ulps per "
+                        "shared tensor; mark the first outside tolerance; exit 1 if any is.")
+    cp.add_argument("a")
+    cp.add_argument("b", help="the reference")
+    cp.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
+    cp.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
+    cp.add_argument("--ulps", type=float, default=None, help="instead: tolerance in bf16 ulps at max |B|")
+    cp.set_defaults(func=cmd_compare)
+
+    gd = sub.add_parser("golden", help="write a golden-vector bundle for other implementations' tests",
+                        description="Write tokens, selected intermediates, logits and a greedy continuation as "
+                        "plain .npy/.json files, with a README, into a directory.")
+    gd.add_argument("-o", "--output", required=True, help="the bundle directory")
+    gd.add_argument("--prompt", default="The answer to the ultimate question of life, the universe, and everything is")
+    gd.add_argument("--force", action="store_true", help="replace an existing bundle")
+    add_model_args(gd)
+    gd.set_defaults(func=cmd_golden, max_new_tokens=32)
     return p
 
 
@@ -189,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `npllama compare a b | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

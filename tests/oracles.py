@@ -2,6 +2,7 @@
 HF transformers' LlamaForCausalLM and Meta's own llama_models.llama3.model.Transformer."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -35,50 +36,10 @@ def small_args(**kw) -> ModelArgs:
     return ModelArgs(**base)
 
 
-# --- HF transformers ---------------------------------------------------------------------
+# --- HF transformers (the model builder is tools/trace_hf.py's, shared with its CLI) -------
 
-def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's convert_llama_weights_to_hf `permute`: Meta's interleaved pairs -> rotate-half."""
-    out_dim, dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
-
-
-def hf_model(args: ModelArgs, weights: dict, torch_dtype=None):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
-                "original_max_position_embeddings": args.original_max_position_embeddings}
-    tied = "output.weight" not in weights
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
-                      max_position_embeddings=args.max_seq_len, rope_parameters=rope,
-                      tie_word_embeddings=tied, attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
-    if not tied:
-        sd["lm_head.weight"] = weights["output.weight"]
-    for i in range(args.n_layers):
-        m, p = f"model.layers.{i}.", f"layers.{i}."
-        sd[m + "self_attn.q_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wq.weight"], args.n_heads)
-        sd[m + "self_attn.k_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wk.weight"], args.n_kv_heads)
-        sd[m + "self_attn.v_proj.weight"] = weights[p + "attention.wv.weight"]
-        sd[m + "self_attn.o_proj.weight"] = weights[p + "attention.wo.weight"]
-        sd[m + "mlp.gate_proj.weight"] = weights[p + "feed_forward.w1.weight"]
-        sd[m + "mlp.down_proj.weight"] = weights[p + "feed_forward.w2.weight"]
-        sd[m + "mlp.up_proj.weight"] = weights[p + "feed_forward.w3.weight"]
-        sd[m + "input_layernorm.weight"] = weights[p + "attention_norm.weight"]
-        sd[m + "post_attention_layernorm.weight"] = weights[p + "ffn_norm.weight"]
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
-    return model
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from trace_hf import hf_model, hf_trace, meta_to_hf_qk  # noqa: E402,F401
 
 
 def hf_logits(model, tokens) -> np.ndarray:
@@ -187,3 +148,51 @@ def byte_tokenizer():
     special = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258, "<|start_header_id|>": 259}
     return Tokenizer({bytes([i]): i for i in range(256)}, r".", special, bos="<|begin_of_text|>",
                      eos="<|end_of_text|>", stop=["<|end_of_text|>", "<|eot_id|>"], chat_format=None)
+
+
+def meta_trace(model, tokens) -> dict:
+    """What forward hooks can see of Meta's reference, under npllama's trace names."""
+    import torch
+    rec, hooks = {}, []
+    arr = lambda t: t.detach().float().numpy()[0].copy()  # noqa: E731
+    T, hd = len(tokens), model.params.dim // model.params.n_heads
+
+    def put(name, fn=lambda x: x):
+        return lambda mod, inp, out: rec.__setitem__(name, fn(arr(out)))
+
+    hooks.append(model.tok_embeddings.register_forward_hook(put("token_embeddings")))
+    for i, layer in enumerate(model.layers):
+        p, a, f = f"layers.{i}.", layer.attention, layer.feed_forward
+        hooks += [layer.attention_norm.register_forward_hook(put(p + "attention_norm")),
+                  a.wq.register_forward_hook(put(p + "q", lambda x: x.reshape(T, -1, hd))),
+                  a.wk.register_forward_hook(put(p + "k", lambda x: x.reshape(T, -1, hd))),
+                  a.wv.register_forward_hook(put(p + "v", lambda x: x.reshape(T, -1, hd))),
+                  a.wo.register_forward_pre_hook(lambda mod, inp, p=p: rec.__setitem__(p + "attention", arr(inp[0]))),
+                  a.wo.register_forward_hook(put(p + "attention_out")),
+                  layer.ffn_norm.register_forward_hook(put(p + "ffn_norm")),
+                  f.w1.register_forward_hook(put(p + "w1")), f.w3.register_forward_hook(put(p + "w3")),
+                  f.w2.register_forward_hook(put(p + "ffn_out")), layer.register_forward_hook(put(p + "out"))]
+    hooks += [model.norm.register_forward_hook(put("norm")), model.output.register_forward_hook(put("logits"))]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([list(tokens)]), 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    rec["tokens"] = np.asarray(tokens)
+    rec["__meta__"] = {"source": "llama_models.llama3.model (Meta's reference)", "qk_layout": "interleaved"}
+    return rec
+
+
+def write_random_model(path: str, args: ModelArgs, tokenizer_model: str | None = None, seed: int = 0) -> str:
+    """A converted npllama directory with random weights (and a tokenizer file, if given)."""
+    from npllama import checkpoint
+    w = random_weights(args, seed=seed)
+    extra = {"tokenizer.model": tokenizer_model} if tokenizer_model else None
+    checkpoint.write_checkpoint(path, args, iter(w.items()), 0, len(w), extra_files=extra, quiet=True)
+    return path
+
+
+def llama3_tokenizer_path() -> str:
+    import llama_models.llama3
+    return os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")

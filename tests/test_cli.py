@@ -3,12 +3,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import npllama
-from npllama import checkpoint
-from npllama.model import expected_shapes
+from oracles import llama3_tokenizer_path, write_random_model
 
 
 def run(*argv, stdin=None, env=None):
@@ -19,21 +17,13 @@ def run(*argv, stdin=None, env=None):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random model with the real Llama 3 tokenizer (vocab 128256)."""
-    import llama_models.llama3
     args = npllama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
                              max_seq_len=256)
-    rng = np.random.default_rng(0)
-    shapes = expected_shapes(args)
-    tensors = ((n, (rng.standard_normal(s) / np.sqrt(s[-1] if len(s) > 1 else 1)).astype(np.float32))
-               for n, s in shapes.items())
-    out = str(tmp_path_factory.mktemp("m") / "tiny")
-    tok = os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")
-    checkpoint.write_checkpoint(out, args, tensors, 0, len(shapes), extra_files={"tokenizer.model": tok}, quiet=True)
-    return out
+    return write_random_model(str(tmp_path_factory.mktemp("m") / "tiny"), args, llama3_tokenizer_path())
 
 
 def test_help_for_every_command():
-    for cmd in ("convert", "info", "generate", "chat"):
+    for cmd in ("convert", "info", "generate", "chat", "trace", "compare", "golden"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: npllama " + cmd in r.stdout
 

@@ -1,0 +1,68 @@
+"""Golden-vector bundles: a small set of plain .npy/.json files another implementation can
+drop into its test suite."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from . import __version__
+from .tracing import trace
+
+README = """# npllama golden vectors
+
+Made by npllama {version} (`npllama golden`) from the model in `golden.json` ("params"),
+numerics `{dtype}`. Everything is plain `.npy` (`np.load`, no pickles) and JSON.
+
+- `tokens.npy` — the prompt's token ids, shape (T,), positions 0..T-1.
+- `logits.npy` — float32 logits, shape (T, vocab): row t predicts token t+1.
+- `<name>.npy` — intermediates, named and laid out as in npllama's README "Trace format":
+  q/k in Meta's interleaved RoPE layout, `probs` shape (n_heads, T, T), `attention`
+  (T, dim) with heads stacked in order.
+- `golden.json` — params, dtype, prompt, tokens, the greedy continuation
+  (`greedy.tokens`, `greedy.text`, {n_new} new tokens or up to a stop token), and the
+  shape/dtype of every file.
+
+Suggested tolerances for a float32 implementation: max |yours - golden| <= 1e-4 * max |golden|
+per tensor (npllama agrees with HF transformers and Meta's reference to ~1e-6); the greedy
+tokens should match exactly unless two logits tie within that tolerance. Check with
+`npllama compare` after saving your own trace (README, Trace format).
+"""
+
+
+def selected_names(n_layers: int) -> list[str]:
+    first = [f"layers.0.{n}" for n in ("attention_norm", "q", "k", "v", "q_rotated", "k_rotated", "probs",
+                                          "attention", "attention_out", "h", "ffn_out", "out")]
+    return ["token_embeddings", *first, f"layers.{n_layers - 1}.out", "norm", "logits"]
+
+
+def write_golden(gen, out: str, prompt: str, max_new_tokens: int = 32, force: bool = False) -> dict:
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+    model, tok = gen.model, gen.tokenizer
+    tokens = tok.encode(prompt, bos=tok.add_bos)
+    n = model.args.n_layers
+    tr = trace(model, tokens, layers=sorted({0, n - 1}))
+    result = gen.generate(tokens, max_new_tokens)
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {}
+    for name in ["tokens", *selected_names(n)]:
+        arr = np.asarray(tr[name])
+        np.save(os.path.join(tmp, name + ".npy"), arr)
+        files[name + ".npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    meta = {"npllama": __version__, "params": model.args.to_dict(), "dtype": model.dtype, "prompt": prompt,
+            "tokens": [int(t) for t in tokens],
+            "greedy": {"tokens": result.tokens, "text": result.text, "stop_reason": result.stop_reason},
+            "files": files}
+    with open(os.path.join(tmp, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(README.format(version=__version__, dtype=model.dtype, n_new=max_new_tokens))
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return meta

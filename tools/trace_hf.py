@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The same trace as `npllama trace`, produced by HF transformers' LlamaForCausalLM.
+
+    python tools/trace_hf.py -m DIR "prompt" -o hf.npz       # DIR: a converted npllama model
+    npllama trace -m DIR "prompt" -o np.npz
+    npllama compare np.npz hf.npz
+
+The model is built from the converted weights (q/k permuted into HF's rotate-half layout,
+as HF's own converter does) and traced with forward hooks. HF's q/k are stored as they
+are, in rotate-half layout, with "qk_layout": "rotate_half" in the trace's metadata: the
+comparer converts them (README, Trace format). HF computes no separate `scores` tensor, so
+the trace has none. Needs torch and transformers (the test extras).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's convert_llama_weights_to_hf `permute`: Meta's interleaved pairs -> rotate-half."""
+    out_dim, dim = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
+
+
+def hf_model(args, weights: dict, torch_dtype=None):
+    """LlamaForCausalLM (eager attention) holding npllama/Meta-named float32 weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
+    weights = {k: as_float32(k, v) for k, v in weights.items()}
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+                "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
+                "original_max_position_embeddings": args.original_max_position_embeddings}
+    tied = "output.weight" not in weights
+    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+                      max_position_embeddings=args.max_seq_len, rope_parameters=rope,
+                      tie_word_embeddings=tied, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    sd = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
+    if not tied:
+        sd["lm_head.weight"] = weights["output.weight"]
+    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        m, p = f"model.layers.{i}.", f"layers.{i}."
+        sd[m + "self_attn.q_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wq.weight"], args.n_heads)
+        sd[m + "self_attn.k_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wk.weight"], args.n_kv_heads)
+        for ours, theirs in names.items():
+            sd[f"{m}{theirs}.weight"] = weights[f"{p}{ours}.weight"]
+    state = {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise RuntimeError(f"weights did not map onto HF's model: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def hf_trace(model, tokens) -> dict:
+    """Every intermediate HF computes, under npllama's trace names, for one sequence."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    T = len(tokens)
+    rec, hooks = {}, []
+    arr = lambda t: t.detach().float().numpy()[0].copy()  # noqa: E731  (drop the batch axis)
+
+    def put(name, fn=lambda x: x):
+        return lambda mod, inp, out: rec.__setitem__(name, fn(arr(out if torch.is_tensor(out) else out[0])))
+
+    def put_input(name):
+        return lambda mod, inp: rec.__setitem__(name, arr(inp[0]))
+
+    m = model.model
+    hooks.append(m.embed_tokens.register_forward_hook(put("token_embeddings")))
+    for i, layer in enumerate(m.layers):
+        p, a = f"layers.{i}.", layer.self_attn
+        heads = lambda n: (lambda x: x.reshape(T, n, hd))  # noqa: E731
+        hooks += [layer.input_layernorm.register_forward_hook(put(p + "attention_norm")),
+                  a.q_proj.register_forward_hook(put(p + "q", heads(cfg.num_attention_heads))),
+                  a.k_proj.register_forward_hook(put(p + "k", heads(cfg.num_key_value_heads))),
+                  a.v_proj.register_forward_hook(put(p + "v", heads(cfg.num_key_value_heads))),
+                  a.o_proj.register_forward_pre_hook(put_input(p + "attention")),
+                  a.o_proj.register_forward_hook(put(p + "attention_out")),
+                  layer.post_attention_layernorm.register_forward_pre_hook(put_input(p + "h")),
+                  layer.post_attention_layernorm.register_forward_hook(put(p + "ffn_norm")),
+                  layer.mlp.gate_proj.register_forward_hook(put(p + "w1")),
+                  layer.mlp.up_proj.register_forward_hook(put(p + "w3")),
+                  layer.mlp.down_proj.register_forward_hook(put(p + "ffn_out")),
+                  layer.register_forward_hook(put(p + "out"))]
+
+        def attn_hook(mod, args, kwargs, out, p=p):
+            # HF's own RoPE on HF's own q/k, with the cos/sin the layer was given.
+            cos, sin = kwargs["position_embeddings"]
+            q = torch.tensor(rec[p + "q"])[None].transpose(1, 2)
+            k = torch.tensor(rec[p + "k"])[None].transpose(1, 2)
+            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+            rec[p + "q_rotated"] = arr(q_rot.transpose(1, 2))
+            rec[p + "k_rotated"] = arr(k_rot.transpose(1, 2))
+            rec[p + "probs"] = arr(out[1])             # eager attention's softmax output
+        hooks.append(a.register_forward_hook(attn_hook, with_kwargs=True))
+    hooks += [m.norm.register_forward_hook(put("norm")), model.lm_head.register_forward_hook(put("logits"))]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([list(tokens)]), output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    rec["tokens"] = np.asarray(tokens)
+    rec["__meta__"] = {"source": "transformers LlamaForCausalLM (tools/trace_hf.py)", "qk_layout": "rotate_half",
+                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    return rec
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import npllama
+    from npllama import checkpoint, tracing
+    from npllama.tokenizer import load as load_tokenizer
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt")
+    p.add_argument("-m", "--model", help="converted model directory (default: npllama's default model)")
+    p.add_argument("-o", "--output", required=True)
+    a = p.parse_args()
+    path = a.model or npllama.hub.default_model()
+    args = npllama.ModelArgs.from_json(os.path.join(path, "params.json"))
+    tok = load_tokenizer(path)
+    tr = hf_trace(hf_model(args, checkpoint.open_tensors(path)), tok.encode(a.prompt, bos=tok.add_bos))
+    tracing.save(a.output, tr)
+    print(f"wrote {a.output}: {len(tr) - 1} tensors", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
