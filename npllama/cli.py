@@ -55,7 +55,7 @@ def open_model(a):
     if path is None:
         from .hub import default_model
         path = default_model()
-    model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx)
+    model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
 
 
@@ -163,10 +163,18 @@ def cmd_golden(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import main as bench_main
+    return bench_main(a)
+
+
 def add_model_args(p):
     p.add_argument("-m", "--model", metavar="DIR", help="converted model directory (default: SmolLM2-135M-Instruct, "
                    "fetched once into ~/.cache/npllama)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
+    p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
+                   help="bf16 weights as resident float32 copies, or kept bf16 and widened tile by tile "
+                   "(default auto: tiled when float32 copies would not fit in memory)")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: the model's, "
                    "at most 8192)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -246,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--force", action="store_true", help="replace an existing bundle")
     add_model_args(gd)
     gd.set_defaults(func=cmd_golden, max_new_tokens=32)
+
+    b = sub.add_parser("bench", help="prefill/decode speed on random weights at real shapes",
+                       description="Build (once, cached) a random-weight bf16 checkpoint at a real shape and "
+                       "report prefill tok/s for a 128-token prompt (pp128), decode tok/s over 32 tokens (tg32), "
+                       "load time and peak RSS, with median and range over repetitions.")
+    b.add_argument("--shape", default="tiny", choices=["tiny", "llama3.2-1b", "llama3.2-3b", "llama3-8b"])
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    b.add_argument("--weights", choices=["auto", "resident", "tiled"], default="auto")
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--vs", action="append", metavar="PEER", help="also run PEER on the same weights: torch")
+    b.add_argument("--bound", action="store_true", help="measure bandwidth and GEMM rate; print the limits")
+    b.add_argument("--workdir", help="where the checkpoints are cached (default: the npllama cache /bench)")
+    b.add_argument("--json", help="also write the results here")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -120,11 +120,11 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (np.float32(1.0) + np.exp(-x))
 
 
-def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
-                 rnd=identity, trace: dict | None = None) -> np.ndarray:
+def swiglu(h1: np.ndarray, h3: np.ndarray, rnd=identity) -> np.ndarray:
+    # silu(w1 x) * w3 x, given h1 = w1 x and h3 = w3 x: the gate of the feed-forward.
+    return rnd(rnd(silu(h1)) * h3)
+
+
+def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, rnd=identity) -> np.ndarray:
     # SwiGLU: w2(silu(w1 x) * w3 x). x (..., dim), w1/w3 (hidden, dim), w2 (dim, hidden).
-    h1 = linear(x, w1, rnd)
-    h3 = linear(x, w3, rnd)
-    if trace is not None:
-        trace["w1"], trace["w3"] = h1, h3
-    return linear(rnd(rnd(silu(h1)) * h3), w2, rnd)
+    return linear(swiglu(linear(x, w1, rnd), linear(x, w3, rnd), rnd), w2, rnd)

@@ -120,53 +120,25 @@ def test_hf_safetensors_match_meta_route_and_hf_forward(tmp_path, tied, shard):
     assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()  # fp32 tolerance, see test_model
 
 
-def write_gguf(path, args, weights, quant=None):
-    import gguf
-    wr = gguf.GGUFWriter(str(path), "llama")
-    wr.add_block_count(args.n_layers)
-    wr.add_context_length(args.max_seq_len)
-    wr.add_embedding_length(args.dim)
-    wr.add_feed_forward_length(args.ffn_dim)
-    wr.add_head_count(args.n_heads)
-    wr.add_head_count_kv(args.n_kv_heads)
-    wr.add_layer_norm_rms_eps(args.norm_eps)
-    wr.add_rope_freq_base(args.rope_theta)
-    wr.add_vocab_size(args.vocab_size)
-    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-    inv = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-           "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-           "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
-    for name, w in weights.items():
-        if name not in names:
-            _, i, rest = name.split(".", 2)
-            names[name] = f"blk.{i}.{inv[rest.rsplit('.', 1)[0]]}.weight"
-        if quant is not None and w.ndim == 2:
-            q = gguf.quants.quantize(w, quant)
-            wr.add_tensor(names[name], q, raw_dtype=quant)
-        else:
-            wr.add_tensor(names[name], w)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-
-
 def test_gguf_round_trips(tmp_path, weights):
+    """npllama -> GGUF (tools/export_gguf.py, gguf's writer) -> npllama. The importer's name
+    mapping is also checked against a real llama.cpp GGUF in test_smollm2."""
     import gguf
-    write_gguf(tmp_path / "m.gguf", ARGS, weights)
+    from export_gguf import export
+    checkpoint.write_checkpoint(str(tmp_path / "np"), ARGS, iter(weights.items()), 0, len(weights), quiet=True)
+    export(str(tmp_path / "np"), str(tmp_path / "m.gguf"), "f32")
     convert(str(tmp_path / "m.gguf"), str(tmp_path / "out"), quiet=True)
     got = checkpoint.open_tensors(str(tmp_path / "out"))
     assert set(got) == set(weights)
     for name, w in weights.items():
         assert np.array_equal(got[name], w), name
     # Quantized: the converter's dequantization is gguf's own, exactly.
-    write_gguf(tmp_path / "q.gguf", ARGS, weights, quant=gguf.GGMLQuantizationType.Q8_0)
+    export(str(tmp_path / "np"), str(tmp_path / "q.gguf"), "q8_0")
     convert(str(tmp_path / "q.gguf"), str(tmp_path / "q"), quiet=True)
     got = checkpoint.open_tensors(str(tmp_path / "q"))
     w = weights["layers.1.attention.wq.weight"]
-    expected = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
-                                      gguf.GGMLQuantizationType.Q8_0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    expected = gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8)
     assert np.array_equal(got["layers.1.attention.wq.weight"], expected)
     assert np.abs(expected - w).max() < 0.02 * np.abs(w).max()  # and it is w, quantized
 

@@ -259,3 +259,40 @@ def test_forward_argument_errors():
         m.forward(np.zeros(0, int))
     with pytest.raises(ValueError, match="dtype must be one of"):
         Transformer(args, w, dtype="float16")
+
+
+# --- weight modes -----------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.sampled_from([2, 8, 64, 130]), st.integers(1, 40))
+def test_tiled_bf16_matmul_equals_widened_matmul(seed, M, K, N):
+    from npllama import tiled
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ws = [bf16.to_bits(rng.standard_normal((n, K)).astype(np.float32)) for n in (N, max(1, N // 3))]
+    ref = np.concatenate([x @ bf16.from_bits(w).T for w in ws], axis=1)
+    # the even and odd columns are summed separately: float32 summation order only
+    got = tiled.matmul(x, ws)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiled_weights_give_the_resident_results(dtype):
+    args, w = build(SHAPES[2])
+    bits = {k: bf16.to_bits(v) for k, v in w.items()}
+    toks = tokens_for(args, 20)
+    resident = Transformer(args, bits, dtype=dtype, weights_mode="resident")
+    tiled_model = Transformer(args, bits, dtype=dtype, weights_mode="tiled")
+    assert (resident.weights_mode, tiled_model.weights_mode) == ("resident", "tiled")
+    a, b = resident.forward(toks), tiled_model.forward(toks)
+    if dtype == "float32":
+        assert rel_err(b, a) < FP32_TOL
+    else:
+        assert bf16_scale_ulps(b, a) <= 2.0
+    assert not any(v.dtype == np.float32 and v.ndim == 2 for v in tiled_model._ready.values())  # nothing widened
+    # float32 weights have nothing to tile; auto keeps small models resident
+    assert Transformer(args, w, weights_mode="tiled").weights_mode == "resident"
+    assert Transformer(args, bits).weights_mode == "resident"
+    with pytest.raises(ValueError, match="weights mode"):
+        Transformer(args, bits, weights_mode="fast")

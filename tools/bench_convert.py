@@ -20,11 +20,11 @@ import numpy as np
 
 def build_meta(path, args, mp, seed=0):
     import torch
+    from npllama.bench import random_tensor
     from npllama.convert import mp_axis
     from npllama.model import expected_shapes
     os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    block = torch.from_numpy(rng.standard_normal(1 << 20).astype(np.float32) * 0.02).bfloat16()
+    block = (np.random.default_rng(seed).standard_normal(1 << 20) * 0.02).astype(np.float32)
     for s in range(mp):
         sd = {}
         for name, shape in expected_shapes(args).items():
@@ -32,8 +32,7 @@ def build_meta(path, args, mp, seed=0):
             shape = list(shape)
             if axis is not None:
                 shape[axis] //= mp
-            n = int(np.prod(shape))
-            sd[name] = block.repeat(n // block.numel() + 1)[:n].reshape(shape).clone()
+            sd[name] = torch.from_numpy(random_tensor(tuple(shape), block)).bfloat16()
         torch.save(sd, os.path.join(path, f"consolidated.{s:02d}.pth"))
         del sd
     params = {k: v for k, v in args.to_dict().items() if k != "hidden_dim"}

@@ -1,0 +1,202 @@
+"""Benchmark: prefill (pp128) and decode (tg32) speed, load time and peak RSS on random
+weights at real shapes, against this machine's limits and, with --vs torch, HF
+transformers' LlamaForCausalLM on the same weights in the same run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .config import ModelArgs, preset
+
+SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
+          "llama3.2-1b": None, "llama3.2-3b": None, "llama3-8b": None}
+
+
+def shape_args(shape: str) -> ModelArgs:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    return ModelArgs(**SHAPES[shape]) if SHAPES[shape] else preset(shape)
+
+
+def random_tensor(shape: tuple, rng_block: np.ndarray) -> np.ndarray:
+    """A float32 array of `shape` tiled from a block of random values: statistically like
+    trained weights for speed purposes, and fast to make at 8B scale."""
+    n = int(np.prod(shape))
+    reps = -(-n // rng_block.size)
+    return np.tile(rng_block, reps)[:n].reshape(shape)
+
+
+def build(shape: str, root: str, quiet: bool = False) -> str:
+    """A bf16 checkpoint of random weights at `shape`, written tensor by tensor (an 8B model
+    is never held in memory), cached under root."""
+    from . import bf16
+    from .checkpoint import write_checkpoint
+    from .model import expected_shapes
+    out = os.path.join(root, f"{shape}-bf16")
+    if os.path.isfile(os.path.join(out, "index.json")):
+        return out
+    args = shape_args(shape)
+    shapes = expected_shapes(args)
+    block = (np.random.default_rng(0).standard_normal(1 << 20) * 0.02).astype(np.float32)
+    ones = np.ones(1, np.float32)
+
+    def tensors():
+        for name, s in shapes.items():
+            yield name, bf16.to_bits(random_tensor(s, block if len(s) > 1 else ones))
+
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    write_checkpoint(out, args, tensors(), total, len(shapes), quiet=quiet)
+    return out
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def run_npllama(path: str, dtype: str, reps: int, weights: str, prompt_len: int = 128, gen_len: int = 32) -> dict:
+    import npllama
+    t0 = time.perf_counter()
+    model = npllama.load(path, dtype=dtype, weights_mode=weights, max_seq_len=prompt_len + gen_len)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.args.vocab_size, prompt_len)
+    t0 = time.perf_counter()
+    model.forward(tokens[:8], last_only=True)  # warm-up: first use of every weight
+    warm_s = time.perf_counter() - t0
+    pp, tg = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        logits = model.forward(tokens, start_pos=0, last_only=True)
+        pp.append(prompt_len / (time.perf_counter() - t0))
+        token = int(np.argmax(logits))
+        t0 = time.perf_counter()
+        for i in range(gen_len):
+            token = int(np.argmax(model.forward(np.array([token]), start_pos=prompt_len + i, last_only=True)))
+        tg.append(gen_len / (time.perf_counter() - t0))
+    return {"impl": f"npllama {dtype} ({model.weights_mode})", "load_s": load_s, "first_use_s": warm_s,
+            "pp": summary(pp), "tg": summary(tg), "peak_rss": peak_rss()}
+
+
+def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: int = 32) -> dict:
+    """HF transformers on the same weights (needs torch + transformers; run in a subprocess
+    so its memory is its own)."""
+    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from trace_hf import hf_model
+
+    from .checkpoint import open_tensors
+    torch.set_num_threads(os.cpu_count())
+    args = ModelArgs.from_json(os.path.join(path, "params.json"))
+    t0 = time.perf_counter()
+    model = hf_model(args, open_tensors(path), torch_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    load_s = time.perf_counter() - t0
+    from transformers import DynamicCache
+    tokens = torch.tensor(np.random.default_rng(0).integers(0, args.vocab_size, prompt_len))[None]
+    pp, tg = [], []
+    with torch.inference_mode():
+        model(tokens[:, :8])
+        for _ in range(reps):
+            cache = DynamicCache()
+            t0 = time.perf_counter()
+            out = model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            pp.append(prompt_len / (time.perf_counter() - t0))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(gen_len):
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tg.append(gen_len / (time.perf_counter() - t0))
+    return {"impl": f"torch {torch.__version__} {dtype} (HF LlamaForCausalLM)", "load_s": load_s,
+            "pp": summary(pp), "tg": summary(tg), "peak_rss": peak_rss()}
+
+
+def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
+    """This machine's streaming bandwidth (a float32 GEMV too large for any cache) and GEMM
+    rate (128 rows), measured with numpy."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8192, 8192), dtype=np.float32)        # 256 MB
+    x = rng.standard_normal((1, 8192), dtype=np.float32)
+    xs = rng.standard_normal((128, 8192), dtype=np.float32)
+    best_gemv = best_gemm = float("inf")
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        # w as (in, out), the layout npllama keeps resident weights in (faster than x @ w.T)
+        t0 = time.perf_counter(); x @ w; best_gemv = min(best_gemv, time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); xs @ w; best_gemm = min(best_gemm, time.perf_counter() - t0)  # noqa: E702
+    params = sum(int(np.prod(s)) for s in __import__("npllama").model.expected_shapes(args).values())
+    per_token = params - args.vocab_size * args.dim      # the embedding table is gathered, not read
+    return {"bandwidth_GBps": w.nbytes / best_gemv / 1e9, "gemm_GFLOPs": 2 * xs.shape[0] * w.size / best_gemm / 1e9,
+            "weight_params_per_token": per_token}
+
+
+def machine() -> dict:
+    info = {"cores": os.cpu_count(), "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if blas:
+            info["blas"] = f"{blas[0].get('internal_api')} {blas[0].get('version')} " \
+                           f"kernel={blas[0].get('architecture')} threads={blas[0].get('num_threads')}"
+    except ImportError:
+        info["blas"] = "(install threadpoolctl to report the BLAS kernel)"
+    return info
+
+
+def report(args, results, bounds, out=sys.stdout):
+    m = machine()
+    print(f"machine: {m['cores']} cores, numpy {m['numpy']}, {m.get('blas', '')}", file=out)
+    print(f"{'implementation':<44} {'pp128 tok/s':>18} {'tg32 tok/s':>18} {'load s':>7} {'peak RSS':>9}", file=out)
+    for r in results:
+        fmt = lambda s: f"{s['median']:7.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
+        print(f"{r['impl']:<44} {fmt(r['pp']):>18} {fmt(r['tg']):>18} {r['load_s']:7.2f} "
+              f"{r['peak_rss'] / 1e9:7.2f}GB", file=out)
+    if len(results) > 1:
+        a = results[0]
+        for b in results[1:]:
+            print(f"ratio npllama / {b['impl'].split(' (')[0]}: pp128 {a['pp']['median'] / b['pp']['median']:.2f}x, "
+                  f"tg32 {a['tg']['median'] / b['tg']['median']:.2f}x", file=out)
+    if bounds:
+        nbytes = 2 if "tiled" in results[0]["impl"] else 4
+        decode_limit = bounds["bandwidth_GBps"] * 1e9 / (bounds["weight_params_per_token"] * nbytes)
+        prefill_limit = bounds["gemm_GFLOPs"] * 1e9 / (2 * bounds["weight_params_per_token"])
+        r = results[0]
+        print(f"limits: bandwidth {bounds['bandwidth_GBps']:.1f} GB/s -> decode <= {decode_limit:.2f} tok/s "
+              f"({nbytes}-byte weights); GEMM {bounds['gemm_GFLOPs']:.0f} GFLOP/s -> prefill <= {prefill_limit:.0f} "
+              f"tok/s", file=out)
+        print(f"npllama reaches {r['tg']['median'] / decode_limit:.0%} of the decode limit and "
+              f"{r['pp']['median'] / prefill_limit:.0%} of the prefill limit", file=out)
+
+
+def main(a) -> int:
+    root = a.workdir or os.path.join(__import__("npllama").hub.cache_dir(), "bench")
+    path = build(a.shape, root, quiet=a.quiet)
+    args = shape_args(a.shape)
+    results = [run_npllama(path, a.dtype, a.reps, a.weights)]
+    for peer in a.vs or []:
+        if peer != "torch":
+            raise ValueError(f"--vs: only torch can run in-process here (got {peer!r}); see the README for llama.cpp")
+        r = subprocess.run([sys.executable, "-c", "import json, sys; from npllama.bench import run_torch; "
+                            f"print(json.dumps(run_torch({path!r}, {a.dtype!r}, {a.reps})))"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"the torch run failed: {r.stderr.strip().splitlines()[-1:]}")
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    bounds = measure_bounds(args) if a.bound else None
+    report(args, results, bounds)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shape": a.shape, "machine": machine(), "results": results, "bounds": bounds}, f, indent=1)
+    return 0
