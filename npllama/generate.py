@@ -121,6 +121,8 @@ class Generator:
             raise ValueError("empty prompt: give at least one token (e.g. bos)")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if any(not s for s in stop_strings):
+            raise ValueError("stop strings must be non-empty")
         limit = self.model.max_seq_len
         if len(prompt) > limit:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")

@@ -44,18 +44,22 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 IGNORED_WEIGHTS = ("rope.freqs",)
 
 
+WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
+
+
+def check_dtype(name: str, w: np.ndarray) -> None:
+    if w.dtype.name not in WEIGHT_DTYPES:
+        raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
+
+
 def as_float32(name: str, w) -> np.ndarray:
     """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
     widened exactly; float16/float64 are converted; float32 (memory maps too) is kept."""
-    w = np.asarray(w) if not isinstance(w, np.ndarray) else w
+    w = np.asarray(w)
+    check_dtype(name, w)
     if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
         return bf16.from_bits(w.view(np.uint16))
-    if w.dtype in (np.float32, np.float16, np.float64):
-        return w.astype(np.float32, copy=False)
-    raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
-
-
-WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
+    return w.astype(np.float32, copy=False)
 
 
 def available_memory() -> int:
@@ -132,9 +136,7 @@ class Transformer:
             w = weights[name]
             if tuple(w.shape) != shape:
                 raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
-            if w.dtype.name not in WEIGHT_DTYPES:
-                raise WeightError(f"{name}: unsupported dtype {w.dtype} "
-                                  "(expected float32, float16, float64 or bf16 as uint16)")
+            check_dtype(name, w)
             out[name] = w
         return out
 

@@ -159,5 +159,7 @@ def test_edge_cases_and_errors(weights):
                 dict(top_k=-2)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        g.generate(PROMPT, 5, stop_strings=[""])
     with pytest.raises(ValueError, match="max_batch_size"):
         g.generate_batch([PROMPT, PROMPT], 3)
