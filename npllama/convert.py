@@ -348,8 +348,6 @@ def gguf_name_to_meta(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_NAMES and parts[3] == "weight":
         return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
-    if name == "rope_freqs.weight":
-        raise CheckpointError("GGUF tensor rope_freqs.weight (llama.cpp's Llama 3.1 rope factors) is not supported yet")
     raise CheckpointError(f"unknown GGUF tensor {name}")
 
 
@@ -383,7 +381,10 @@ def read_gguf(src: str) -> Source:
     rope_dim = g("rope.dimension_count")
     if rope_dim is not None and rope_dim != args.head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope dim {rope_dim}) are not supported")
-    by_name = {gguf_name_to_meta(t.name): t for t in reader.tensors}
+    rope_freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if rope_freqs:
+        args = gguf_rope_scaling(args, np.asarray(rope_freqs[0].data, dtype=np.float32), path)
+    by_name = {gguf_name_to_meta(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
 
     def load(name: str) -> np.ndarray:
         t = by_name[name]
@@ -400,6 +401,22 @@ def read_gguf(src: str) -> Source:
         spec = gguf_tokenizer_spec(reader, path)
         extra["tokenizer.json"] = json.dumps(spec).encode()
     return Source(args, list(by_name), nbytes, load, extra_data=extra)
+
+
+def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> ModelArgs:
+    """llama.cpp stores Llama 3.1 rope scaling as a divisor per frequency (rope_freqs). Accept
+    it when it is Meta's scaling (low/high frequency factors 1 and 4 over 8192 positions) with
+    the factor its largest divisor; anything else is refused rather than approximated."""
+    import dataclasses
+    from .ops import rope_frequencies
+    scaled = dataclasses.replace(args, use_scaled_rope=True, rope_scaling_factor=float(divisors.max()))
+    scaling = dict(factor=scaled.rope_scaling_factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    plain = rope_frequencies(args.head_dim, args.rope_theta)
+    expected = plain / rope_frequencies(args.head_dim, args.rope_theta, scaling)
+    if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-5):
+        raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
+    return scaled
 
 
 def gpt2_byte_decoder() -> dict[str, int]:

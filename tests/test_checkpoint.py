@@ -265,3 +265,21 @@ def test_loading_maps_instead_of_reading(tmp_path):
     assert total > 1e9
     assert after - before < 0.05 * total       # mapped, not read
     assert used - before > 0.3 * total         # ...and a forward pass does read the weights
+
+
+def test_gguf_rope_scaling_round_trips_as_llama_cpp_rope_freqs(tmp_path):
+    from export_gguf import export
+    from oracles import write_random_model
+    args = small_args(dim=256, n_heads=4, n_kv_heads=2, use_scaled_rope=True, rope_theta=500000.0,
+                      rope_scaling_factor=32.0)
+    write_random_model(str(tmp_path / "np"), args)
+    export(str(tmp_path / "np"), str(tmp_path / "m.gguf"))
+    import gguf
+    divisors = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "rope_freqs.weight")
+    assert divisors.data.max() == 32.0 and divisors.data.min() == 1.0  # llama.cpp's form: a divisor per frequency
+    convert(str(tmp_path / "m.gguf"), str(tmp_path / "back"), quiet=True)
+    back = npllama.ModelArgs.from_json(str(tmp_path / "back" / "params.json"))
+    assert back.use_scaled_rope and back.rope_scaling_factor == 32.0
+    toks = np.arange(20)
+    assert np.array_equal(npllama.load(str(tmp_path / "np")).forward(toks),
+                          npllama.load(str(tmp_path / "back")).forward(toks))

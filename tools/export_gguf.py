@@ -4,8 +4,10 @@ llama-bench on exactly the weights npllama's benchmark uses.
 
     python tools/export_gguf.py DIR OUT.gguf [--type f32|f16|bf16|q8_0]
 
-q/k stay in Meta's interleaved layout, which is what GGUF stores. The tokenizer is written
-only as "none" (llama.cpp then runs without a vocabulary, enough for llama-bench).
+q/k stay in Meta's interleaved layout, which is what GGUF stores; Llama 3.1 rope scaling
+becomes llama.cpp's rope_freqs tensor. The tokenizer is written only as "none" (llama.cpp
+then runs without a vocabulary, enough for llama-bench). The whole model passes through
+memory once (gguf's writer holds it): fine for 1B/3B, not for 8B in float32.
 """
 import argparse
 import os
@@ -39,7 +41,14 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[out_type])
     w.add_tokenizer_model("none")
     if args.use_scaled_rope:
-        raise SystemExit("export_gguf: Llama 3.1 rope scaling (llama.cpp's rope_freqs tensor) is not written yet")
+        # llama.cpp's form of Llama 3.1 scaling: a divisor per rotation frequency.
+        from npllama.ops import rope_frequencies
+        scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
+                       high_freq_factor=args.high_freq_factor,
+                       original_max_position_embeddings=args.original_max_position_embeddings)
+        plain = rope_frequencies(args.head_dim, args.rope_theta)
+        w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(args.head_dim, args.rope_theta, scaling))
+                     .astype(np.float32))
     for name, arr in tensors.items():
         if name not in names:
             _, i, rest = name.split(".", 2)
