@@ -272,10 +272,8 @@ def load(path: str, dtype: str = "float32", max_seq_len: int | None = None, max_
          weights_mode: str = "auto"):
     """A converted checkpoint as a ready Transformer; weights stay memory-mapped until used."""
     from .model import Transformer
-    args = ModelArgs.from_json(os.path.join(path, "params.json")) if os.path.isdir(path) else None
-    if args is None:
-        raise CheckpointError(f"{path}: not a directory (convert a checkpoint with `npllama convert`)")
     index = read_index(path)
+    args = ModelArgs.from_json(os.path.join(path, "params.json"))
     weights = open_tensors(path, index)
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         weights_mode=weights_mode)

@@ -185,8 +185,8 @@ def read_meta(src: str) -> Source:
             return files[0].array(name)
         return np.concatenate([f.array(name) for f in files], axis=axis)
 
-    nbytes = sum(f.tensors[n].nbytes() for f in files for n in names if len(files) == 1 or mp_axis(n) is not None)
-    nbytes += sum(files[0].tensors[n].nbytes() for n in names if len(files) > 1 and mp_axis(n) is None)
+    # merged size: model-parallel pieces add up, replicated tensors count once
+    nbytes = sum(f.tensors[n].nbytes() for n in names for f in (files if mp_axis(n) is not None else files[:1]))
     extra = {}
     if os.path.isfile(os.path.join(src, "tokenizer.model")):
         extra["tokenizer.model"] = os.path.join(src, "tokenizer.model")

@@ -187,11 +187,6 @@ class Transformer:
         rows = as_float32(name, self.weights[name][tokens])
         return self.rnd(rows) if self.dtype == "bfloat16" else rows
 
-    def reset(self) -> None:
-        """Forget the cache contents (they are overwritten anyway; this is for clarity)."""
-        self.cache_k.fill(0)
-        self.cache_v.fill(0)
-
     def forward(self, tokens, start_pos: int = 0, trace: dict | None = None,
                 last_only: bool = False) -> np.ndarray:
         """tokens (T,) or (B, T) ints -> float32 logits (T, vocab) or (B, T, vocab).
