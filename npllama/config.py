@@ -73,6 +73,9 @@ class ModelArgs:
             raise ConfigError(f"params must be a JSON object, got {type(params).__name__}")
         if "model" in params and isinstance(params["model"], dict):
             params = params["model"]
+        missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if k not in params and k not in overrides]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (a Llama params.json states them)")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in params.items() if k in fields}
         # Meta's own name for the factor, and HF-style nested rope scaling, when present.

@@ -254,6 +254,13 @@ def hf_name_to_meta(name: str) -> str | None:
 
 
 def hf_config_to_args(cfg: dict, path: str = "config.json") -> ModelArgs:
+    try:
+        return _hf_config_to_args(cfg, path)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing {e.args[0]}") from None
+
+
+def _hf_config_to_args(cfg: dict, path: str) -> ModelArgs:
     if cfg.get("model_type") not in (None, "llama"):
         raise CheckpointError(f"{path}: model_type {cfg.get('model_type')!r} is not llama")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

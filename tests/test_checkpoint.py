@@ -229,6 +229,11 @@ def test_missing_tensor_is_a_clear_error(tmp_path, weights):
 def test_unknown_sources_are_clear_errors(tmp_path):
     r = run_cli("convert", str(tmp_path), str(tmp_path / "out"))
     assert r.returncode == 1 and "neither a Meta checkpoint" in r.stderr
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    r = run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert r.returncode == 1 and "config.json: missing num_hidden_layers" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "x.bin").write_bytes(b"nope")
     r = run_cli("convert", str(tmp_path / "x.bin"), str(tmp_path / "out"))
     assert r.returncode == 1 and "not a GGUF file" in r.stderr

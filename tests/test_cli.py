@@ -61,3 +61,15 @@ def test_errors_are_one_line(model_dir, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
     r = run("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_ctrl_c_ends_chat_cleanly(model_dir):
+    import signal
+    p = subprocess.Popen([sys.executable, "-m", "npllama", "chat", "-m", model_dir, "--max-new-tokens", "3"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdin.write("Hello\n")
+    p.stdin.flush()
+    assert "tok/s" in p.stderr.readline()  # the first answer is done; chat now waits for input
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err

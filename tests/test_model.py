@@ -222,11 +222,14 @@ def test_params_json_forms(tmp_path):
     assert (a.dim, a.ffn_dim, a.rope_scaling_factor) == (2048, 8192, 32.0)
     b = ModelArgs.from_dict(a.to_dict())
     assert b.ffn_dim == a.ffn_dim and dataclasses.replace(b, hidden_dim=None) == a
-    p.write_text('{"dim": 100, "n_heads": 3}')
+    p.write_text('{"dim": 100, "n_heads": 3, "n_layers": 1, "vocab_size": 10}')
     with pytest.raises(ConfigError, match=r"params.json: dim \(100\) must be a multiple of n_heads \(3\)"):
         ModelArgs.from_json(p)
     with pytest.raises(ConfigError, match=r"n_heads \(32\) must be a multiple of n_kv_heads \(5\)"):
         ModelArgs(n_kv_heads=5)
+    p.write_text('{"dim": 64, "n_heads": 4}')
+    with pytest.raises(ConfigError, match="missing n_layers, vocab_size"):
+        ModelArgs.from_json(p)
     p.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelArgs.from_json(p)
