@@ -515,10 +515,27 @@ def open_source(src: str) -> Source:
     return {"meta": read_meta, "hf": read_hf, "gguf": read_gguf}[kind](src)
 
 
+def checked(source: Source, src: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The source's tensors, each checked against the shapes its params imply, so that no
+    inconsistent checkpoint is ever written (the output appears only if all pass)."""
+    from .model import expected_shapes
+    shapes = expected_shapes(source.args)
+    missing = sorted(set(shapes) - set(source.names) - {"output.weight"})
+    if missing:
+        raise CheckpointError(f"{src}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:]
+                                                                      else ""))
+    for name, arr in source.tensors():
+        if name not in shapes:
+            raise CheckpointError(f"{src}: unexpected tensor {name} for these params")
+        if tuple(arr.shape) != shapes[name]:
+            raise CheckpointError(f"{src}: tensor {name} has shape {tuple(arr.shape)}, the params say {shapes[name]}")
+        yield name, arr
+
+
 def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
             shard_bytes: int | None = None, quiet: bool = False) -> dict:
     source = open_source(src)
     kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
-    return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.names), dtype=dtype,
+    return write_checkpoint(dst, source.args, checked(source, src), source.nbytes, len(source.names), dtype=dtype,
                             extra_files=source.extra_files, extra_data=source.extra_data, force=force,
                             quiet=quiet, **kw)

@@ -214,15 +214,20 @@ def test_damaged_shards_are_clear_errors(tmp_path, weights):
         npllama.load(str(out))
 
 
-def test_missing_tensor_is_a_clear_error(tmp_path, weights):
+def test_missing_or_misshapen_tensors_are_clear_errors(tmp_path, weights):
     src = save_meta(tmp_path / "meta", {k: v for k, v in weights.items() if k != "layers.1.ffn_norm.weight"})
-    convert(str(src), str(tmp_path / "out"), quiet=True)
-    with pytest.raises(npllama.WeightError, match="missing tensor layers.1.ffn_norm.weight"):
-        npllama.load(str(tmp_path / "out"))
-    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    with pytest.raises(CheckpointError, match="missing tensor layers.1.ffn_norm.weight"):
+        convert(str(src), str(tmp_path / "out"), quiet=True)
+    bad = dict(weights, **{"layers.0.attention.wk.weight": weights["layers.0.attention.wk.weight"][:8]})
+    r = run_cli("convert", str(save_meta(tmp_path / "meta2", bad)), str(tmp_path / "out"))
+    assert r.returncode == 1 and "layers.0.attention.wk.weight has shape (8, 128)" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written is left
+    # a converted directory whose index lies about a shape
+    convert(str(save_meta(tmp_path / "meta3", weights)), str(tmp_path / "ok"), quiet=True)
+    index = json.loads((tmp_path / "ok" / "index.json").read_text())
     index["tensors"]["layers.0.ffn_norm.weight"]["shape"] = [3]
-    (tmp_path / "out" / "index.json").write_text(json.dumps(index))
-    r = run_cli("info", str(tmp_path / "out"))
+    (tmp_path / "ok" / "index.json").write_text(json.dumps(index))
+    r = run_cli("info", str(tmp_path / "ok"))
     assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "index says" in r.stderr
 
 
