@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import ModelArgs, preset
 
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
           "llama3.2-1b": None, "llama3.2-3b": None, "llama3-8b": None}
 
@@ -89,39 +90,6 @@ def run_npllama(path: str, dtype: str, reps: int, weights: str, prompt_len: int 
             "pp": summary(pp), "tg": summary(tg), "peak_rss": peak_rss()}
 
 
-def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: int = 32) -> dict:
-    """HF transformers on the same weights (needs torch + transformers; run in a subprocess
-    so its memory is its own)."""
-    import torch
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    from trace_hf import hf_model
-
-    from .checkpoint import open_tensors
-    torch.set_num_threads(os.cpu_count())
-    args = ModelArgs.from_json(os.path.join(path, "params.json"))
-    t0 = time.perf_counter()
-    model = hf_model(args, open_tensors(path), torch_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-    load_s = time.perf_counter() - t0
-    from transformers import DynamicCache
-    tokens = torch.tensor(np.random.default_rng(0).integers(0, args.vocab_size, prompt_len))[None]
-    pp, tg = [], []
-    with torch.inference_mode():
-        model(tokens[:, :8])
-        for _ in range(reps):
-            cache = DynamicCache()
-            t0 = time.perf_counter()
-            out = model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            pp.append(prompt_len / (time.perf_counter() - t0))
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            t0 = time.perf_counter()
-            for _ in range(gen_len):
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tg.append(gen_len / (time.perf_counter() - t0))
-    return {"impl": f"torch {torch.__version__} {dtype} (HF LlamaForCausalLM)", "load_s": load_s,
-            "pp": summary(pp), "tg": summary(tg), "peak_rss": peak_rss()}
-
-
 def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
     """This machine's streaming bandwidth (a float32 GEMV too large for any cache) and GEMM
     rate (128 rows), measured with numpy."""
@@ -187,12 +155,16 @@ def main(a) -> int:
     results = [run_npllama(path, a.dtype, a.reps, a.weights)]
     for peer in a.vs or []:
         if peer != "torch":
-            raise ValueError(f"--vs: only torch can run in-process here (got {peer!r}); see the README for llama.cpp")
-        r = subprocess.run([sys.executable, "-c", "import json, sys; from npllama.bench import run_torch; "
-                            f"print(json.dumps(run_torch({path!r}, {a.dtype!r}, {a.reps})))"],
-                           capture_output=True, text=True)
+            raise ValueError(f"--vs: bench runs torch only (got {peer!r}); "
+                             "the README shows how to run llama.cpp beside it")
+        # torch is a cross-check extra, never imported by npllama: the peer runs from tools/,
+        # in its own process (its memory is its own).
+        tool = os.path.join(TOOLS, "bench_torch.py")
+        if not os.path.isfile(tool):
+            raise FileNotFoundError(f"--vs torch needs {tool} (run from a checkout of the repository)")
+        r = subprocess.run([sys.executable, tool, path, a.dtype, str(a.reps)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"the torch run failed: {r.stderr.strip().splitlines()[-1:]}")
+            raise ValueError(f"the torch run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     bounds = measure_bounds(args) if a.bound else None
     report(args, results, bounds)
