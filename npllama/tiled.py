@@ -29,10 +29,11 @@ def supported(w: np.ndarray) -> bool:
 
 
 def _buffer(rows: int, k: int) -> np.ndarray:
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.shape != (rows, k):
-        buf = _local.buf = np.empty((rows, k), np.uint32)
-    return buf
+    # One per thread and shape, kept: a forward pass cycles through a few shapes per token.
+    bufs = _local.__dict__.setdefault("bufs", {})
+    if (rows, k) not in bufs:
+        bufs[(rows, k)] = np.empty((rows, k), np.uint32)
+    return bufs[(rows, k)]
 
 
 def _rows(x_pairs: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
