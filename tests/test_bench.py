@@ -1,6 +1,8 @@
 """The benchmark runs end to end on the tiny shape (no timing assertions: timings belong in
 benchmarks, not in pass/fail tests)."""
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -28,3 +30,32 @@ def test_random_tensor_tiles_a_block():
     block = np.arange(5, dtype=np.float32)
     t = bench.random_tensor((3, 4), block)
     assert t.shape == (3, 4) and np.array_equal(t.ravel(), np.resize(block, 12))
+
+
+LIMITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_limits.py")
+
+
+def run_limits(*argv):
+    r = subprocess.run([sys.executable, LIMITS, *argv], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_limits_tool_times_every_tiled_stage():
+    out = run_limits("tiled", "--shape", "tiny", "--mb", "2", "--reps", "1")
+    rows = [line for line in out.splitlines() if line.endswith("%")]
+    stages = [re.split(r"\s{2,}", line)[0] for line in rows]
+    assert stages == ["read (BLAS GEMV over the raw bytes)", "mask: odd columns, from memory",
+                      "shift: even columns, in cache", "GEMV on the widened tile, in cache",
+                      "whole pipeline, 1 thread", f"whole pipeline, {os.cpu_count()} threads",
+                      f"1 thread's pipeline x {os.cpu_count()} cores (perfect)"]
+    rates = [float(re.split(r"\s{2,}", line.strip())[1]) for line in rows]
+    assert all(np.isfinite(rates)) and min(rates) > 0
+
+
+def test_limits_tool_compares_gemms_with_torch():
+    out = run_limits("gemm", "--shape", "tiny", "--reps", "1")
+    m = re.search(r"npllama <= ([\d.]+) tok/s, torch <= ([\d.]+) tok/s \(ratio ([\d.]+)x\)", out)
+    assert m, out
+    ours, theirs, ratio = map(float, m.groups())
+    assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.005

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Where npllama's speed stops: the two ceilings behind the benchmark's figures.
+
+    python tools/bench_limits.py gemm  --shape llama3.2-1b   # prefill: numpy's GEMM vs torch's (needs torch)
+    python tools/bench_limits.py tiled --shape llama3-8b     # tiled bf16 decode: each stage of the pipeline
+
+gemm: times every matmul of a 128-token prefill at the shape's sizes, npllama's (fused
+wq|wk|wv and w1|w3, weights kept (in, out)) with numpy and HF's (separate projections) with
+torch, each in its own process, alternating, and prints the prefill rate each
+implementation's GEMMs alone would allow. Everything else in a forward pass only lowers that rate, so npllama's
+prefill / torch's cannot exceed the ratio printed (unless torch's other work is larger).
+
+tiled: on --mb megabytes of random bf16 weights (more than the last-level cache, so they
+stream from memory), one core: the read rate (BLAS over the raw bytes), each step of
+npllama.tiled's widening (mask from memory, shift in cache, GEMV in cache), and the whole
+pipeline on 1 and on all threads; then the decode rate the shape would get at each rate,
+as a fraction of the bf16 bandwidth limit that `npllama bench --bound` reports. The last
+line, one thread's pipeline times the core count, is the most threads could give.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from npllama import bf16, tiled  # noqa: E402
+from npllama.bench import measure_bounds, shape_args  # noqa: E402
+
+
+def median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def layer_matmuls(args, impl: str) -> list[tuple[int, int]]:
+    """(in, out) of each matmul of one layer, as each implementation issues them."""
+    hd, kv, d, f = args.head_dim, args.n_kv_heads, args.dim, args.ffn_dim
+    if impl == "numpy":  # npllama: wq|wk|wv and w1|w3 fused, weights kept (in, out)
+        return [(d, (args.n_heads + 2 * kv) * hd), (args.n_heads * hd, d), (d, 2 * f), (f, d)]
+    return [(d, args.n_heads * hd), (d, kv * hd), (d, kv * hd), (args.n_heads * hd, d), (d, f), (d, f), (f, d)]
+
+
+def layer_gemm_time(args, impl: str, T: int, reps: int) -> float:
+    """Median seconds for one layer's matmuls of a T-token prefill."""
+    rng = np.random.default_rng(0)
+    shapes = layer_matmuls(args, impl)
+    pairs = [(rng.standard_normal((T, i), dtype=np.float32), rng.standard_normal((i, o), dtype=np.float32))
+             for i, o in shapes]
+    if impl == "numpy":
+        run = lambda: [x @ w for x, w in pairs]  # noqa: E731
+    else:
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        tpairs = [(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))) for x, w in pairs]
+        run = lambda: [torch.nn.functional.linear(x, w) for x, w in tpairs]  # noqa: E731
+    run()
+    return median_time(run, reps)
+
+
+def gemm(args, shape: str, T: int, reps: int, rounds: int = 3) -> dict:
+    # Each implementation in its own process, alternating: in one process, OpenBLAS's and
+    # OpenMP's idle threads spin and take the cores from each other.
+    times = {"numpy": [], "torch": []}
+    for _ in range(rounds):
+        for impl in times:
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "gemm-worker", "--impl", impl,
+                                "--shape", shape, "--tokens", str(T), "--reps", str(reps)],
+                               capture_output=True, text=True, check=True)
+            times[impl].append(float(r.stdout.split()[-1]))
+    flops = 2 * T * sum(i * o for i, o in layer_matmuls(args, "numpy"))
+    n, t = statistics.median(times["numpy"]), statistics.median(times["torch"])
+    return {"numpy_GFLOPs": flops / n / 1e9, "torch_GFLOPs": flops / t / 1e9,
+            "numpy_prefill_max": T / (n * args.n_layers), "torch_prefill_max": T / (t * args.n_layers)}
+
+
+def tiled_stages(args, mb: int, reps: int) -> dict:
+    """Rates in bf16 weights per second; the stages on one core, on the shape's FFN width."""
+    from threadpoolctl import threadpool_limits
+    K = args.dim
+    N = max(64, mb * 2**20 // (2 * K))
+    rng = np.random.default_rng(0)
+    w = np.empty((N, K), np.uint16)
+    for r in range(0, N, 1024):  # weights like trained ones: finite, no overflow in the read-rate GEMV
+        w[r:r + 1024] = bf16.to_bits(rng.standard_normal((min(1024, N - r), K), dtype=np.float32) * 0.02)
+    u = w.view(np.uint32)                                       # (N, K/2) pairs
+    x = rng.standard_normal((1, K), dtype=np.float32)
+    rows = max(1, tiled.TILE_BYTES // (8 * (K // 2)))           # npllama's decode tile
+    buf = np.empty((rows, K), np.uint32)
+    f = buf.view(np.float32)
+    half = K // 2
+    y = np.empty((1, rows), np.float32)
+    n = w.size
+
+    def over_tiles(step):
+        return lambda: [step(r) for r in range(0, N - rows + 1, rows)]
+    stages = {
+        "read (BLAS GEMV over the raw bytes)": over_tiles(lambda r: np.matmul(x[:, :half], u[r:r + rows].view(np.float32).T, out=y)),
+        "mask: odd columns, from memory": over_tiles(lambda r: np.bitwise_and(u[r:r + rows], tiled.HIGH, out=buf[:, :half])),
+        "shift: even columns, in cache": over_tiles(lambda r: np.multiply(u[:rows], tiled.LOW_TO_HIGH, out=buf[:, half:])),
+        "GEMV on the widened tile, in cache": over_tiles(lambda r: np.matmul(x, f.T, out=y)),
+    }
+    out = {}
+    with threadpool_limits(1):
+        for name, fn in stages.items():
+            out[name] = n / median_time(fn, reps)
+        os.environ["NPLLAMA_THREADS"] = "1"
+        out["whole pipeline, 1 thread"] = n / median_time(lambda: tiled.matmul(x, [w]), reps)
+    os.environ["NPLLAMA_THREADS"] = str(os.cpu_count())
+    tiled._pool = None
+    out[f"whole pipeline, {os.cpu_count()} threads"] = n / median_time(lambda: tiled.matmul(x, [w]), reps)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["gemm", "tiled", "gemm-worker"])
+    p.add_argument("--impl", choices=["numpy", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="llama3.2-1b")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--tokens", type=int, default=128, help="gemm: prompt length (default 128, as pp128)")
+    p.add_argument("--mb", type=int, default=1024, help="tiled: megabytes of bf16 weights (default 1024: past any cache)")
+    a = p.parse_args(argv)
+    args = shape_args(a.shape)
+    if a.what == "gemm-worker":
+        print(layer_gemm_time(args, a.impl, a.tokens, a.reps))
+        return 0
+    print(f"shape {a.shape}, {os.cpu_count()} cores, numpy {np.__version__}")
+    if a.what == "gemm":
+        r = gemm(args, a.shape, a.tokens, a.reps)
+        print(f"GEMMs of a {a.tokens}-token prefill: numpy {r['numpy_GFLOPs']:.0f} GFLOP/s, torch {r['torch_GFLOPs']:.0f} GFLOP/s")
+        print(f"prefill allowed by the GEMMs alone: npllama <= {r['numpy_prefill_max']:.1f} tok/s, "
+              f"torch <= {r['torch_prefill_max']:.1f} tok/s (ratio {r['numpy_prefill_max'] / r['torch_prefill_max']:.2f}x)")
+        return 0
+    r = tiled_stages(args, a.mb, a.reps)
+    b = measure_bounds(args)
+    per_token = b["weight_params_per_token"]
+    limit = b["bandwidth_GBps"] * 1e9 / (2 * per_token)
+    print(f"bf16 decode limit: {b['bandwidth_GBps']:.1f} GB/s / {2 * per_token / 1e9:.3g} GB per token = {limit:.2f} tok/s")
+    print(f"{'stage (one core unless said)':<44} {'G weights/s':>11} {'alone allows':>13} {'of limit':>9}")
+    cores = os.cpu_count()
+    r[f"1 thread's pipeline x {cores} cores (perfect)"] = cores * r["whole pipeline, 1 thread"]
+    for name, rate in r.items():
+        print(f"{name:<44} {rate / 1e9:11.2f} {rate / per_token:9.2f} tok/s {rate / per_token / limit:8.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
