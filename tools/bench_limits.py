@@ -7,8 +7,9 @@
 gemm: times every matmul of a 128-token prefill at the shape's sizes, npllama's (fused
 wq|wk|wv and w1|w3, weights kept (in, out)) with numpy and HF's (separate projections) with
 torch, each in its own process, alternating, and prints the prefill rate each
-implementation's GEMMs alone would allow. Everything else in a forward pass only lowers that rate, so npllama's
-prefill / torch's cannot exceed the ratio printed (unless torch's other work is larger).
+implementation's GEMMs alone would allow. Everything else in a forward pass only lowers
+that rate, so npllama's prefill / torch's cannot exceed the ratio printed (unless torch's
+other work is larger).
 
 tiled: on --mb megabytes of random bf16 weights (more than the last-level cache, so they
 stream from memory), one core: the read rate (BLAS over the raw bytes), each step of
@@ -83,7 +84,8 @@ def gemm(args, shape: str, T: int, reps: int, rounds: int = 3) -> dict:
 
 
 def tiled_stages(args, mb: int, reps: int) -> dict:
-    """Rates in bf16 weights per second; the stages on one core, on the shape's FFN width."""
+    """Rates in bf16 weights per second, on rows of the shape's dim. The mask and shift are
+    tiled._rows's two steps, timed apart; the stages run on one core."""
     from threadpoolctl import threadpool_limits
     K = args.dim
     N = max(64, mb * 2**20 // (2 * K))
@@ -115,7 +117,6 @@ def tiled_stages(args, mb: int, reps: int) -> dict:
         os.environ["NPLLAMA_THREADS"] = "1"
         out["whole pipeline, 1 thread"] = n / median_time(lambda: tiled.matmul(x, [w]), reps)
     os.environ["NPLLAMA_THREADS"] = str(os.cpu_count())
-    tiled._pool = None
     out[f"whole pipeline, {os.cpu_count()} threads"] = n / median_time(lambda: tiled.matmul(x, [w]), reps)
     return out
 
