@@ -18,6 +18,7 @@ import numpy as np
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
+DECODE_ROWS = 8                  # up to this many rows of x, a matmul is a GEMV in effect
 HIGH = np.uint32(0xFFFF0000)
 LOW_TO_HIGH = np.uint32(0x10000)
 _local = threading.local()
@@ -41,7 +42,7 @@ def _rows(x_pairs: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
     # pairs (N, K/2); x_pairs: x's odd columns then its even columns, matching the tile
     # [odd | even] so one GEMM covers both.
     n, half = u.shape
-    rows = max(1, min(n, (TILE_BYTES if x_pairs.shape[0] <= 8 else PREFILL_TILE_BYTES) // (8 * half)))
+    rows = max(1, min(n, (TILE_BYTES if x_pairs.shape[0] <= DECODE_ROWS else PREFILL_TILE_BYTES) // (8 * half)))
     buf = _buffer(rows, 2 * half)
     f = buf.view(np.float32)
     for r in range(0, n, rows):
@@ -57,14 +58,18 @@ def threads() -> int:
 
 def matmul(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     """x (M, K) float32 @ concat(weights).T for bf16-bits weights (N_i, K) -> (M, sum N_i).
-    The rows are split between threads (numpy and BLAS release the GIL)."""
+
+    Decoding (M <= DECODE_ROWS), the widening is most of the work and each numpy call runs on
+    one core, so the weight rows are split between threads (numpy and BLAS release the GIL).
+    Prefilling, the GEMMs are most of it and BLAS already runs them on every core: threads of
+    ours on top would oversubscribe the cores (measured 1.4x slower on the 8B shape)."""
     global _pool
     x = np.asarray(x, dtype=np.float32)
     x_pairs = np.concatenate([x[:, 1::2], x[:, 0::2]], axis=1)
     total = sum(w.shape[0] for w in weights)
     out = np.empty((x.shape[0], total), np.float32)
     jobs, col = [], 0
-    n_threads = threads()
+    n_threads = threads() if x.shape[0] <= DECODE_ROWS else 1
     for w in weights:
         u = w.view(np.uint32)                                   # (N, K/2)
         step = -(-w.shape[0] // n_threads)
