@@ -30,8 +30,7 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: the message names the file and tensor."""
+from .errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-class ConfigError(ValueError):
-    """A params.json (or preset, or keyword) that does not describe a valid Llama model."""
+from .errors import ConfigError  # noqa: F401  (re-exported)
 
 
 @dataclass

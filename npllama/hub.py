@@ -18,8 +18,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
 
 
-class DownloadError(RuntimeError):
-    """The default model could not be fetched or did not verify."""
+from .errors import DownloadError  # noqa: F401  (re-exported)
 
 
 def cache_dir() -> str:

@@ -14,8 +14,7 @@ DTYPES = ("float32", "bfloat16")
 WEIGHT_MODES = ("auto", "resident", "tiled")
 
 
-class WeightError(ValueError):
-    """A weight that is missing, misshapen or of an unusable dtype."""
+from .errors import WeightError  # noqa: F401  (re-exported)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -38,8 +38,7 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file that is missing, malformed or not the one expected."""
+from .errors import TokenizerError  # noqa: F401  (re-exported)
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
