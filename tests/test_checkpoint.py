@@ -14,7 +14,9 @@ import torch
 import npllama
 from npllama import bf16, checkpoint
 from npllama.checkpoint import CheckpointError
-from npllama.convert import convert, mp_axis
+from npllama.convert import convert
+from npllama.errors import UsageError
+from npllama.formats.meta_pth import PthFile, mp_axis
 from oracles import hf_logits, hf_model, random_weights, small_args
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
@@ -90,7 +92,6 @@ def test_pth_with_strided_and_shared_storages_reads_like_torch(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd = {"t": base.t(), "slice": base[1:3], "same": base}
     torch.save(sd, tmp_path / "x.pth")
-    from npllama.convert import PthFile
     f = PthFile(str(tmp_path / "x.pth"))
     for k, v in sd.items():
         assert np.array_equal(f.array(k), v.numpy())
@@ -148,7 +149,7 @@ def test_dtype_option_and_force(tmp_path, weights):
     convert(str(src), str(tmp_path / "out"), dtype="bfloat16", quiet=True)
     got = checkpoint.open_tensors(str(tmp_path / "out"))
     assert np.array_equal(got["norm.weight"], bf16.to_bits(weights["norm.weight"]))
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         convert(str(src), str(tmp_path / "out"), quiet=True)
     convert(str(src), str(tmp_path / "out"), dtype="float16", force=True, quiet=True)
     assert checkpoint.open_tensors(str(tmp_path / "out"))["norm.weight"].dtype == np.float16
