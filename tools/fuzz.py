@@ -222,6 +222,20 @@ TARGETS = {
 }
 
 
+def _allocate(case: str) -> None:
+    import numpy as np
+    np.ones(4 * 1024**3, np.uint8)
+
+
+# Readers that misbehave on purpose, so the tests can show each failure is caught.
+CANARIES = {
+    "canary-exception": lambda case: {}["not an npllama error"],
+    "canary-crash": lambda case: os.kill(os.getpid(), signal.SIGSEGV),
+    "canary-memory": _allocate,
+    "canary-hang": lambda case: time.sleep(3600),
+}
+
+
 # --- mutations ---------------------------------------------------------------------------
 
 INTERESTING = [0, 1, 2, 7, 64, 255, 256, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1,
@@ -410,7 +424,7 @@ def worker(target: str, cases: list[str]) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     sys.path.insert(0, ROOT)
     from npllama.errors import NpllamaError
-    read = TARGETS[target].read
+    read = CANARIES[target] if target in CANARIES else TARGETS[target].read
     for i, case in enumerate(cases):
         print(json.dumps({"i": i, "start": True}), flush=True)
         try:
