@@ -215,6 +215,15 @@ def read_index(path: str) -> dict:
     return index
 
 
+def read_checked(path: str) -> tuple[ModelArgs, dict]:
+    """params.json and index.json, every tensor the index lists checked against the params."""
+    from .formats.source import check_shapes
+    index = read_index(path)
+    args = ModelArgs.from_json(inside(path, "params.json"))
+    check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"))
+    return args, index
+
+
 def is_checkpoint(path: str) -> bool:
     """Whether a directory holds npllama's index.json (what --force may replace)."""
     try:
@@ -281,10 +290,7 @@ def load(path: str, dtype: str = "float32", max_seq_len: int | None = None, max_
          weights_mode: str = "auto"):
     """A converted checkpoint as a ready Transformer; weights stay memory-mapped until used."""
     from .model import Transformer
-    index = read_index(path)
-    from .formats.source import check_shapes
-    args = ModelArgs.from_json(inside(path, "params.json"))
-    check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"))
+    args, index = read_checked(path)
     weights = open_tensors(path, index)
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         weights_mode=weights_mode)

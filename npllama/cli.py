@@ -18,11 +18,8 @@ def cmd_convert(a) -> int:
 def cmd_info(a) -> int:
     import json
     from collections import Counter
-    from .checkpoint import nonfinite, open_tensors, read_index, verify
-    from .config import ModelArgs
-    from .formats.untrusted import inside
-    index = read_index(a.dir)
-    args = ModelArgs.from_json(inside(a.dir, "params.json"))
+    from .checkpoint import nonfinite, open_tensors, read_checked, verify
+    args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
     dtypes = Counter(t["dtype"] for t in index["tensors"].values())
     total = sum(s["size"] for s in index["shards"].values())

@@ -82,9 +82,10 @@ def load(path: str) -> dict:
     from .formats.untrusted import open_regular, parse_json
     with open_regular(path) as f:
         try:
-            with np.load(f, allow_pickle=False) as z:
-                if not isinstance(z, np.lib.npyio.NpzFile):
-                    raise ValueError("a single .npy array, not an .npz of named arrays")
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz of named arrays")
+            with z:
                 tr = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as e:
             raise CheckpointError(f"{path}: not a readable npllama trace ({e})") from None
