@@ -46,17 +46,18 @@ def open_model(a):
     import npllama
     from .generate import Generator
     from .tokenizer import load as load_tokenizer
+    from .checkpoint import read_checked
     if a.ctx is not None and a.ctx <= 0:
         raise UsageError(f"--ctx must be a positive number of tokens, got {a.ctx}")
     path = a.model
     if path is None:
         from .hub import default_model
         path = default_model()
-    model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
-    trained = model.args.max_seq_len
+    trained = read_checked(path)[0].max_seq_len
     if a.ctx is not None and a.ctx > trained and not a.force_ctx:
         raise UsageError(f"--ctx {a.ctx} is longer than the {trained} tokens this model was trained for; "
                          "add --force-ctx to run it anyway (quality degrades past the trained context)")
+    model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
 
 

@@ -272,8 +272,11 @@ def chat_format(tokenizer: Tokenizer, default_system: str | None = None):
 def load(path: str) -> Tokenizer:
     """The tokenizer of a converted checkpoint directory (or a tokenizer file itself)."""
     if os.path.isdir(path):
+        from .formats.untrusted import inside, open_regular
         for name, loader in (("tokenizer.json", Tokenizer.from_json), ("tokenizer.model", Tokenizer.llama3)):
-            if os.path.isfile(os.path.join(path, name)):
-                return loader(os.path.join(path, name))
+            if os.path.lexists(os.path.join(path, name)):
+                file = inside(path, name, "tokenizer", TokenizerError)  # no link leading out of the model
+                open_regular(file, TokenizerError).close()               # nor a FIFO that would block
+                return loader(file)
         raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
     return Tokenizer.from_json(path) if path.endswith(".json") else Tokenizer.llama3(path)

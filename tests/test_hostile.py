@@ -286,6 +286,19 @@ def test_damaged_index_is_one_line(converted, edit, message):
     one_line_error(run_cli("info", converted), message, "index.json")
 
 
+def test_npy_header_is_parsed_without_numpys_tokenizer(converted):
+    # Found by tools/fuzz.py: a flipped byte left numpy's header parser raising
+    # tokenize.TokenError. npllama matches the header np.save writes instead.
+    shard = os.path.join(converted, next(iter(checkpoint.read_index(converted)["shards"])))
+    with open(shard, "rb") as f:
+        data = f.read()
+    i = data.index(b", }") + 2
+    with open(shard, "wb") as f:
+        f.write(data[:i] + b"(" + data[i + 1:])
+    with pytest.raises(CheckpointError, match="not a .npy header numpy wrote"):
+        npllama.load(converted)
+
+
 # --- each traceback the issue lists is now one line ---------------------------------------
 
 def safetensors_file(path, header, data=b""):
