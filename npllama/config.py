@@ -10,6 +10,12 @@ from typing import Optional
 from .errors import ConfigError  # noqa: F401  (re-exported)
 
 
+# Far beyond every released Llama (405B: dim 16384, 126 layers, 128 heads, 128256 tokens,
+# FFN 53248, 131072 positions), and small enough that the tensor list stays small.
+LIMITS = {"dim": 2**20, "n_layers": 4096, "n_heads": 4096, "n_kv_heads": 4096, "vocab_size": 2**24,
+          "multiple_of": 2**22, "hidden_dim": 2**22, "max_seq_len": 2**26, "original_max_position_embeddings": 2**26}
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -42,6 +48,10 @@ class ModelArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if v > LIMITS[name]:
+                # A params file is untrusted: n_layers = 2**40 would make the tensor list
+                # itself exhaust memory before any shape is compared.
+                raise ConfigError(f"{name} {v} is beyond any Llama model (at most {LIMITS[name]} accepted)")
         for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "low_freq_factor", "high_freq_factor") + \
                 (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ()):
             v = getattr(self, name)

@@ -377,6 +377,13 @@ def test_gguf_tokenizer_ids_and_tensor_extents_are_checked(tmp_path):
     path = gguf_with(str(tmp_path / "e.gguf"))
     with pytest.raises(CheckpointError):
         convert(patch_tensor_info(path, names[-1], offset_delta=0, dim0=2**40), str(tmp_path / "o"))
+    for at, count in ((8, len(names) + 1), (8, 2**63), (16, 2**62)):   # tensor count, metadata count
+        path = gguf_with(str(tmp_path / f"count-{at}-{count}.gguf"))
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(struct.pack("<Q", count))
+        with pytest.raises(CheckpointError, match="not a readable GGUF"):
+            convert(path, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -515,6 +522,16 @@ def test_context_and_prompt_arguments(talking_model, tmp_path):
     r = run_cli("generate", "-m", m, "a" * 80, "--raw")   # longer than the context
     one_line_error(r, "exceeds the context of 64 tokens")
     assert "max_seq_len" not in r.stderr
+
+
+def test_params_beyond_any_llama_are_refused_before_listing_tensors(tmp_path):
+    # n_layers = 2**40 would make the expected tensor list itself a memory bomb.
+    src = meta_dir(tmp_path / "m", {"x": FakeTensor(FakeStorage("0", 4), 0, (4,), (1,))},
+                   {"0": np.zeros(4, np.float32)})
+    with open(os.path.join(src, "params.json"), "w") as f:
+        json.dump(dict(PARAMS, n_layers=2**40), f)
+    (r,) = fuzz.run_batch("meta", [src], timeout=60)
+    assert r["outcome"] == "error" and "n_layers 1099511627776 is beyond any Llama" in r["message"], r
 
 
 def test_trained_context_is_recorded_uncapped(tmp_path):
