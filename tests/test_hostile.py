@@ -364,6 +364,13 @@ def test_gguf_tokenizer_ids_and_tensor_extents_are_checked(tmp_path):
     import gguf
     one_line_error(run_cli("convert", gguf_with(str(tmp_path / "a.gguf"), eos=99999), str(tmp_path / "o")),
                    "tokenizer.ggml.eos_token_id 99999 is not a control token", "a.gguf")
+    # Found by tools/fuzz.py: gguf decodes strings only when asked, and raised UnicodeDecodeError.
+    path = gguf_with(str(tmp_path / "utf8.gguf"))
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.seek(data.index(b"<|im_end|>"))
+        f.write(b"\xc0")
+    one_line_error(run_cli("convert", path, str(tmp_path / "o")), "tokenizer.ggml.tokens is unreadable")
     path = gguf_with(str(tmp_path / "b.gguf"))
     names = [t.name for t in gguf.GGUFReader(path).tensors]
     with pytest.raises(CheckpointError, match="is not aligned"):

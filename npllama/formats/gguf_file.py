@@ -22,7 +22,10 @@ def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
     f = reader.fields.get(key)
     if f is None:
         return default
-    value = f.contents()
+    try:
+        value = f.contents()   # decoded lazily by gguf: strings may not be UTF-8
+    except (ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata {key} is unreadable ({type(e).__name__}: {e})") from None
     if kind is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))
                              or (kind is float and not np.isfinite(value))):
         raise CheckpointError(f"{path}: {key} should be {kind.__name__}, got {describe(value)}")
