@@ -394,6 +394,21 @@ def test_gguf_tokenizer_ids_and_tensor_extents_are_checked(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path):
+    # Found by tools/fuzz.py: gguf's reader walks a metadata array element by element and,
+    # given a length past the end of the file, loops (and allocates) without end.
+    case = tmp_path / "case"
+    case.mkdir()
+    path = gguf_with(str(case / "model.gguf"))
+    with open(path, "r+b") as f:
+        data = f.read()
+        at = data.index(b"tokenizer.ggml.token_type") + len(b"tokenizer.ggml.token_type") + 8
+        f.seek(at)
+        f.write(struct.pack("<Q", 2**54))
+    (r,) = fuzz.run_batch("gguf", [str(case)], timeout=60)
+    assert r["outcome"] == "error" and "array count 18014398509481984" in r["message"], r
+
+
 def test_compare_given_a_npy_and_trace_hf_without_torch(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(3))
     one_line_error(run_cli("compare", str(tmp_path / "x.npy"), str(tmp_path / "x.npy")),

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import json
 import re
+import struct
 
 import numpy as np
 
@@ -59,11 +60,81 @@ def check_tensors(reader, path: str, size: int) -> None:
 
 DEQUANTIZABLE = None  # set on first use: the types gguf.quants can dequantize
 
+# GGUF metadata value types: fixed sizes; 8 is a string, 9 an array.
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+MAX_GGUF_COUNT = 1 << 20      # tensors, metadata keys, array elements: Llama 3's merges are 280K
+MAX_GGUF_STRING = 1 << 24
+
+
+def check_layout(path: str, data) -> None:
+    """Walk a GGUF's header (metadata and tensor infos) with every length and count bounded
+    by the bytes left, before gguf's reader, which handles arrays element by element and
+    loops without end on an array whose declared length runs past the file."""
+    size = len(data)
+    pos = 0
+
+    def take(fmt: str) -> tuple:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise CheckpointError(f"{path}: header runs past the end of the file at byte {pos}")
+        pos += n
+        return struct.unpack_from(fmt, data, pos - n)
+
+    def count(n: int, min_bytes: int, what: str) -> int:
+        if n > MAX_GGUF_COUNT or n * min_bytes > size - pos:
+            raise CheckpointError(f"{path}: {what} count {n} at byte {pos} does not fit the file")
+        return n
+
+    def string(what: str) -> None:
+        nonlocal pos
+        (n,) = take("<Q")
+        if n > MAX_GGUF_STRING or pos + n > size:
+            raise CheckpointError(f"{path}: {what} of {n} bytes at byte {pos} does not fit the file")
+        pos += n
+
+    def value(kind: int, depth: int = 0) -> None:
+        nonlocal pos
+        if kind in GGUF_SCALAR_SIZES:
+            take(f"<{GGUF_SCALAR_SIZES[kind]}s")
+        elif kind == 8:
+            string("string")
+        elif kind == 9 and depth == 0:
+            item, n = take("<IQ")
+            if item in GGUF_SCALAR_SIZES:
+                take(f"<{count(n, GGUF_SCALAR_SIZES[item], 'array') * GGUF_SCALAR_SIZES[item]}s")
+            elif item == 8:
+                for _ in range(count(n, 8, "array")):
+                    string("string")
+            else:
+                raise CheckpointError(f"{path}: array of type {item} at byte {pos} is not supported")
+        else:
+            raise CheckpointError(f"{path}: metadata type {kind} at byte {pos} is not supported")
+
+    magic, version = take("<4sI")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise CheckpointError(f"{path}: not a little-endian GGUF of version 2 or 3")
+    n_tensors, n_kv = take("<QQ")
+    for _ in range(count(n_kv, 12, "metadata")):
+        string("key")
+        value(take("<I")[0])
+    for _ in range(count(n_tensors, 24, "tensor")):
+        string("tensor name")
+        (n_dims,) = take("<I")
+        if n_dims > 4:
+            raise CheckpointError(f"{path}: a tensor with {n_dims} dims at byte {pos} (GGUF has at most 4)")
+        take(f"<{n_dims}QIQ")
+
 
 def read_gguf(path: str) -> Source:
     import gguf
+    import mmap
     with open_regular(path) as f:   # a FIFO or device is refused before gguf maps it
         size = file_size(f)
+        if size < 24:
+            raise CheckpointError(f"{path}: too short for a GGUF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            check_layout(path, data)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001  gguf's parser fails in many ways on a damaged file: name the file
