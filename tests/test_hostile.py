@@ -389,7 +389,7 @@ def test_gguf_tokenizer_ids_and_tensor_extents_are_checked(tmp_path):
         with open(path, "r+b") as f:
             f.seek(at)
             f.write(struct.pack("<Q", count))
-        with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        with pytest.raises(CheckpointError, match="does not fit the file|runs past the end"):
             convert(path, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
