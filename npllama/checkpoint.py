@@ -284,7 +284,9 @@ def verify(path: str) -> list[str]:
 def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
     """Tensors holding a NaN or an infinity, read through the maps a chunk at a time."""
     bad = []
-    for name, arr in open_tensors(path).items():
+    tensors = open_tensors(path)
+    for name in list(tensors):
+        arr = tensors.pop(name)   # unmapped once checked: only one tensor's pages are held
         flat = arr.reshape(-1)
         step = max(1, chunk_bytes // max(arr.itemsize, 1))
         for i in range(0, flat.size, step):
