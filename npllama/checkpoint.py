@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 
 from .atomic import check_directory, staged_directory
 from .config import ModelArgs
-from .formats.untrusted import ZipReader, check_extent, check_shape, describe, field, inside, numel, open_regular, \
+from .formats.untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, \
     read_json
 
 FORMAT = "npllama"
@@ -39,38 +38,14 @@ from .errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (Ch
 
 # --- reading a zip member as an array, in place ----------------------------------------
 
-# numpy's .npy header, exactly as np.save writes it (keys sorted, repr'd values, space padded);
-# parsed here rather than by numpy, whose parser tokenizes and evaluates the text.
-NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), "
-                        rb"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
-MAX_NPY_HEADER = 10000   # numpy's own limit
-
-
 def map_npy_member(z: ZipReader, member: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only memory map of a stored .npy member, which must hold exactly `dtype` and
     `shape` (C order) within the member's and the file's bounds."""
-    where = f"{z.path}: {describe(member)}"
-    start, size = z.extent(member)
-    z.file.seek(start)
-    head = z.file.read(min(size, 12))
-    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6:8] not in (b"\x01\x00", b"\x02\x00"):
-        raise CheckpointError(f"{where}: not a .npy member (version 1 or 2)")
-    n, at = (struct.unpack("<H", head[8:10])[0], 10) if head[6] == 1 else (struct.unpack("<I", head[8:12])[0], 12)
-    if n > MAX_NPY_HEADER or at + n > size:
-        raise CheckpointError(f"{where}: .npy header of {n} bytes does not fit the member")
-    z.file.seek(start + at)
-    m = NPY_HEADER.fullmatch(z.file.read(n))
-    if m is None:
-        raise CheckpointError(f"{where}: not a .npy header numpy wrote")
-    descr, fortran = m.group(1).decode(), m.group(2) == b"True"
-    got_shape = tuple(int(x) for x in m.group(3).decode().replace(" ", "").split(",") if x)
-    if descr != dtype.str or got_shape != tuple(shape) or fortran:
-        raise CheckpointError(f"{where} is {descr}{list(got_shape)}{' (Fortran order)' if fortran else ''}, "
-                              f"index says {dtype.str}{list(shape)}")
-    data_start = start + at + n
-    nbytes = numel(shape) * dtype.itemsize
-    check_extent(data_start, nbytes, start + size, where)
-    if nbytes == 0:
+    got_dtype, got_shape, data_start = npy_member(z, member)
+    if got_dtype != dtype or got_shape != tuple(shape):
+        raise CheckpointError(f"{z.path}: {describe(member)} is {got_dtype.str}{list(got_shape)}, index says "
+                              f"{dtype.str}{list(shape)}")
+    if numel(shape) == 0:
         return np.zeros(shape, dtype)
     return np.memmap(z.path, dtype=dtype, mode="r", offset=data_start, shape=shape)
 

@@ -76,24 +76,29 @@ def save(path: str, tr: dict) -> None:
 
 
 def load(path: str) -> dict:
-    """A trace file: an .npz of numeric arrays and a JSON `__meta__` object (no pickles)."""
-    import zipfile
+    """A trace file: an uncompressed .npz (np.savez, as save writes) of numeric arrays and a
+    JSON `__meta__`. Arrays are memory-mapped: a header cannot make it allocate more than
+    the file holds, and no pickle is ever read."""
     from .errors import CheckpointError
-    from .formats.untrusted import open_regular, parse_json
-    with open_regular(path) as f:
-        try:
-            z = np.load(f, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz of named arrays")
-            with z:
-                tr = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as e:
-            raise CheckpointError(f"{path}: not a readable npllama trace ({e})") from None
-    meta = tr.pop("__meta__", None)
-    bad = next((k for k, v in tr.items() if v.dtype.kind not in "biuf"), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: {bad} is not a numeric array ({tr[bad].dtype})")
-    tr["__meta__"] = {} if meta is None else parse_json(str(meta).encode(), f"{path}: __meta__")
+    from .formats.untrusted import MAX_JSON_BYTES, ZipReader, describe, npy_member, numel, parse_json
+    tr, meta = {}, None
+    with ZipReader(path) as z:
+        for member in z.members:
+            if not member.endswith(".npy"):
+                raise CheckpointError(f"{path}: member {describe(member)} is not an .npy array (not an npllama trace)")
+            dtype, shape, start = npy_member(z, member)
+            name = member[:-4]
+            if name == "__meta__":
+                if dtype.kind != "U" or shape != () or dtype.itemsize > MAX_JSON_BYTES:
+                    raise CheckpointError(f"{path}: __meta__ is not a JSON string")
+                z.file.seek(start)
+                meta = str(np.frombuffer(z.file.read(dtype.itemsize), dtype)[0])
+            elif dtype.kind not in "biuf":
+                raise CheckpointError(f"{path}: {describe(name)} is not a numeric array ({dtype})")
+            else:
+                tr[name] = np.memmap(path, dtype, "r", offset=start, shape=shape) if numel(shape) else \
+                    np.zeros(shape, dtype)
+    tr["__meta__"] = {} if meta is None else parse_json(meta.encode("utf-8", "surrogatepass"), f"{path}: __meta__")
     if not isinstance(tr["__meta__"], dict):
         raise CheckpointError(f"{path}: __meta__ is not a JSON object")
     if tr["__meta__"].get("qk_layout", "interleaved") not in QK_LAYOUTS:

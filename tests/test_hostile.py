@@ -409,10 +409,24 @@ def test_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path):
     assert r["outcome"] == "error" and "array count 18014398509481984" in r["message"], r
 
 
+def test_trace_headers_cannot_allocate_what_the_file_lacks(tmp_path):
+    # Found by tools/fuzz.py: np.load allocated a member's claimed shape (16 GB) before
+    # reading it. Traces are now memory-mapped from headers checked against the member.
+    from npllama import tracing
+    tracing.save(str(tmp_path / "t.npz"), {"logits": np.zeros((2, 3), np.float32), "__meta__": {}})
+    data = (tmp_path / "t.npz").read_bytes()
+    old = b"'shape': (2, 3), }" + b" " * 10
+    new = b"'shape': (4294967295,), }"
+    assert old in data
+    (tmp_path / "t.npz").write_bytes(data.replace(old, new + b" " * (len(old) - len(new))))   # same length
+    with pytest.raises(CheckpointError, match="logits.npy.*lie outside"):
+        tracing.load(str(tmp_path / "t.npz"))
+
+
 def test_compare_given_a_npy_and_trace_hf_without_torch(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(3))
     one_line_error(run_cli("compare", str(tmp_path / "x.npy"), str(tmp_path / "x.npy")),
-                   "x.npy: not a readable npllama trace")
+                   "x.npy: not a readable zip archive")
     # torch missing: a stand-in package that fails to import, first on the path
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")

@@ -94,7 +94,6 @@ def check_layout(path: str, data) -> None:
         pos += n
 
     def value(kind: int, depth: int = 0) -> None:
-        nonlocal pos
         if kind in GGUF_SCALAR_SIZES:
             take(f"<{GGUF_SCALAR_SIZES[kind]}s")
         elif kind == 8:

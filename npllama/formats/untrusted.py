@@ -6,14 +6,16 @@ What is promised: a path named inside a file resolves inside the checkpoint fold
 regular files are opened (never a FIFO or a device); a byte extent lies inside its file;
 a shape has at most MAX_DIMS non-negative dims whose product cannot overflow; a strided
 view has positive strides, no overlapping elements and stays inside its storage; JSON
-has no duplicate keys, no NaN and a bounded size (and depth, by the recursion limit); a zip member is unique, stored
-(not compressed) and read no further than its declared size. Anything else raises the
-caller's NpllamaError subclass naming the file (and the tensor, when there is one).
+has no duplicate keys, no NaN, a bounded size and a depth bounded by the recursion limit;
+a zip member is unique, stored (not compressed) and read no further than its declared
+size. Anything else raises the caller's NpllamaError subclass naming the file (and the
+tensor, when there is one).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import zipfile
@@ -265,3 +267,39 @@ class ZipReader:
         if zlib.crc32(data) != self.members[name].CRC:
             raise self.error(f"{self.path}: member {describe(name)} fails its CRC check (corrupt)")
         return data
+
+
+# numpy's .npy header, exactly as np.save writes it (keys sorted, repr'd values, space padded);
+# parsed here rather than by numpy, whose parser tokenizes and evaluates the text.
+NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), "
+                        rb"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
+MAX_NPY_HEADER = 10000   # numpy's own limit
+
+
+def npy_member(z: ZipReader, member: str) -> tuple:
+    """(dtype, shape, data offset in the file) of a stored .npy member: a plain dtype in C
+    order whose data lies inside the member. Nothing is allocated from the header."""
+    import numpy as np
+    where = f"{z.path}: {describe(member)}"
+    start, size = z.extent(member)
+    z.file.seek(start)
+    head = z.file.read(min(size, 12))
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6:8] not in (b"\x01\x00", b"\x02\x00"):
+        raise z.error(f"{where}: not a .npy member (version 1 or 2)")
+    n, at = (struct.unpack("<H", head[8:10])[0], 10) if head[6] == 1 else (struct.unpack("<I", head[8:12])[0], 12)
+    if n > MAX_NPY_HEADER or at + n > size:
+        raise z.error(f"{where}: .npy header of {n} bytes does not fit the member")
+    z.file.seek(start + at)
+    m = NPY_HEADER.fullmatch(z.file.read(n))
+    if m is None:
+        raise z.error(f"{where}: not a .npy header numpy wrote")
+    if m.group(2) == b"True":
+        raise z.error(f"{where}: Fortran order is not accepted")
+    try:
+        dtype = np.dtype(m.group(1).decode())
+    except TypeError:
+        raise z.error(f"{where}: unknown dtype {m.group(1).decode()!r}") from None
+    shape = check_shape([int(x) for x in m.group(3).decode().replace(" ", "").split(",") if x], where, z.error)
+    data_start = start + at + n
+    check_extent(data_start, numel(shape) * dtype.itemsize, start + size, where, z.error)
+    return dtype, shape, data_start
