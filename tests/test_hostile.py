@@ -286,6 +286,16 @@ def test_damaged_index_is_one_line(converted, edit, message):
     one_line_error(run_cli("info", converted), message, "index.json")
 
 
+def test_unsupported_zip_version_is_one_line(converted):
+    # Found by tools/fuzz.py: zipfile raises NotImplementedError for a "version needed" it lacks.
+    shard = os.path.join(converted, next(iter(checkpoint.read_index(converted)["shards"])))
+    with open(shard, "r+b") as f:
+        f.seek(f.read().index(b"PK\x01\x02") + 6)
+        f.write(struct.pack("<H", 109))
+    with pytest.raises(CheckpointError, match="zip file version 10.9"):
+        npllama.load(converted)
+
+
 def test_npy_header_is_parsed_without_numpys_tokenizer(converted):
     # Found by tools/fuzz.py: a flipped byte left numpy's header parser raising
     # tokenize.TokenError. npllama matches the header np.save writes instead.

@@ -216,7 +216,7 @@ class ZipReader:
             self.file.close()
             raise
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
-                OverflowError, IndexError) as e:
+                OverflowError, IndexError, NotImplementedError) as e:   # NotImplementedError: zip version
             self.file.close()
             raise error(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from None
         self.members: dict[str, zipfile.ZipInfo] = {}
