@@ -137,6 +137,13 @@ def test_hostile_pth_tensors_are_refused_before_any_read(tmp_path):
             (name, r)
 
 
+def test_torch_save_stores_members_uncompressed(tmp_path):
+    # What makes refusing compressed members safe: torch.save never deflates.
+    torch.save({"w": torch.zeros(1000, dtype=torch.bfloat16), "b": torch.ones(3)}, tmp_path / "x.pth")
+    with zipfile.ZipFile(tmp_path / "x.pth") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+
+
 def test_compressed_pickle_bomb_is_refused_unread(tmp_path):
     # 256 MB of zeros deflate to ~250 KB; torch.save never compresses, so neither is read.
     src = meta_dir(tmp_path / "bomb", {"x": 1}, {}, deflate_pickle_bytes=256 << 20)
