@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from .config import ModelArgs, preset
+from .errors import UsageError
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
@@ -23,7 +24,7 @@ SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=5
 
 def shape_args(shape: str) -> ModelArgs:
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        raise UsageError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     return ModelArgs(**SHAPES[shape]) if SHAPES[shape] else preset(shape)
 
 
@@ -155,16 +156,17 @@ def main(a) -> int:
     results = [run_npllama(path, a.dtype, a.reps, a.weights)]
     for peer in a.vs or []:
         if peer != "torch":
-            raise ValueError(f"--vs: bench runs torch only (got {peer!r}); "
+            raise UsageError(f"--vs: bench runs torch only (got {peer!r}); "
                              "the README shows how to run llama.cpp beside it")
         # torch is a cross-check extra, never imported by npllama: the peer runs from tools/,
         # in its own process (its memory is its own).
         tool = os.path.join(TOOLS, "bench_torch.py")
         if not os.path.isfile(tool):
-            raise FileNotFoundError(f"--vs torch needs {tool} (run from a checkout of the repository)")
+            raise UsageError(f"--vs torch needs {tool} (run from a checkout of the repository)")
         r = subprocess.run([sys.executable, tool, path, a.dtype, str(a.reps)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise ValueError(f"the torch run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise UsageError(f"the torch run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]} "
+                             "(--vs torch needs the test extras: pip install -e '.[test]')")
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     bounds = measure_bounds(args) if a.bound else None
     report(args, results, bounds)

@@ -2,18 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .hub import DownloadError
-from .model import WeightError
-from .tokenizer import TokenizerError
-
-# Errors a user can cause and fix: shown as one line, never as a traceback.
-USER_ERRORS = (CheckpointError, ConfigError, WeightError, TokenizerError, DownloadError, FileNotFoundError,
-               FileExistsError, ValueError)
+from .errors import NpllamaError, UsageError
 
 
 def cmd_convert(a) -> int:
@@ -27,10 +18,8 @@ def cmd_convert(a) -> int:
 def cmd_info(a) -> int:
     import json
     from collections import Counter
-    from .checkpoint import open_tensors, read_index, verify
-    from .config import ModelArgs
-    index = read_index(a.dir)
-    args = ModelArgs.from_json(os.path.join(a.dir, "params.json"))
+    from .checkpoint import nonfinite, open_tensors, read_checked, verify
+    args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
     dtypes = Counter(t["dtype"] for t in index["tensors"].values())
     total = sum(s["size"] for s in index["shards"].values())
@@ -43,6 +32,12 @@ def cmd_info(a) -> int:
             print(f"npllama: {a.dir}: sha256 mismatch in {', '.join(bad)}", file=sys.stderr)
             return 1
         print("sha256: all shards verified")
+        bad = nonfinite(a.dir)
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            print(f"npllama: {a.dir}: NaN or infinity in {', '.join(bad[:5])}{more}", file=sys.stderr)
+            return 1
+        print("values: every weight finite")
     return 0
 
 
@@ -51,12 +46,27 @@ def open_model(a):
     import npllama
     from .generate import Generator
     from .tokenizer import load as load_tokenizer
+    from .checkpoint import read_checked
+    if a.ctx is not None and a.ctx <= 0:
+        raise UsageError(f"--ctx must be a positive number of tokens, got {a.ctx}")
     path = a.model
     if path is None:
         from .hub import default_model
         path = default_model()
+    trained = read_checked(path)[0].max_seq_len
+    if a.ctx is not None and a.ctx > trained and not a.force_ctx:
+        raise UsageError(f"--ctx {a.ctx} is longer than the {trained} tokens this model was trained for; "
+                         "add --force-ctx to run it anyway (quality degrades past the trained context)")
     model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """A raw prompt's tokens; an empty one (with no begin-of-text token to start from) is an error."""
+    tokens = tok.encode(text, bos=tok.add_bos)
+    if not tokens:
+        raise UsageError("the prompt is empty and this model adds no begin-of-text token: give some text")
+    return tokens
 
 
 def sampling_params(a):
@@ -73,7 +83,7 @@ def cmd_generate(a) -> int:
     if use_chat:
         prompt = chat_format(tok, tok.default_system).encode_dialog_prompt([{"role": "user", "content": a.prompt}])
     else:
-        prompt = tok.encode(a.prompt, bos=tok.add_bos)
+        prompt = encode_prompt(tok, a.prompt)
         sys.stdout.write(a.prompt)
     for piece, _, _ in gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or ()):
         sys.stdout.write(piece)
@@ -127,22 +137,19 @@ def parse_layers(spec: str | None):
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layers takes comma-separated layer numbers, got {spec!r}") from None
-
-
-def prompt_tokens(gen, text: str) -> list[int]:
-    tok = gen.tokenizer
-    return tok.encode(text, bos=tok.add_bos)
+        raise UsageError(f"--layers takes comma-separated layer numbers, got {spec!r}") from None
 
 
 def cmd_trace(a) -> int:
     from . import tracing as tr
-    gen = open_model(a)
+    from .atomic import check_file
+    check_file(a.output, "trace")   # before the model runs
     layers = parse_layers(a.layers)
+    gen = open_model(a)
     bad = [i for i in layers or [] if not 0 <= i < gen.model.args.n_layers]
     if bad:
-        raise ValueError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
-    t = tr.trace(gen.model, prompt_tokens(gen, a.prompt), layers)
+        raise UsageError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
+    t = tr.trace(gen.model, encode_prompt(gen.tokenizer, a.prompt), layers)
     t["__meta__"]["prompt"] = a.prompt
     tr.save(a.output, t)
     print(f"wrote {a.output}: {len(t) - 1} tensors for {len(t['tokens'])} tokens", file=sys.stderr)
@@ -156,7 +163,8 @@ def cmd_compare(a) -> int:
 
 
 def cmd_golden(a) -> int:
-    from .golden import write_golden
+    from .golden import check_destination, write_golden
+    check_destination(a.output, a.force)   # before the model runs
     gen = open_model(a)
     write_golden(gen, a.output, a.prompt, a.max_new_tokens, force=a.force)
     print(f"wrote {a.output}", file=sys.stderr)
@@ -175,8 +183,9 @@ def add_model_args(p):
     p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
                    help="bf16 weights as resident float32 copies, or kept bf16 and widened tile by tile "
                    "(default auto: tiled when float32 copies would not fit in memory)")
-    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: the model's, "
-                   "at most 8192)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
+                   "context the model was trained for, at most 8192)")
+    p.add_argument("--force-ctx", action="store_true", help="allow --ctx beyond the model's trained context")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
@@ -196,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="store every tensor as this "
                    "(default: as in the source; GGUF's quantized tensors become float32)")
-    c.add_argument("--force", action="store_true", help="replace an existing DST")
+    c.add_argument("--force", action="store_true", help="replace an existing DST, if it is a checkpoint npllama "
+                   "wrote (anything else is refused and left untouched)")
     c.add_argument("--shard-size", type=float, default=None, metavar="GB", help="largest shard (default 2 GB)")
     c.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
     c.set_defaults(func=cmd_convert)
@@ -204,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a converted checkpoint", description="Print a converted "
                        "checkpoint's params, tensor count, bytes and dtypes.")
     i.add_argument("dir")
-    i.add_argument("--verify", action="store_true", help="check every shard's sha256 against the index")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256 against the index and "
+                   "every weight for NaN or infinity")
     i.set_defaults(func=cmd_info)
 
     g = sub.add_parser("generate", help="continue a prompt (streams text)",
@@ -251,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain .npy/.json files, with a README, into a directory.")
     gd.add_argument("-o", "--output", required=True, help="the bundle directory")
     gd.add_argument("--prompt", default="The answer to the ultimate question of life, the universe, and everything is")
-    gd.add_argument("--force", action="store_true", help="replace an existing bundle")
+    gd.add_argument("--force", action="store_true", help="replace an existing bundle npllama wrote (anything "
+                   "else is refused and left untouched)")
     add_model_args(gd)
     gd.set_defaults(func=cmd_golden, max_new_tokens=32)
 
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except USER_ERRORS as e:
+    except NpllamaError as e:  # anything else is a bug, and keeps its traceback
         print(f"npllama: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

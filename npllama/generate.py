@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .errors import UsageError, WeightError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -47,11 +48,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -101,6 +102,13 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.model.forward(tokens, start_pos=start_pos, last_only=True)
         dt = time.perf_counter() - t0
+        if not np.isfinite(logits).all():
+            # A NaN or inf in the weights spreads to every later position: stop rather than
+            # sample garbage (argmax of NaNs is token 0).
+            where = getattr(self.model, "path", None)
+            hint = f"`npllama info {where} --verify`" if where else "`npllama info DIR --verify`"
+            raise WeightError(f"the model computed non-finite logits at position {start_pos + tokens.shape[-1] - 1}; "
+                              f"its weights may hold a NaN or infinity ({hint} lists the tensors)")
         n = tokens.shape[-1] * (tokens.shape[0] if tokens.ndim == 2 else 1)
         if phase == "prompt":
             self.timings.prompt_tokens += n
@@ -118,14 +126,14 @@ class Generator:
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("empty prompt: give at least one token (e.g. bos)")
+            raise UsageError("empty prompt: give at least one token (e.g. bos)")
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if any(not s for s in stop_strings):
-            raise ValueError("stop strings must be non-empty")
+            raise UsageError("stop strings must be non-empty")
         limit = self.model.max_seq_len
         if len(prompt) > limit:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
+            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
         self.result = Result([], "", "length", [] if logprobs else None, len(prompt))
         if max_new_tokens == 0:
             return
@@ -193,14 +201,14 @@ class Generator:
         if B == 0:
             return []
         if B > self.model.max_batch_size:
-            raise ValueError(f"{B} prompts exceed max_batch_size={self.model.max_batch_size}")
+            raise UsageError(f"{B} prompts exceed max_batch_size={self.model.max_batch_size}")
         if min(map(len, prompts)) == 0:
-            raise ValueError("empty prompt in the batch: give at least one token (e.g. bos)")
+            raise UsageError("empty prompt in the batch: give at least one token (e.g. bos)")
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         limit = self.model.max_seq_len
         if max(map(len, prompts)) > limit:
-            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens")
+            raise UsageError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens")
         self.cached = []  # the cache now holds other rows' tokens
         total = min(limit, max(len(p) + max_new_tokens for p in prompts))
         pad = -1

@@ -7,14 +7,14 @@ from typing import Mapping
 import numpy as np
 
 from . import bf16, tiled
-from .config import ModelArgs
+from .config import ModelArgs, runtime_context
 from .ops import apply_rotary_emb, attention, identity, precompute_freqs_cis, rms_norm, swiglu
 
 DTYPES = ("float32", "bfloat16")
 WEIGHT_MODES = ("auto", "resident", "tiled")
 
 
-from .errors import WeightError  # noqa: F401  (re-exported)
+from .errors import UsageError, WeightError  # noqa: F401  (WeightError re-exported)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -77,7 +77,7 @@ def choose_weights_mode(weights: Mapping[str, np.ndarray], requested: str) -> st
     "tiled": bf16 weights stay bf16 and are widened a tile at a time (2 bytes a weight).
     "auto": tiled only when the float32 copies would not fit comfortably in memory."""
     if requested not in WEIGHT_MODES:
-        raise ValueError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
+        raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
     has_bf16 = any(tiled.supported(w) for w in weights.values())
     if requested != "auto":
         return "tiled" if requested == "tiled" and has_bf16 else "resident"
@@ -96,12 +96,12 @@ class Transformer:
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
                  max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.args, self.dtype = args, dtype
-        self.max_seq_len = int(max_seq_len or args.max_seq_len)
-        self.max_batch_size = int(max_batch_size)
-        if self.max_seq_len <= 0 or self.max_batch_size <= 0:
-            raise ValueError("max_seq_len and max_batch_size must be positive")
+        self.max_seq_len = runtime_context(args, max_seq_len)   # default: the trained context, capped
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
+            raise UsageError(f"the batch size must be a positive integer, got {max_batch_size!r}")
+        self.max_batch_size = max_batch_size
         self.rnd = bf16.round if dtype == "bfloat16" else identity
         self.weights = self._check_weights(weights)
         self.weights_mode = choose_weights_mode(self.weights, weights_mode)
@@ -199,17 +199,18 @@ class Transformer:
         if single:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must have shape (T,) or (B, T) with T >= 1, got {tokens.shape}")
+            raise UsageError(f"tokens must have shape (T,) or (B, T) with T >= 1, got {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens must be integers, got {tokens.dtype}")
         B, T = tokens.shape
         args, w, rnd = self.args, self.weight, self.rnd
         if B > self.max_batch_size:
-            raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size}")
+            raise UsageError(f"a batch of {B} sequences exceeds the {self.max_batch_size} this model was made for")
         if not 0 <= start_pos or start_pos + T > self.max_seq_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={self.max_seq_len}")
+            raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {self.max_seq_len} "
+                             "tokens")
         if tokens.min() < 0 or tokens.max() >= args.vocab_size:
-            raise ValueError(f"token ids must be in [0, {args.vocab_size}), got {tokens.min()}..{tokens.max()}")
+            raise UsageError(f"token ids must be in [0, {args.vocab_size}), got {tokens.min()}..{tokens.max()}")
         freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
         hd, n_heads, n_kv = args.head_dim, args.n_heads, args.n_kv_heads
 

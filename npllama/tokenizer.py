@@ -38,7 +38,7 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-from .errors import TokenizerError  # noqa: F401  (re-exported)
+from .errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
@@ -176,7 +176,7 @@ class Tokenizer:
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.n_words]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_words - 1})")
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_words - 1})")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -213,9 +213,9 @@ def _role(message: dict) -> str:
     role = message.get("role")
     role = "ipython" if role == "tool" else role
     if role not in ROLES:
-        raise ValueError(f"unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)} (or tool)")
+        raise UsageError(f"unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)} (or tool)")
     if not isinstance(message.get("content"), str):
-        raise ValueError(f"message content must be a string, got {type(message.get('content')).__name__}")
+        raise UsageError(f"message content must be a string, got {type(message.get('content')).__name__}")
     return role
 
 
@@ -266,14 +266,17 @@ def chat_format(tokenizer: Tokenizer, default_system: str | None = None):
         return ChatFormat(tokenizer)
     if tokenizer.chat_format == "chatml":
         return ChatMLFormat(tokenizer, default_system)
-    raise ValueError(f"this tokenizer has no chat format ({tokenizer.chat_format!r})")
+    raise UsageError(f"this tokenizer has no chat format ({tokenizer.chat_format!r})")
 
 
 def load(path: str) -> Tokenizer:
     """The tokenizer of a converted checkpoint directory (or a tokenizer file itself)."""
     if os.path.isdir(path):
+        from .formats.untrusted import inside, open_regular
         for name, loader in (("tokenizer.json", Tokenizer.from_json), ("tokenizer.model", Tokenizer.llama3)):
-            if os.path.isfile(os.path.join(path, name)):
-                return loader(os.path.join(path, name))
+            if os.path.lexists(os.path.join(path, name)):
+                file = inside(path, name, "tokenizer", TokenizerError)  # no link leading out of the model
+                open_regular(file, TokenizerError).close()               # nor a FIFO that would block
+                return loader(file)
         raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
     return Tokenizer.from_json(path) if path.endswith(".json") else Tokenizer.llama3(path)

@@ -10,10 +10,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
+from .errors import UsageError
 
 LAYER_NAMES = ("attention_norm", "q", "k", "v", "q_rotated", "k_rotated", "scores", "probs", "attention",
                "attention_out", "h", "ffn_norm", "w1", "w3", "ffn_out", "out")
 QK_NAMES = ("q", "k", "q_rotated", "k_rotated")
+QK_LAYOUTS = ("interleaved", "rotate_half")
 
 
 def forward_order(n_layers: int) -> list[str]:
@@ -22,6 +24,16 @@ def forward_order(n_layers: int) -> list[str]:
     for i in range(n_layers):
         names += [f"layers.{i}.{n}" for n in LAYER_NAMES]
     return names + ["norm", "logits"]
+
+
+def forward_key(name: str) -> tuple | None:
+    """Where a trace name comes in forward order (None: not a trace name). Sorting by it
+    orders any set of names without listing every layer a (hostile) trace might claim."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
+    if m:
+        return (2, int(m.group(1)), LAYER_NAMES.index(m.group(2))) if m.group(2) in LAYER_NAMES else None
+    fixed = {"tokens": 0, "token_embeddings": 1, "norm": 3, "logits": 4}
+    return (fixed[name],) if name in fixed else None
 
 
 class Trace(dict):
@@ -51,22 +63,47 @@ def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None) -> 
 
 
 def save(path: str, tr: dict) -> None:
-    """An .npz of the arrays, with the metadata as a JSON string member (no pickles)."""
-    import os
+    """An .npz of the arrays, with the metadata as a JSON string member (no pickles),
+    written atomically."""
+    from .atomic import write_file
     arrays = {k: v for k, v in tr.items() if k != "__meta__"}
     arrays["__meta__"] = np.array(json.dumps(tr.get("__meta__", {})))
-    tmp = path + ".partial.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_file(path, write, "trace")
 
 
 def load(path: str) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            tr = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable trace ({e})") from None
-    tr["__meta__"] = json.loads(str(tr["__meta__"])) if "__meta__" in tr else {}
+    """A trace file: an uncompressed .npz (np.savez, as save writes) of numeric arrays and a
+    JSON `__meta__`. Arrays are memory-mapped: a header cannot make it allocate more than
+    the file holds, and no pickle is ever read."""
+    from .errors import CheckpointError
+    from .formats.untrusted import MAX_JSON_BYTES, ZipReader, describe, npy_member, numel, parse_json
+    tr, meta = {}, None
+    with ZipReader(path) as z:
+        for member in z.members:
+            if not member.endswith(".npy"):
+                raise CheckpointError(f"{path}: member {describe(member)} is not an .npy array (not an npllama trace)")
+            dtype, shape, start = npy_member(z, member)
+            name = member[:-4]
+            if name == "__meta__":
+                if dtype.kind != "U" or shape != () or dtype.itemsize > MAX_JSON_BYTES:
+                    raise CheckpointError(f"{path}: __meta__ is not a JSON string")
+                z.file.seek(start)
+                meta = str(np.frombuffer(z.file.read(dtype.itemsize), dtype)[0])
+            elif dtype.kind not in "biuf":
+                raise CheckpointError(f"{path}: {describe(name)} is not a numeric array ({dtype})")
+            else:
+                tr[name] = np.memmap(path, dtype, "r", offset=start, shape=shape) if numel(shape) else \
+                    np.zeros(shape, dtype)
+    tr["__meta__"] = {} if meta is None else parse_json(meta.encode("utf-8", "surrogatepass"), f"{path}: __meta__")
+    if not isinstance(tr["__meta__"], dict):
+        raise CheckpointError(f"{path}: __meta__ is not a JSON object")
+    if tr["__meta__"].get("qk_layout", "interleaved") not in QK_LAYOUTS:
+        raise CheckpointError(f"{path}: unknown qk_layout {tr['__meta__']['qk_layout']!r:.40} "
+                              f"({' or '.join(QK_LAYOUTS)})")
     return tr
 
 
@@ -81,12 +118,14 @@ def to_canonical(tr: dict) -> dict:
     """Apply the layout conversions the format allows (README, Trace format)."""
     meta = tr.get("__meta__", {})
     layout = meta.get("qk_layout", "interleaved")
-    if layout not in ("interleaved", "rotate_half"):
-        raise ValueError(f"unknown qk_layout {layout!r} (interleaved or rotate_half)")
+    if layout not in QK_LAYOUTS:
+        raise UsageError(f"unknown qk_layout {layout!r} (interleaved or rotate_half)")
     out = dict(tr)
     if layout == "rotate_half":
         for name, v in tr.items():
             if name.rsplit(".", 1)[-1] in QK_NAMES and name.startswith("layers."):
+                if v.ndim == 0 or v.shape[-1] % 2:
+                    raise UsageError(f"{name}: shape {v.shape} has no even head dimension to convert from rotate_half")
                 out[name] = rotate_half_to_interleaved(v)
     return out
 
@@ -128,12 +167,8 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     rtol * max |b| (or, with ulps, <= ulps bf16 ulps at max |b|: ulps=0 asks for identical
     values). Returns (all passed, first failing name, rows) and prints a table to `out`."""
     a, b = to_canonical(a), to_canonical(b)
-    n_layers = max((int(m.group(1)) + 1 for k in list(a) + list(b) if (m := re.match(r"layers\.(\d+)\.", k))),
-                   default=0)
     rows, first = [], None
-    for name in forward_order(n_layers):
-        if name not in a or name not in b:
-            continue
+    for name in sorted((n for n in a if n in b and forward_key(n) is not None), key=forward_key):
         x, y = a[name], b[name]
         if x.shape != y.shape:
             rows.append((name, None, f"shape {x.shape} vs {y.shape}", False))
@@ -162,5 +197,5 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
         print(f"{shared} shared tensors; " + ("all within tolerance" if first is None else f"first outside "
               f"tolerance: {first}"), file=out)
     if not rows:
-        raise ValueError("the traces share no tensor names")
+        raise UsageError("the traces share no tensor names")
     return first is None, first, rows

@@ -39,7 +39,8 @@ def small_args(**kw) -> ModelArgs:
 # --- HF transformers (the model builder is tools/trace_hf.py's, shared with its CLI) -------
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from trace_hf import hf_model, hf_trace, meta_to_hf_qk  # noqa: E402,F401
+from trace_hf import hf_model, hf_trace  # noqa: E402,F401
+from npllama.formats.names import meta_to_hf_qk  # noqa: E402,F401
 
 
 def hf_logits(model, tokens) -> np.ndarray:

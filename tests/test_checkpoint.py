@@ -14,7 +14,9 @@ import torch
 import npllama
 from npllama import bf16, checkpoint
 from npllama.checkpoint import CheckpointError
-from npllama.convert import convert, mp_axis
+from npllama.convert import convert
+from npllama.errors import UsageError
+from npllama.formats.meta_pth import PthFile, mp_axis
 from oracles import hf_logits, hf_model, random_weights, small_args
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
@@ -90,7 +92,6 @@ def test_pth_with_strided_and_shared_storages_reads_like_torch(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd = {"t": base.t(), "slice": base[1:3], "same": base}
     torch.save(sd, tmp_path / "x.pth")
-    from npllama.convert import PthFile
     f = PthFile(str(tmp_path / "x.pth"))
     for k, v in sd.items():
         assert np.array_equal(f.array(k), v.numpy())
@@ -148,7 +149,7 @@ def test_dtype_option_and_force(tmp_path, weights):
     convert(str(src), str(tmp_path / "out"), dtype="bfloat16", quiet=True)
     got = checkpoint.open_tensors(str(tmp_path / "out"))
     assert np.array_equal(got["norm.weight"], bf16.to_bits(weights["norm.weight"]))
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         convert(str(src), str(tmp_path / "out"), quiet=True)
     convert(str(src), str(tmp_path / "out"), dtype="float16", force=True, quiet=True)
     assert checkpoint.open_tensors(str(tmp_path / "out"))["norm.weight"].dtype == np.float16
@@ -228,7 +229,7 @@ def test_missing_or_misshapen_tensors_are_clear_errors(tmp_path, weights):
     index["tensors"]["layers.0.ffn_norm.weight"]["shape"] = [3]
     (tmp_path / "ok" / "index.json").write_text(json.dumps(index))
     r = run_cli("info", str(tmp_path / "ok"))
-    assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "index says" in r.stderr
+    assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "the params say (128,)" in r.stderr
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):

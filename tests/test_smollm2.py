@@ -50,7 +50,7 @@ def hf_tok(reader):
 
 def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
     import gguf
-    from npllama.convert import gguf_name_to_meta
+    from npllama.formats.names import gguf_to_meta
     args = npllama.ModelArgs.from_json(os.path.join(model_dir, "params.json"))
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size,
             args.rope_theta) == (576, 30, 9, 3, 1536, 49152, 100000.0)
@@ -58,7 +58,7 @@ def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
     assert "output.weight" not in got  # tied embeddings
     assert len(got) == len(reader.tensors) == 2 + 30 * 9
     for t in reader.tensors[:12] + reader.tensors[-5:]:
-        assert np.array_equal(got[gguf_name_to_meta(t.name)], gguf.quants.dequantize(t.data, t.tensor_type)), t.name
+        assert np.array_equal(got[gguf_to_meta(t.name)], gguf.quants.dequantize(t.data, t.tensor_type)), t.name
     assert checkpoint.verify(model_dir) == []
 
 

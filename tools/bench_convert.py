@@ -21,7 +21,7 @@ import numpy as np
 def build_meta(path, args, mp, seed=0):
     import torch
     from npllama.bench import random_tensor
-    from npllama.convert import mp_axis
+    from npllama.formats.meta_pth import mp_axis
     from npllama.model import expected_shapes
     os.makedirs(path, exist_ok=True)
     block = (np.random.default_rng(seed).standard_normal(1 << 20) * 0.02).astype(np.float32)

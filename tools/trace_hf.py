@@ -18,17 +18,12 @@ import sys
 import numpy as np
 
 
-def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's convert_llama_weights_to_hf `permute`: Meta's interleaved pairs -> rotate-half."""
-    out_dim, dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
-
-
 def hf_model(args, weights: dict, torch_dtype=None):
     """LlamaForCausalLM (eager attention) holding npllama/Meta-named float32 weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from npllama.formats.names import meta_to_hf, meta_to_hf_qk
     from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
     weights = {k: as_float32(k, v) for k, v in weights.items()}
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
@@ -43,18 +38,11 @@ def hf_model(args, weights: dict, torch_dtype=None):
                       max_position_embeddings=args.max_seq_len, rope_parameters=rope,
                       tie_word_embeddings=tied, attn_implementation="eager")
     model = LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
-    if not tied:
-        sd["lm_head.weight"] = weights["output.weight"]
-    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(args.n_layers):
-        m, p = f"model.layers.{i}.", f"layers.{i}."
-        sd[m + "self_attn.q_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wq.weight"], args.n_heads)
-        sd[m + "self_attn.k_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wk.weight"], args.n_kv_heads)
-        for ours, theirs in names.items():
-            sd[f"{m}{theirs}.weight"] = weights[f"{p}{ours}.weight"]
+    sd = {}
+    for name, w in weights.items():
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            w = meta_to_hf_qk(w, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
+        sd[meta_to_hf(name)] = w
     state = {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):
@@ -124,19 +112,32 @@ def hf_trace(model, tokens) -> dict:
 
 def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"trace_hf.py: needs torch and transformers, the test extras ({e}); "
+                 "install them with: pip install -e '.[test]'")
     import npllama
     from npllama import checkpoint, tracing
+    from npllama.errors import NpllamaError, UsageError
     from npllama.tokenizer import load as load_tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt")
     p.add_argument("-m", "--model", help="converted model directory (default: npllama's default model)")
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args()
-    path = a.model or npllama.hub.default_model()
-    args = npllama.ModelArgs.from_json(os.path.join(path, "params.json"))
-    tok = load_tokenizer(path)
-    tr = hf_trace(hf_model(args, checkpoint.open_tensors(path)), tok.encode(a.prompt, bos=tok.add_bos))
-    tracing.save(a.output, tr)
+    try:
+        path = a.model or npllama.hub.default_model()
+        args = npllama.ModelArgs.from_json(os.path.join(path, "params.json"))
+        tok = load_tokenizer(path)
+        tokens = tok.encode(a.prompt, bos=tok.add_bos)
+        if not tokens:
+            raise UsageError("the prompt is empty and this model adds no begin-of-text token")
+        tr = hf_trace(hf_model(args, checkpoint.open_tensors(path)), tokens)
+        tracing.save(a.output, tr)
+    except NpllamaError as e:
+        sys.exit(f"trace_hf.py: {e}")
     print(f"wrote {a.output}: {len(tr) - 1} tensors", file=sys.stderr)
 
 
