@@ -3,14 +3,13 @@ HF safetensors and GGUF. Each source yields (name, array) pairs with Meta's name
 Meta's interleaved RoPE layout, one tensor at a time."""
 from __future__ import annotations
 
-import base64
 import collections
 import glob
 import json
 import os
 import pickle
-import re
 import struct
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -331,11 +330,17 @@ def read_hf(src: str) -> Source:
 
     nbytes = sum(m["data_offsets"][1] - m["data_offsets"][0] for _, m, _ in where.values())
     extra = {}
+    from .tokenizer import spec_json
+    from .tokenizer_import import hf_tokenizer_spec
+    spec = hf_tokenizer_spec(src)  # tokenizer.json (+ tokenizer_config, generation_config), when there
+    data = {"source.json": source_json("hf", cfg.get("max_position_embeddings"))}
+    if spec is not None:
+        data["tokenizer.json"] = spec_json(spec, os.path.join(src, "tokenizer.json"))
     for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.isfile(os.path.join(src, tok)):
+        if spec is None and os.path.isfile(os.path.join(src, tok)):
             extra["tokenizer.model"] = os.path.join(src, tok)
             break
-    return Source(args, list(where), nbytes, load, extra)
+    return Source(args, list(where), nbytes, load, extra, data)
 
 
 # --- GGUF ----------------------------------------------------------------------------------
@@ -403,10 +408,11 @@ def read_gguf(src: str) -> Source:
         return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     nbytes = sum(int(t.n_elements) * 4 for t in reader.tensors)
-    extra = {}
+    extra = {"source.json": source_json("gguf", g("context_length"))}
     if tokens is not None:
-        spec = gguf_tokenizer_spec(reader, path)
-        extra["tokenizer.json"] = json.dumps(spec).encode()
+        from .tokenizer import spec_json
+        from .tokenizer_import import gguf_tokenizer_spec
+        extra["tokenizer.json"] = spec_json(gguf_tokenizer_spec(lambda k, d=None: gguf_field(reader, k, d), path))
     return Source(args, list(by_name), nbytes, load, extra_data=extra)
 
 
@@ -426,69 +432,14 @@ def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> Model
     return scaled
 
 
-def gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes (bytes_to_unicode), inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + n))
-            n += 1
-    return {c: b for b, c in enumerate(chars)}
-
-
-def gguf_tokenizer_spec(reader, path: str) -> dict:
-    """npllama's tokenizer.json from a GGUF's byte-level BPE vocabulary (tokenizer.ggml.*)."""
-    from .tokenizer import PRE_TOKENIZERS
-    model = gguf_field(reader, "tokenizer.ggml.model")
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
-    if model != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is)")
-    if pre not in PRE_TOKENIZERS:
-        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)} are)")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = gguf_field(reader, "tokenizer.ggml.merges") or []
-    ids = {t: i for i, t in enumerate(tokens)}
-    merged = [ids.get(a + b, -1) for a, b in (m.split(" ", 1) for m in merges)]
-    if any(x >= y for x, y in zip(merged, merged[1:])) or -1 in merged:
-        # tiktoken ranks pairs by the merged token's id; that is BPE's merge order only if
-        # merged ids increase with merge priority.
-        raise CheckpointError(f"{path}: BPE merges are not in token-id order; cannot express as tiktoken ranks")
-    byte_of = gpt2_byte_decoder()
-    CONTROL, USER_DEFINED = 3, 4
-    out, special = [], {}
-    for i, (t, kind) in enumerate(zip(tokens, types)):
-        if kind in (CONTROL, USER_DEFINED):
-            special[t] = i
-            out.append(None)
-        else:
-            try:
-                out.append(base64.b64encode(bytes(byte_of[c] for c in t)).decode())
-            except KeyError:
-                raise CheckpointError(f"{path}: token {i} {t!r} is not in GPT-2's byte alphabet") from None
-    name = lambda key: tokens[gguf_field(reader, key)] if gguf_field(reader, key) is not None else None  # noqa: E731
-    template = gguf_field(reader, "tokenizer.chat_template") or ""
-    chat, default_system = None, None
-    if "<|im_start|>" in template:
-        chat = "chatml"
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
-        default_system = m.group(1) if m else None
-    elif "<|start_header_id|>" in template:
-        chat = "llama3"
-    eos = name("tokenizer.ggml.eos_token_id")
-    stop = [eos] + [t for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
-                    if t in special and t != eos]
-    return {"pat_str": PRE_TOKENIZERS[pre], "tokens": out, "special_tokens": special,
-            "bos": name("tokenizer.ggml.bos_token_id"), "eos": eos, "stop": stop,
-            "add_bos": bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True)),
-            "chat_format": chat, "chat_default": bool(template), "default_system": default_system}
-
-
 # --- entry point -----------------------------------------------------------------------------
+
+def source_json(kind: str, trained_context) -> bytes:
+    """What `npllama info` tells of the source: its format and the context it was trained for
+    (params.json's max_seq_len is capped for the KV cache)."""
+    ctx = trained_context if type(trained_context) is int and trained_context > 0 else None
+    return json.dumps({"format": kind, "trained_context": ctx}).encode()
+
 
 def detect(src: str) -> str:
     if os.path.isfile(src):
@@ -535,6 +486,9 @@ def checked(source: Source, src: str) -> Iterator[tuple[str, np.ndarray]]:
 def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
             shard_bytes: int | None = None, quiet: bool = False) -> dict:
     source = open_source(src)
+    if not {"tokenizer.json", "tokenizer.model"} & (set(source.extra_files) | set(source.extra_data)):
+        print(f"npllama: warning: {src} has no tokenizer (tokenizer.json or tokenizer.model): the converted model "
+              "runs token ids but cannot generate, chat or trace text", file=sys.stderr)
     kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
     return write_checkpoint(dst, source.args, checked(source, src), source.nbytes, len(source.names), dtype=dtype,
                             extra_files=source.extra_files, extra_data=source.extra_data, force=force,

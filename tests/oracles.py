@@ -146,7 +146,7 @@ def byte_tokenizer():
     format, for random models with a small vocabulary (vocab_size 256 + 4)."""
     from npllama.tokenizer import Tokenizer
     special = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258, "<|start_header_id|>": 259}
-    return Tokenizer({bytes([i]): i for i in range(256)}, r".", special, bos="<|begin_of_text|>",
+    return Tokenizer({bytes([i]): i for i in range(256)}, "gpt2", special, bos="<|begin_of_text|>",
                      eos="<|end_of_text|>", stop=["<|end_of_text|>", "<|eot_id|>"], chat_format=None)
 
 
