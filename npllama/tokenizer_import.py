@@ -58,8 +58,10 @@ def is_llama3_vocabulary(token_bytes: list) -> bool:
 def check_rankable(token_bytes: list, merges: list[tuple[bytes, bytes]], path: str) -> None:
     """tiktoken merges the adjacent pair whose merged bytes have the lowest id, so its ranks
     are the ids. That is this BPE's merge order if the merged ids increase with merge
-    priority, or if the vocabulary is Meta's Llama 3 one (then tiktoken with these ranks is
-    Meta's tokenizer itself; HF's Llama 3 files list merges derived from it)."""
+    priority (as BPE training makes them: each merge adds the next id; tested on SmolLM2's
+    vocabulary), or if the vocabulary is Meta's Llama 3 one (then tiktoken with these ranks
+    is Meta's tokenizer itself; HF's Llama 3 files list merges derived from it). A vocabulary
+    that is neither is refused rather than tokenized differently from its own BPE."""
     ids = {b: i for i, b in enumerate(token_bytes) if b is not None}
     merged = [ids.get(a + b, -1) for a, b in merges]
     if -1 not in merged and all(x < y for x, y in zip(merged, merged[1:])):
@@ -166,8 +168,9 @@ def _token_name(value, path: str, key: str) -> str | None:
 
 def hf_tokenizer_spec(src: str) -> dict | None:
     """npllama's tokenizer spec from an HF folder's tokenizer.json (None if it has none),
-    with tokenizer_config.json's control tokens, add_bos_token and chat_template (or
-    chat_template.jinja), and generation_config.json's eos ids (else config.json's)."""
+    with tokenizer_config.json's control tokens and chat_template (or chat_template.jinja),
+    and generation_config.json's eos ids (else config.json's). Plain prompts start with bos
+    when tokenizer.json's post-processor adds it (transformers 5 ignores add_bos_token)."""
     path = os.path.join(src, "tokenizer.json")
     if not os.path.isfile(path):
         return None
@@ -250,15 +253,12 @@ def hf_tokenizer_spec(src: str) -> dict | None:
         eos = by_id.get(first_eos) if type(first_eos) is int else None
         if eos is None:
             raise TokenizerError(f"{cfg_path}: no eos_token (nor an eos_token_id in generation_config.json)")
-    add_bos = cfg.get("add_bos_token", post_bos is not None)
-    if not isinstance(add_bos, bool):
-        raise TokenizerError(f"{cfg_path}: add_bos_token must be true or false")
     template = _chat_template(src, cfg, cfg_path)
     return {"pre_tokenizer": pre, "tokens": _b64(token_bytes), "special_tokens": special, "bos": bos, "eos": eos,
             "pad": _token_name(cfg.get("pad_token"), cfg_path, "pad_token"),
             "unk": _token_name(cfg.get("unk_token"), cfg_path, "unk_token"),
             "stop": _stops(special, eos, eos_ids, os.path.join(src, "generation_config.json")),
-            "add_bos": add_bos, "chat_template": template, "chat_format": chat_format_of(special),
+            "add_bos": post_bos is not None, "chat_template": template, "chat_format": chat_format_of(special),
             "chat_default": template is not None}
 
 
