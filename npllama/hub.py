@@ -105,20 +105,24 @@ def source_key(files: list[str], root: str) -> str:
         memo = memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         memo = {}
+    stamps = {os.path.abspath(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files}
+    stale = [p for p, stamp in stamps.items()
+             if not (isinstance(memo.get(p), list) and len(memo[p]) == 3 and memo[p][:2] == stamp)]
+    if stale:
+        size = sum(stamps[p][0] for p in stale)
+        print(f"npllama: hashing {root} ({len(stale)} file{'s' if len(stale) > 1 else ''}, {size / 1e9:.2f} GB) ...",
+              file=sys.stderr, flush=True)
+    for p in stale:
+        memo[p] = stamps[p] + [sha256(p)]
     h = hashlib.sha256()
     for path in files:
-        st = os.stat(path)
-        key, stamp = os.path.abspath(path), [st.st_size, st.st_mtime_ns]
-        entry = memo.get(key)
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str)):
-            print(f"npllama: hashing {path} ({st.st_size / 1e9:.2f} GB) ...", file=sys.stderr, flush=True)
-            memo[key] = entry = stamp + [sha256(path)]
-        h.update(f"{os.path.relpath(path, root)} {entry[2]}\n".encode())
-    os.makedirs(os.path.dirname(memo_path), exist_ok=True)
-    tmp = f"{memo_path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(memo, f)
-    os.replace(tmp, memo_path)
+        h.update(f"{os.path.relpath(path, root)} {memo[os.path.abspath(path)][2]}\n".encode())
+    if stale:
+        os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+        tmp = f"{memo_path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_path)
     return h.hexdigest()
 
 
