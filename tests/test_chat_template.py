@@ -211,10 +211,11 @@ def test_hostile_template_is_stopped_within_bounds(finetune, monkeypatch, name):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # Bounds: 0.5 s of rendering (checked per line; one C-level step after it may finish),
-    # and what it builds (32M characters, ~130 MB at 4 bytes each, plus the references).
+    # Bounds: 0.5 s of rendering (checked per line; measured at most 0.9 s, the limit here is
+    # loose for a busy machine), and what it builds (32M characters; measured at most 33 MB;
+    # an unbounded template reaches gigabytes).
     assert time.perf_counter() - t0 < 10
-    assert peak < 600e6, f"{peak / 1e6:.0f} MB"
+    assert peak < 200e6, f"{peak / 1e6:.0f} MB"
 
 
 def test_real_templates_are_far_inside_the_bounds(ours):
