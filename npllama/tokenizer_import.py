@@ -99,7 +99,6 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
     merges = field("tokenizer.ggml.merges") or []
     if len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.tokens and token_type disagree")
-    byte_of = gpt2_byte_decoder()
     CONTROL, USER_DEFINED = 3, 4
     token_bytes, special = [], {}
     for i, (t, kind) in enumerate(zip(tokens, types)):
@@ -107,13 +106,13 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
             special[t] = i
             token_bytes.append(None)
         else:
-            token_bytes.append(_gpt2_bytes(t, byte_of, path, i))
+            token_bytes.append(_gpt2_bytes(t, path, i))
     pairs = []
     for m in merges:
         a, sep, b = m.partition(" ")
         if not sep:
             raise TokenizerError(f"{path}: merge {m!r} is not two tokens")
-        pairs.append((_gpt2_bytes(a, byte_of, path, m), _gpt2_bytes(b, byte_of, path, m)))
+        pairs.append((_gpt2_bytes(a, path, m), _gpt2_bytes(b, path, m)))
     check_rankable(token_bytes, pairs, path)
 
     def name(key):
@@ -136,10 +135,21 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
             "chat_format": chat_format_of(special), "chat_default": template is not None}
 
 
-def _gpt2_bytes(t: str, byte_of: dict, path: str, where) -> bytes:
+def _gpt2_table() -> dict[int, int]:
+    """str.translate table from GPT-2's stand-ins to the bytes (as latin-1 characters); the
+    other characters below 256 map to one that latin-1 cannot encode, so they are refused."""
+    table = {i: 0xFFFF for i in range(256)}
+    table.update({ord(c): b for c, b in gpt2_byte_decoder().items()})
+    return table
+
+
+GPT2_TABLE = _gpt2_table()
+
+
+def _gpt2_bytes(t: str, path: str, where) -> bytes:
     try:
-        return bytes(byte_of[c] for c in t)
-    except (KeyError, TypeError):
+        return t.translate(GPT2_TABLE).encode("latin-1")
+    except (UnicodeEncodeError, AttributeError):
         raise TokenizerError(f"{path}: token {where!r}: {t!r} is not in GPT-2's byte alphabet") from None
 
 
@@ -214,12 +224,11 @@ def hf_tokenizer_spec(src: str) -> dict | None:
     if not all(type(i) is int and 0 <= i < (1 << 21) for i in ids):
         raise bad("a token id is not an integer in 0..2097151")
     n = max(ids, default=-1) + 1
-    byte_of = gpt2_byte_decoder()
     token_bytes: list = [None] * n
     for t, i in vocab.items():
         if token_bytes[i] is not None:
             raise bad(f"id {i} is given to two tokens")
-        token_bytes[i] = _gpt2_bytes(t, byte_of, path, i)
+        token_bytes[i] = _gpt2_bytes(t, path, i)
     special: dict[str, int] = {}
     for a in added:
         t = a.get("content")
@@ -234,7 +243,7 @@ def hf_tokenizer_spec(src: str) -> dict | None:
                                                                            else (None, None))
         if not isinstance(a, str) or not isinstance(b, str):
             raise bad(f"merge {str(m)[:80]} is not two tokens")
-        pairs.append((_gpt2_bytes(a, byte_of, path, m), _gpt2_bytes(b, byte_of, path, m)))
+        pairs.append((_gpt2_bytes(a, path, m), _gpt2_bytes(b, path, m)))
     check_rankable(token_bytes, pairs, path)
 
     bos = _token_name(cfg.get("bos_token"), cfg_path, "bos_token")
