@@ -114,7 +114,7 @@ def _predicted(name: str, a: list, kw: dict) -> int:
     if name == "replace" and len(a) >= 3 and all(isinstance(x, str) for x in a[:3]):
         count = text.count(a[1]) if a[1] else len(text) + 1
         return len(text) + count * max(len(a[2]) - len(a[1]), 0)
-    if name in ("format", "format_map"):
+    if name in ("format", "format_map", "%"):  # str.format, or printf-style ('%' and the format filter)
         _check_format(text, name)
         return base + rest
     if name == "join":  # a = [separator, items]
@@ -255,8 +255,9 @@ def _charged_filter(env, name: str, f):
         if name == "join" and plain and not hasattr(plain[0], "__len__"):
             plain[0] = list(plain[0])  # a generator: its items are counted first
         # join(value, d): the separator first, as str.join has it
-        predicted = _predicted(name, [(plain + [kwargs.get("d", "")])[1], plain[0]] if name == "join" and plain
-                               else plain, {} if name == "join" else kwargs)
+        predicted = _predicted("%" if name == "format" else name,  # the format filter is `value % args`
+                               [(plain + [kwargs.get("d", "")])[1], plain[0]] if name == "join" and plain else plain,
+                               {} if name == "join" else kwargs)
         env.precharge(predicted, f"the {name} filter")
         return env.charge(f(*context, *plain, **kwargs))
     return filtered

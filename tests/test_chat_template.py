@@ -184,6 +184,7 @@ HOSTILE = {
     "padding filter": "{{ 'a'|center(10**10) }}",
     "padding method": "{{ 'a'.ljust(10**10) }}",
     "printf width": "{{ '%999999999s' % 'a' }}",
+    "printf width in the format filter": "{{ '%-999999999s'|format('a') }}",
     "format width": "{{ '{:>999999999}'.format('a') }}",
     "format width from arguments": "{{ '{:>{w}}'.format('a', w=999999999) }}",
     "replace growth": "{{ ('a' * 100000).replace('', 'b' * 1000) }}",
