@@ -19,6 +19,8 @@ def cmd_info(a) -> int:
     import json
     from collections import Counter
     from .checkpoint import nonfinite, open_tensors, read_checked, verify
+    from .hub import resolve_model
+    a.dir = resolve_model(a.dir)
     args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
     dtypes = Counter(t["dtype"] for t in index["tensors"].values())
@@ -26,6 +28,7 @@ def cmd_info(a) -> int:
     print(json.dumps(args.to_dict(), indent=2))
     print(f"tensors: {len(index['tensors'])}  shards: {len(index['shards'])}  bytes: {total:,}  "
           f"dtypes: {', '.join(f'{k} x{v}' for k, v in sorted(dtypes.items()))}")
+    print_model_summary(a.dir, args, index)
     if a.verify:
         bad = verify(a.dir)
         if bad:
@@ -41,18 +44,42 @@ def cmd_info(a) -> int:
     return 0
 
 
+def print_model_summary(path: str, args, index: dict) -> None:
+    """Parameters, tokenizer, chat format, stop ids and trained context: what a user asks
+    first of a checkpoint."""
+    import math
+    from .tokenizer import TokenizerError, load as load_tokenizer
+    n_params = sum(math.prod(t["shape"]) for t in index["tensors"].values())
+    tied = "output.weight" not in index["tensors"]
+    print(f"parameters: {n_params:,}" + (" (output head tied to the embeddings)" if tied else ""))
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        print(f"tokenizer: none usable ({e})")
+    else:
+        name = {i: t for t, i in tok.special_tokens.items()}
+        print(f"tokenizer: {tok.describe()}; bos {tok.bos!r} ({tok.bos_id}), "
+              f"{'adds bos' if tok.add_bos else 'adds no bos'} to plain prompts")
+        chat = (f"the checkpoint's chat template ({len(tok.chat_template):,} characters of Jinja)" if tok.chat_template
+                else f"built-in {tok.chat_format}" if tok.chat_format else "none (a base model)")
+        print(f"chat format: {chat}; generate uses it by default: {'yes' if tok.chat_default else 'no'}")
+        print(f"stops on: {', '.join(f'{name[i]} ({i})' for i in tok.stop_ids)}")
+        if tok.n_words > args.vocab_size:
+            print(f"warning: the tokenizer has {tok.n_words} ids, the model's embedding {args.vocab_size}")
+    from .config import runtime_context
+    print(f"trained context: {args.max_seq_len} tokens; runs at {runtime_context(args)} by default (--ctx)")
+
+
 def open_model(a):
     """The model directory named by -m (or the default model), loaded, with its tokenizer."""
     import npllama
     from .generate import Generator
     from .tokenizer import load as load_tokenizer
     from .checkpoint import read_checked
+    from .hub import default_model, resolve_model
     if a.ctx is not None and a.ctx <= 0:
         raise UsageError(f"--ctx must be a positive number of tokens, got {a.ctx}")
-    path = a.model
-    if path is None:
-        from .hub import default_model
-        path = default_model()
+    path = default_model() if a.model is None else resolve_model(a.model)
     trained = read_checked(path)[0].max_seq_len
     if a.ctx is not None and a.ctx > trained and not a.force_ctx:
         raise UsageError(f"--ctx {a.ctx} is longer than the {trained} tokens this model was trained for; "
@@ -79,9 +106,13 @@ def cmd_generate(a) -> int:
     gen = open_model(a)
     sampling = sampling_params(a)  # validated before any work
     tok = gen.tokenizer
-    use_chat = a.chat if a.chat is not None else tok.chat_default
+    if a.chat is False and a.system is not None:
+        raise UsageError("--system fills the chat format's system message; it does not go with --raw")
+    use_chat = a.chat if a.chat is not None else tok.chat_default or a.system is not None
     if use_chat:
-        prompt = chat_format(tok, tok.default_system).encode_dialog_prompt([{"role": "user", "content": a.prompt}])
+        system = [{"role": "system", "content": a.system}] if a.system is not None else []
+        prompt = chat_format(tok, tok.default_system).encode_dialog_prompt(
+            system + [{"role": "user", "content": a.prompt}])
     else:
         prompt = encode_prompt(tok, a.prompt)
         sys.stdout.write(a.prompt)
@@ -177,8 +208,9 @@ def cmd_bench(a) -> int:
 
 
 def add_model_args(p):
-    p.add_argument("-m", "--model", metavar="DIR", help="converted model directory (default: SmolLM2-135M-Instruct, "
-                   "fetched once into ~/.cache/npllama)")
+    p.add_argument("-m", "--model", metavar="PATH", help="a converted model directory, or an HF folder, .gguf file or "
+                   "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
+                   "~/.cache/npllama")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
     p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
                    help="bf16 weights as resident float32 copies, or kept bf16 and widened tile by tile "
@@ -194,7 +226,9 @@ def add_model_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="npllama", description="Llama 3 in plain NumPy.")
+    p.add_argument("--version", action="version", version=f"npllama {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a Meta (.pth), HF (safetensors) or GGUF checkpoint",
@@ -229,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default for instruct models)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="plain completion of the prompt")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--system", help="system prompt (implies --chat)")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive multi-turn chat",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from .checkpoint import write_checkpoint
 from .errors import CheckpointError
@@ -51,6 +52,9 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
     check_destination(dst, force)   # before reading a byte of the source
     source = open_source(src)
     source.check()
+    if not {"tokenizer.json", "tokenizer.model"} & (set(source.extra_files) | set(source.extra_data)):
+        print(f"npllama: warning: {src} has no tokenizer (tokenizer.json or tokenizer.model): the converted model "
+              "runs token ids but cannot generate, chat or trace text", file=sys.stderr)
     kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
     return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.shapes), dtype=dtype,
                             extra_files=source.extra_files, extra_data=source.extra_data, force=force,

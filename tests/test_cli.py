@@ -73,3 +73,8 @@ def test_ctrl_c_ends_chat_cleanly(model_dir):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and "Traceback" not in err
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout == f"npllama {npllama.__version__}\n"

@@ -516,13 +516,13 @@ def write_byte_tokenizer(path, add_bos=True):
     """npllama's tokenizer.json for a byte-level vocabulary of 8 tokens (ids 0..5 bytes,
     6 bos, 7 eos), so a random 8-token model can talk."""
     import base64
-    from npllama.tokenizer import PRE_TOKENIZERS
-    spec = {"pat_str": PRE_TOKENIZERS["gpt2"], "tokens": [base64.b64encode(b).decode() for b in
+    from npllama.tokenizer import spec_json
+    spec = {"pre_tokenizer": "gpt2", "tokens": [base64.b64encode(b).decode() for b in
                                                          (b"a", b"b", b"c", b" ", b"d", b"e")] + [None, None],
             "special_tokens": {"<s>": 6, "</s>": 7}, "bos": "<s>" if add_bos else None, "eos": "</s>",
             "stop": ["</s>"], "add_bos": add_bos}
-    with open(path, "w") as f:
-        json.dump(spec, f)
+    with open(path, "wb") as f:
+        f.write(spec_json(spec))
 
 
 def test_nan_weights_stop_generation_and_verify_names_them(tmp_path):

@@ -75,17 +75,24 @@ def test_tokenizer_equals_hf_tokenizers(tok, hf_tok, s):
     assert tok.decode(tok.encode(s)) == hf_tok.decode(tok.encode(s), skip_special_tokens=False)
 
 
-def test_chat_template_equals_ggufs_jinja_template(tok, hf_tok, reader):
-    import jinja2
+def test_chat_template_equals_transformers(tok, hf_tok, reader):
+    """SmolLM2's own ChatML template (from the GGUF, with its default system prompt), rendered
+    by npllama and by transformers' apply_chat_template on HF tokenizers' BPE."""
     from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
     template = reader.fields["tokenizer.chat_template"].contents()
-    hf_tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")])
+    assert tok.chat_template == template and tok.chat_default
+    hf_tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    theirs = PreTrainedTokenizerFast(tokenizer_object=hf_tok, bos_token=tok.bos, eos_token=tok.eos,
+                                     chat_template=template)
     fmt = chat_format(tok, tok.default_system)
     for messages in ([{"role": "user", "content": "What is 2+2?"}],
                      [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi\nthere"},
-                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye 123"}]):
-        text = jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
-        assert fmt.encode_dialog_prompt(messages) == hf_tok.encode(text, add_special_tokens=False).ids
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye 123 <|im_end|>"}]):
+        assert fmt.render(messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert fmt.encode_dialog_prompt(messages) == theirs.apply_chat_template(
+            messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
+    assert "You are a helpful AI assistant named SmolLM" in fmt.render([{"role": "user", "content": "x"}])
     assert tok.special_tokens["<|im_end|>"] in tok.stop_ids
 
 

@@ -95,7 +95,7 @@ def seed_hf(d: str) -> None:
 def seed_gguf(d: str) -> None:
     import gguf
     import numpy as np
-    from npllama.formats.gguf_file import gpt2_byte_decoder
+    from npllama.tokenizer_import import gpt2_byte_decoder
     from npllama.formats.names import meta_to_gguf
     alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
     tokens = alphabet + ["<|im_start|>", "<|im_end|>"]

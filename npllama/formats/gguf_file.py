@@ -3,10 +3,7 @@ reader; every tensor's type, dims, offset and alignment are then checked against
 and each other here, and quantized tensors are dequantized with gguf's own code."""
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
-import re
 import struct
 
 import numpy as np
@@ -191,7 +188,10 @@ def read_gguf(path: str) -> Source:
     nbytes = sum(numel(s) * 4 for s in shapes.values())
     extra = {}
     if tokens is not None:
-        extra["tokenizer.json"] = json.dumps(gguf_tokenizer_spec(reader, path)).encode()
+        from ..tokenizer import spec_json
+        from ..tokenizer_import import gguf_tokenizer_spec
+        spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
+        extra["tokenizer.json"] = spec_json(spec)
     return Source(path, args, shapes, nbytes, load, extra_data=extra)
 
 
@@ -210,83 +210,3 @@ def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> Model
     if not np.allclose(divisors, expected, rtol=1e-5):
         raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
     return scaled
-
-
-# --- the tokenizer inside a GGUF (issue 14 moves these two to the tokenizer side) ----------
-
-def gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes (bytes_to_unicode), inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + n))
-            n += 1
-    return {c: b for b, c in enumerate(chars)}
-
-
-def gguf_tokenizer_spec(reader, path: str) -> dict:
-    """npllama's tokenizer.json from a GGUF's byte-level BPE vocabulary (tokenizer.ggml.*)."""
-    from ..tokenizer import PRE_TOKENIZERS
-    get = lambda key, kind, default=None: gguf_field(reader, key, kind, default, path)  # noqa: E731
-    model = get("tokenizer.ggml.model", str)
-    pre = get("tokenizer.ggml.pre", str, "default")
-    if model != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer model {describe(model)} is not supported (byte-level BPE 'gpt2' is)")
-    if pre not in PRE_TOKENIZERS:
-        raise CheckpointError(f"{path}: pre-tokenizer {describe(pre)} is not supported "
-                              f"({', '.join(PRE_TOKENIZERS)} are)")
-    tokens = get("tokenizer.ggml.tokens", list)
-    types = get("tokenizer.ggml.token_type", list) or [1] * len(tokens)
-    merges = get("tokenizer.ggml.merges", list) or []
-    if not all(isinstance(t, str) for t in tokens) or len(types) != len(tokens) or \
-            not all(isinstance(m, str) and " " in m for m in merges):
-        raise CheckpointError(f"{path}: tokenizer.ggml tokens, token types and merges do not agree")
-    ids = {t: i for i, t in enumerate(tokens)}
-    if len(ids) != len(tokens):
-        raise CheckpointError(f"{path}: tokenizer.ggml.tokens lists a token twice")
-    merged = [ids.get(a + b, -1) for a, b in (m.split(" ", 1) for m in merges)]
-    if any(x >= y for x, y in zip(merged, merged[1:])) or -1 in merged:
-        # tiktoken ranks pairs by the merged token's id; that is BPE's merge order only if
-        # merged ids increase with merge priority.
-        raise CheckpointError(f"{path}: BPE merges are not in token-id order; cannot express as tiktoken ranks")
-    byte_of = gpt2_byte_decoder()
-    CONTROL, USER_DEFINED = 3, 4
-    out, special = [], {}
-    for i, (t, kind) in enumerate(zip(tokens, types)):
-        if kind in (CONTROL, USER_DEFINED):
-            special[t] = i
-            out.append(None)
-        else:
-            try:
-                out.append(base64.b64encode(bytes(byte_of[c] for c in t)).decode())
-            except KeyError:
-                raise CheckpointError(f"{path}: token {i} {describe(t)} is not in GPT-2's byte alphabet") from None
-
-    def name(key):
-        i = get(key, int)
-        if i is None:
-            return None
-        if not 0 <= i < len(tokens) or tokens[i] not in special:
-            raise CheckpointError(f"{path}: {key} {i} is not a control token of the vocabulary")
-        return tokens[i]
-    template = get("tokenizer.chat_template", str) or ""
-    chat, default_system = None, None
-    if "<|im_start|>" in template:
-        chat = "chatml"
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
-        default_system = m.group(1) if m else None
-    elif "<|start_header_id|>" in template:
-        chat = "llama3"
-    eos = name("tokenizer.ggml.eos_token_id")
-    if eos is None:
-        raise CheckpointError(f"{path}: no tokenizer.ggml.eos_token_id")
-    stop = [eos] + [t for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
-                    if t in special and t != eos]
-    return {"pat_str": PRE_TOKENIZERS[pre], "tokens": out, "special_tokens": special,
-            "bos": name("tokenizer.ggml.bos_token_id"), "eos": eos, "stop": stop,
-            "add_bos": bool(get("tokenizer.ggml.add_bos_token", bool, True)),
-            "chat_format": chat, "chat_default": bool(template), "default_system": default_system}

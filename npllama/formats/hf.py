@@ -153,9 +153,18 @@ def read_hf(src: str) -> Source:
         return arr
 
     nbytes = sum(numel(s) * min(d.itemsize, 4) for _, d, s, _ in where.values())
-    extra = {}
-    for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.lexists(os.path.join(src, tok)):
-            extra["tokenizer.model"] = inside(src, tok)
-            break
-    return Source(src, args, {n: w[2] for n, w in where.items()}, nbytes, load, extra)
+    from ..tokenizer import spec_json
+    from ..tokenizer_import import HF_TOKENIZER_FILES, hf_tokenizer_spec
+    for name in HF_TOKENIZER_FILES:   # no link leading out of the folder, no FIFO
+        if os.path.lexists(os.path.join(src, name)):
+            open_regular(inside(src, name)).close()
+    spec = hf_tokenizer_spec(src)     # tokenizer.json (+ tokenizer_config, generation_config), when there
+    extra, data = {}, {}
+    if spec is not None:
+        data["tokenizer.json"] = spec_json(spec, os.path.join(src, "tokenizer.json"))
+    else:
+        for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+            if os.path.lexists(os.path.join(src, tok)):
+                extra["tokenizer.model"] = inside(src, tok)
+                break
+    return Source(src, args, {n: w[2] for n, w in where.items()}, nbytes, load, extra, data)
