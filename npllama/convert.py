@@ -7,6 +7,7 @@ import base64
 import collections
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -196,30 +197,54 @@ def read_meta(src: str) -> Source:
 # --- HF safetensors ------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library refuses longer headers
 
 
 def read_safetensors_header(path: str) -> tuple[dict, int]:
     """The header of a .safetensors file and the offset its data starts at. Parsed here so
-    that bf16 tensors (which safetensors' numpy API cannot return) map like the rest."""
+    that bf16 tensors (which safetensors' numpy API cannot return) map like the rest, and
+    held to the rules the safetensors library holds it to: a JSON object of {name: {dtype,
+    shape, data_offsets}} (and a string-to-string __metadata__) whose tensors, in offset
+    order, tile the data exactly, each as many bytes as its shape and dtype say."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: too short for a safetensors file")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 1024**2):
-            raise CheckpointError(f"{path}: header length {n} exceeds the file")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise CheckpointError(f"{path}: header length {n} exceeds the file or the format's limit")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    natural = lambda x: type(x) is int and x >= 0  # noqa: E731  (not a float, not a bool)
     for name, meta in header.items():
-        begin, end = meta["data_offsets"]
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+                and isinstance(meta.get("shape"), list) and all(map(natural, meta["shape"]))
+                and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+                and all(map(natural, meta["data_offsets"]))):
+            raise CheckpointError(f"{path}: tensor {name}: corrupt safetensors entry {str(meta)[:200]}")
         if meta["dtype"] not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {meta['dtype']}")
+    end = 0
+    for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = meta["data_offsets"]
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets {meta['data_offsets']} leave a gap or overlap "
+                                  f"(the tensors before it end at {end})")
+        if stop - begin != math.prod(meta["shape"]) * np.dtype(SAFETENSORS_DTYPES[meta["dtype"]]).itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets {meta['data_offsets']} do not match its "
+                                  f"shape and dtype")
+        end = stop
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: the tensors cover {end} bytes of data, the file holds {size - 8 - n} "
+                              "(truncated, or bytes no tensor owns)")
     return header, 8 + n
 
 
@@ -318,8 +343,6 @@ def read_hf(src: str) -> Source:
         begin, end = meta["data_offsets"]
         dtype = SAFETENSORS_DTYPES[meta["dtype"]]
         shape = tuple(meta["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise CheckpointError(f"{path}: tensor {name}: byte length does not match its shape")
         arr = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape) if shape and end > begin \
             else np.zeros(shape, dtype)
         arr = np.array(arr) if dtype != np.float64 else arr.astype(np.float32)
