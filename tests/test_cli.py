@@ -58,7 +58,8 @@ def test_chat_through_a_pipe_answers_and_exits(model_dir):
     dialog = [RawMessage(role="system", content="Be brief."), RawMessage(role="user", content="Hello there")]
     prompt1 = fmt.encode_dialog_prompt(dialog).tokens
     answer = Generator(npllama.load(model_dir), load_tokenizer(model_dir)).generate(prompt1, 6)
-    dialog += [RawMessage(role="assistant", content=answer.text), RawMessage(role="user", content="And a second question")]
+    dialog += [RawMessage(role="assistant", content=answer.text),
+               RawMessage(role="user", content="And a second question")]
     prompt2 = fmt.encode_dialog_prompt(dialog).tokens
     # The first turn prefills its whole prompt; the second only what its prompt does not share
     # with the cache, which holds the first prompt and every answer token fed back.

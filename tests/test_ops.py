@@ -1,5 +1,8 @@
 """Properties of each operation (hypothesis), and torch bf16 agreement op by op."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,17 +161,38 @@ def test_rope_frequencies_match_meta_and_hf(head_dim, theta, scaling):
             assert np.all(np.abs(got - ref) <= RTOL * ref)
 
 
-@pytest.mark.parametrize("head_dim,theta,factor", [(128, 500000.0, None), (128, 500000.0, 8.0), (64, 500000.0, 32.0),
-                                                   (128, 500000.0, 32.0), (64, 100000.0, None)])
-def test_rope_frequencies_of_released_models_equal_meta_and_hf(head_dim, theta, factor):
-    # Llama 3 8B/70B, 3.1, 3.2 1B and 3B, SmolLM2: here torch's powf is correctly rounded in all
-    # of its CPU code paths (checked with ATEN_CPU_CAPABILITY=avx512, avx2 and default), so the
-    # frequencies are identical, not just within an ulp.
+RELEASED = [(128, 500000.0), (64, 500000.0), (64, 100000.0)]  # Llama 3 8B-405B and 3.2 3B, 3.2 1B, SmolLM2
+
+
+@pytest.mark.parametrize("head_dim,theta,factor", [(h, t, f) for h, t in RELEASED for f in (None, 8.0, 32.0)])
+def test_rope_frequencies_of_released_shapes_equal_meta_and_hf(head_dim, theta, factor):
     scaling = dict(LLAMA31, factor=factor) if factor else None
     ours = ops.rope_frequencies(head_dim, theta, scaling)
     assert np.array_equal(ours, hf_rope_frequencies(head_dim, theta, scaling))
     if factor in (None, 8.0):
         assert np.array_equal(ours, meta_rope_frequencies(head_dim, theta, use_scaled=factor is not None))
+
+
+TORCH_POWERS = """
+import torch
+for head_dim, theta in %r:
+    powers = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # Meta's and HF's expression
+    print(torch.backends.cpu.get_cpu_capability(), powers.numpy().tobytes().hex())
+""" % (RELEASED,)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_torch_pow_is_correctly_rounded_at_released_shapes_in_each_cpu_code_path(capability):
+    # ...so that there the frequencies equal Meta's and HF's whichever kernels torch picks for
+    # the machine (ATEN_CPU_CAPABILITY chooses; a machine without AVX-512 runs its best below).
+    r = subprocess.run([sys.executable, "-c", TORCH_POWERS], env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")[:len(RELEASED)]
+    for (head_dim, theta), line in zip(RELEASED, lines):
+        used, powers = line.split()
+        assert np.array_equal(np.frombuffer(bytes.fromhex(powers), np.float32),
+                              correctly_rounded_powers(head_dim, theta)), (used, head_dim, theta)
 
 
 @pytest.mark.parametrize("head_dim,theta,scaled", [(128, 500000.0, True), (64, 100000.0, False)])
