@@ -152,9 +152,9 @@ def test_rope_frequencies_match_meta_and_hf(head_dim, theta, scaling):
     for got, ref in refs:
         assert np.array_equal(got[exact], ref[exact])
         if got is ours:
-            # a power 1 ulp off is a reciprocal up to 2 ulps off (the two sit in binades of
-            # different spacing)
-            assert float32_ulps(got, ref).max() <= 2
+            # a power 1 ulp off makes a reciprocal up to 2 ulps off before rounding (the two
+            # sit in binades of different spacing), 3 after; measured 2
+            assert float32_ulps(got, ref).max() <= 3
         else:
             # ...which the blend's cancellation (1 - smooth, old/wavelen - low) magnifies:
             # measured up to 24 ulps (1.4e-6); the suite's float32 tolerance, 1e-5 relative.
