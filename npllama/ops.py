@@ -67,9 +67,9 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: dict | 
     # -> (end, head_dim // 2) complex64: e^{i * t * freq}, torch.polar(ones, outer(t, freqs)).
     freqs = rope_frequencies(head_dim, theta, scaling)
     angles = np.outer(np.arange(end, dtype=np.float32), freqs).astype(np.float64)  # float32 products, as torch's
-    # cos and sin of those float32 angles, correctly rounded (float64, rounded once): torch's
-    # float32 cos/sin (glibc's) are 1 ulp off on ~1% of them, numpy's on ~12%, and numpy's
-    # change with the SIMD code it picks for the machine.
+    # cos and sin of those float32 angles, correctly rounded (float64, rounded once). torch's
+    # float32 cos/sin (glibc's) are 1 ulp off that on ~1% of them; numpy's float32 ones
+    # differed from torch's on ~12% and change with the SIMD code numpy picks for the machine.
     freqs_cis = np.empty(angles.shape, np.complex64)
     freqs_cis.real = np.cos(angles)
     freqs_cis.imag = np.sin(angles)
