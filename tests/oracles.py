@@ -53,8 +53,13 @@ def hf_logits(model, tokens) -> np.ndarray:
 # --- Meta's reference (llama-models) ---------------------------------------------------
 
 def _install_fairscale_stub():
-    """Meta's model.py imports fairscale's model-parallel layers. With one process they are
-    exactly nn.Linear / nn.Embedding, so provide those; Meta's code itself runs unchanged."""
+    """Meta's model.py imports fairscale's model-parallel layers; give it nn.Linear and
+    nn.Embedding instead, and run Meta's code itself unchanged. At model-parallel world size 1
+    that is exact: ColumnParallelLinear and RowParallelLinear hold the whole (out, in) weight
+    and compute F.linear(x, weight) (no bias here), their copy/gather/all-reduce steps return
+    the tensor untouched when the group has one process; VocabParallelEmbedding owns the whole
+    vocabulary, so its out-of-range mask is empty and it is F.embedding(ids, weight) with
+    nn.Embedding's defaults. The parameters keep the name `weight`, so Meta's state dict loads."""
     if "fairscale.nn.model_parallel.layers" in sys.modules:
         return
     import torch.nn as nn
@@ -126,20 +131,110 @@ def meta_logits(model, tokens, start_pos: int = 0) -> np.ndarray:
     return model(t, start_pos).float().numpy()
 
 
-def meta_function(module: str, name: str):
+def meta_function(module: str, name: str, **constants):
     """One top-level function of a llama_models source file, run as Meta wrote it, without
-    importing the rest of that module (e.g. generation.py needs fairscale's process groups)."""
+    importing the rest of that module (e.g. generation.py needs fairscale's process groups).
+    `constants` set the values of the function's own `name = constant` statements (Meta's
+    apply_scaling hard-codes Llama 3.1's scale_factor=8 and three more)."""
     import ast
     import importlib.util
+    import math
     import torch
     path = importlib.util.find_spec(module.rsplit(".", 1)[0]).submodule_search_locations[0]
     path = f"{path}/{module.rsplit('.', 1)[1]}.py"
     with open(path) as f:
         tree = ast.parse(f.read())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {"torch": torch}
+    todo = dict(constants)
+    for stmt in node.body:
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant) and len(stmt.targets) == 1 \
+                and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id in todo:
+            stmt.value = ast.copy_location(ast.Constant(todo.pop(stmt.targets[0].id)), stmt.value)
+    assert not todo, f"{module}.{name} sets no constant {sorted(todo)}"
+    namespace = {"torch": torch, "math": math}
     exec(compile(ast.Module([node], type_ignores=[]), path, "exec"), namespace)
     return namespace[name]
+
+
+def meta_rope_frequencies(head_dim: int, theta: float, use_scaled: bool = False) -> np.ndarray:
+    """The frequencies Meta's precompute_freqs_cis computes (after its apply_scaling when
+    use_scaled), taken from its call to torch.outer."""
+    import torch
+    seen, outer = [], torch.outer
+    torch.outer = lambda t, freqs: seen.append(freqs.clone()) or outer(t, freqs)
+    try:
+        meta_reference().precompute_freqs_cis(head_dim, 1, theta, use_scaled)
+    finally:
+        torch.outer = outer
+    return seen[0].numpy()
+
+
+def hf_rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """HF transformers' LlamaRotaryEmbedding.inv_freq (rope_type default, or llama3 with
+    `scaling`: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rope = dict(rope_type="llama3", rope_theta=theta, **scaling) if scaling else dict(rope_type="default",
+                                                                                       rope_theta=theta)
+    cfg = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                      max_position_embeddings=131072, rope_parameters=rope)
+    return LlamaRotaryEmbedding(cfg).inv_freq.numpy()
+
+
+def meta_attention(n_heads: int, n_kv_heads: int, head_dim: int, torch_dtype=None, max_seq_len: int = 128):
+    """Meta's own Attention (llama_models.llama3.model), inside Meta's own one-layer
+    Transformer so that Meta's code also slices freqs_cis, builds the causal mask and keeps
+    the KV cache. Its wq, wk, wv return the q, k, v handed to attend() whatever their input,
+    and wo is the identity, so attend(xq, xk, xv, start_pos) -> (output, probs) is Meta's
+    attention (RoPE, cache, repeat_kv, scores, mask, softmax, probs . values) on exactly
+    those inputs: xq (1, T, n_heads, head_dim), xk and xv (1, T, n_kv_heads, head_dim), the
+    new positions only; calls come in position order, as in generation. attend returns
+    output (1, T, n_heads * head_dim), and probs (after Meta's cast to the model's dtype) and
+    masked scores (1, n_heads, T, start_pos + T), both as they enter and leave Meta's
+    F.softmax. attend.freqs_cis is Meta's freqs_cis table."""
+    import torch
+    from llama_models.llama3.args import ModelArgs as MetaArgs
+    meta = meta_reference()
+    dtype = torch_dtype or torch.float32
+    # The rest of the model is as small as Meta's args allow; its output is not used.
+    margs = MetaArgs(dim=n_heads * head_dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=8,
+                     multiple_of=16, ffn_dim_multiplier=0.05, max_batch_size=1, max_seq_len=max_seq_len)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = meta.Transformer(margs).eval()
+    finally:
+        torch.set_default_dtype(old)
+
+    class Given(torch.nn.Module):
+        def forward(self, x):
+            return self.out
+
+    attention = model.layers[0].attention
+    attention.wq, attention.wk, attention.wv, attention.wo = Given(), Given(), Given(), torch.nn.Identity()
+
+    def attend(xq, xk, xv, start_pos: int):
+        T = xq.shape[1]
+        for proj, x in ((attention.wq, xq), (attention.wk, xk), (attention.wv, xv)):
+            proj.out = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(1, T, -1).to(dtype)
+        rec = {}
+        softmax = torch.nn.functional.softmax
+
+        def spy(scores, *a, **kw):
+            rec["scores"], rec["probs"] = scores, softmax(scores, *a, **kw)
+            return rec["probs"]
+        hook = attention.register_forward_hook(lambda mod, inp, out: rec.__setitem__("out", out))
+        torch.nn.functional.softmax = spy
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, T), dtype=torch.long), start_pos)
+        finally:
+            torch.nn.functional.softmax = softmax
+            hook.remove()
+        return rec["out"].float().numpy(), rec["probs"].to(dtype).float().numpy(), rec["scores"].float().numpy()
+
+    attend.freqs_cis = model.freqs_cis.numpy()
+    return attend
 
 
 def byte_tokenizer():

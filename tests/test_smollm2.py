@@ -34,18 +34,38 @@ def tok(model_dir):
     return load_tokenizer(model_dir)
 
 
+def llama_cpp_pre_tokenizer(name: str):
+    """A GGUF's tokenizer.ggml.pre as an HF tokenizers pre-tokenizer, by llama.cpp's meaning
+    of the name. llama.cpp names a pre-tokenizer after the HF model whose tokenizer it
+    fingerprints ("smollm": HuggingFaceTB/SmolLM-135M, in convert_hf_to_gguf_update.py) and
+    applies a list of regexes in turn (llama-vocab.cpp, for "smollm": \\p{N} alone, then
+    GPT-2's, which is HF's ByteLevel with use_regex)."""
+    from tokenizers import Regex, pre_tokenizers
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    known = {"gpt2": gpt2, "smollm": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), "isolated"), gpt2])}
+    return known[name]
+
+
+def gguf_hf_tokenizer(reader, control_tokens: bool = False):
+    """HF tokenizers' own BPE built from the GGUF's metadata alone: its vocabulary, merges and
+    pre-tokenizer name, and (if asked) its control tokens as HF special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    tokens = field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
+    t.pre_tokenizer = llama_cpp_pre_tokenizer(field("tokenizer.ggml.pre"))
+    t.decoder = decoders.ByteLevel()
+    if control_tokens:
+        CONTROL = 3  # llama.cpp's token type
+        t.add_special_tokens([AddedToken(s, special=True)
+                              for s, kind in zip(tokens, field("tokenizer.ggml.token_type")) if kind == CONTROL])
+    return t
+
+
 @pytest.fixture(scope="module")
 def hf_tok(reader):
-    """HF tokenizers' own BPE, built from the GGUF's vocab and merges with SmolLM2's
-    pre-tokenizer (digits split one by one, then GPT-2's byte-level split)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    t.decoder = decoders.ByteLevel()
-    return t
+    return gguf_hf_tokenizer(reader)
 
 
 def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
@@ -75,16 +95,14 @@ def test_tokenizer_equals_hf_tokenizers(tok, hf_tok, s):
     assert tok.decode(tok.encode(s)) == hf_tok.decode(tok.encode(s), skip_special_tokens=False)
 
 
-def test_chat_template_equals_transformers(tok, hf_tok, reader):
+def test_chat_template_equals_transformers(tok, reader):
     """SmolLM2's own ChatML template (from the GGUF, with its default system prompt), rendered
-    by npllama and by transformers' apply_chat_template on HF tokenizers' BPE."""
-    from tokenizers import AddedToken
+    by npllama and by transformers' apply_chat_template on HF tokenizers' BPE built from the GGUF."""
     from transformers import PreTrainedTokenizerFast
     template = reader.fields["tokenizer.chat_template"].contents()
     assert tok.chat_template == template and tok.chat_default
-    hf_tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    theirs = PreTrainedTokenizerFast(tokenizer_object=hf_tok, bos_token=tok.bos, eos_token=tok.eos,
-                                     chat_template=template)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=gguf_hf_tokenizer(reader, control_tokens=True),
+                                     bos_token=tok.bos, eos_token=tok.eos, chat_template=template)
     fmt = chat_format(tok, tok.default_system)
     for messages in ([{"role": "user", "content": "What is 2+2?"}],
                      [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi\nthere"},
