@@ -267,15 +267,8 @@ def verify(path: str) -> list[str]:
     return bad
 
 
-def load(path: str, dtype: str = "float32", max_seq_len: int | None = None, max_batch_size: int = 1,
-         weights_mode: str = "auto"):
-    """A converted checkpoint as a ready Transformer; weights stay memory-mapped until used."""
-    from .model import Transformer
+def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    """A converted checkpoint's params and its tensors, memory-mapped (npllama.load makes
+    the model from them)."""
     index = read_index(path)
-    args = ModelArgs.from_json(os.path.join(path, "params.json"))
-    weights = open_tensors(path, index)
-    model = Transformer(args, weights, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        weights_mode=weights_mode)
-    model.path = path
-    return model
-
+    return ModelArgs.from_json(os.path.join(path, "params.json")), open_tensors(path, index)

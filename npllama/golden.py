@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .tracing import trace
 
 README = """# npllama golden vectors

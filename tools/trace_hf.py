@@ -29,7 +29,7 @@ def hf_model(args, weights: dict, torch_dtype=None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
+    from npllama.weights import as_float32  # bf16 checkpoints hold uint16 bits
     weights = {k: as_float32(k, v) for k, v in weights.items()}
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
