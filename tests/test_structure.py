@@ -104,10 +104,9 @@ with open(sys.argv[1], "w") as f:
 def test_normal_paths_import_no_torch(tmp_path):
     """torch, transformers and llama-models are cross-check oracles: importing npllama and
     running every command (bench without --vs torch) must not load them."""
-    args = small_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=128256, max_seq_len=128)
-    weights = random_weights(args, seed=3)
     hf_dir = str(tmp_path / "hf")
-    hf_model(args, weights).save_pretrained(hf_dir)
+    hf_model(small_args(), random_weights(small_args())).save_pretrained(hf_dir)  # a source to convert
+    args = small_args(vocab_size=128256, max_seq_len=128)                         # Llama 3's tokenizer
     model = write_random_model(str(tmp_path / "m"), args, llama3_tokenizer_path())
     t = str(tmp_path / "t.npz")
     commands = [
