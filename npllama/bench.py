@@ -157,7 +157,7 @@ def run_torch(path: str, dtype: str, reps: int) -> dict:
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         hint = " (--vs torch runs tools/bench_torch.py: run from the root of a checkout of npllama)" \
-            if "No module named tools" in last else ""
+            if "No module named 'tools'" in last else ""
         raise UsageError(f"the torch run failed: {last}{hint}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
