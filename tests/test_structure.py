@@ -141,15 +141,17 @@ def weights():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_stages_over_layer_ranges_equal_forward(weights, dtype):
-    # Two models, as two pipeline stages would be: the first embeds and runs layers [0, 2),
-    # the second runs [2, 3) and the head, each with its own KV cache. The same numpy
-    # operations on the same data: bit-identical logits, for a prefill and then a decode step.
+@pytest.mark.parametrize("split", range(ARGS.n_layers + 1))
+def test_stages_over_layer_ranges_equal_forward(weights, dtype, split):
+    # Two models, as two pipeline stages would be: the first embeds and runs layers
+    # [0, split), the second runs [split, n_layers) and the head, each with its own KV cache.
+    # The same numpy operations on the same data: bit-identical logits, for a prefill and
+    # then a decode step.
     whole = Transformer(ARGS, weights, dtype=dtype)
     first, last = Transformer(ARGS, weights, dtype=dtype), Transformer(ARGS, weights, dtype=dtype)
     for tokens, pos in ((TOKENS[:-1], 0), (TOKENS[-1:], len(TOKENS) - 1)):
-        h = first.forward_layers(first.embed(tokens[None]), pos, 0, 2)
-        logits = last.head(last.forward_layers(h, pos, 2, None))
+        h = first.forward_layers(first.embed(tokens[None]), pos, 0, split)
+        logits = last.head(last.forward_layers(h, pos, split, None))
         assert np.array_equal(logits[0], whole.forward(tokens, start_pos=pos))
     # ...and a stage that skipped a layer would not be
     skipped = last.head(last.forward_layers(first.embed(TOKENS[None]), 0, 1, None))
