@@ -15,7 +15,7 @@ is bounded:
 - range() gives at most 100000 items (jinja's sandbox);
 - rendering stops after TIME_LIMIT seconds, checked on every line of the compiled template
   (a loop with an empty body included), and on deep recursion;
-- the template itself is at most tokenizer.MAX_TEMPLATE_CHARS characters.
+- the template itself is at most MAX_TEMPLATE_CHARS characters.
 Any of these, a syntax error or raise_exception is one TokenizerError/UsageError line."""
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from .errors import TokenizerError, UsageError
-from .tokenizer import MAX_TEMPLATE_CHARS, Tokenizer
+
+MAX_TEMPLATE_CHARS = 1 << 20     # Llama 3.1's chat template is 4.6 kB
 
 MAX_BUILT = 1 << 25          # characters (or list items) a render may build: 32M
 MAX_OUTPUT = 1 << 22         # characters of prompt text: 4M, beyond any context window
@@ -287,7 +288,7 @@ class ChatTemplate:
     """The tokenizer's chat_template, compiled once; `encode_dialog_prompt` as the built-in
     chat formats have it."""
 
-    def __init__(self, tokenizer: Tokenizer, source: str | None = None):
+    def __init__(self, tokenizer, source: str | None = None):   # tokenizer: a tokenizer.Tokenizer
         import jinja2
         self.tokenizer = tokenizer
         self.source = tokenizer.chat_template if source is None else source

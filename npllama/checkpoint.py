@@ -275,14 +275,8 @@ def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
     return bad
 
 
-def load(path: str, dtype: str = "float32", max_seq_len: int | None = None, max_batch_size: int = 1,
-         weights_mode: str = "auto"):
-    """A converted checkpoint as a ready Transformer; weights stay memory-mapped until used."""
-    from .model import Transformer
+def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    """A converted checkpoint's params and its tensors, memory-mapped and checked against the
+    params (npllama.load makes the model from them)."""
     args, index = read_checked(path)
-    weights = open_tensors(path, index)
-    model = Transformer(args, weights, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        weights_mode=weights_mode)
-    model.path = path
-    return model
-
+    return args, open_tensors(path, index)

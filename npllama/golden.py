@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .atomic import check_directory, staged_directory
 from .tracing import trace
 

@@ -1,88 +1,96 @@
-"""The Llama 3 Transformer: Meta's reference forward pass over NumPy arrays, with a KV cache."""
+"""The Llama 3 Transformer: Meta's reference model.py over NumPy arrays, with a KV cache.
+
+Attention, FeedForward and TransformerBlock mirror Meta's classes. How weights are held
+(bf16 widening, fused and transposed copies, tiles) is the weight store's business
+(npllama/weights.py); what is recorded for a trace is the observer's (npllama/tracing.py):
+the blocks report every intermediate to `record` and do not know whether anyone listens.
+"""
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import numpy as np
 
-from . import bf16, tiled
+from . import bf16
 from .config import ModelArgs, runtime_context
+from .errors import UsageError, WeightError  # noqa: F401  (WeightError: re-exported, as before)
 from .ops import apply_rotary_emb, attention, identity, precompute_freqs_cis, rms_norm, swiglu
+from .tracing import IGNORE, recorder
+# expected_shapes is documented as npllama.model.expected_shapes; as_float32 was here before.
+from .weights import Weights, as_float32, expected_shapes  # noqa: F401
 
 DTYPES = ("float32", "bfloat16")
-WEIGHT_MODES = ("auto", "resident", "tiled")
 
 
-from .errors import UsageError, WeightError  # noqa: F401  (WeightError re-exported)
+class Attention:
+    """Grouped-query attention over this layer's slice of the KV cache."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, weights: Weights, cache_k: np.ndarray, cache_v: np.ndarray):
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.weights, self.rnd = weights, weights.rnd
+        p = f"layers.{layer_id}.attention."
+        self.wqkv = (p + "wq.weight", p + "wk.weight", p + "wv.weight")
+        self.wo = p + "wo.weight"
+        self.cache_k, self.cache_v = cache_k, cache_v      # (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+
+    def __call__(self, x: np.ndarray, start_pos: int, freqs_cis: np.ndarray, record=IGNORE) -> np.ndarray:
+        B, T, _ = x.shape
+        xq, xk, xv = self.weights.fused(x, self.wqkv)
+        xq = xq.reshape(B, T, self.n_heads, self.head_dim)
+        xk = xk.reshape(B, T, self.n_kv_heads, self.head_dim)
+        xv = xv.reshape(B, T, self.n_kv_heads, self.head_dim)
+        record(q=xq, k=xk, v=xv)
+        xq = apply_rotary_emb(xq, freqs_cis, self.rnd)
+        xk = apply_rotary_emb(xk, freqs_cis, self.rnd)
+        record(q_rotated=xq, k_rotated=xk)
+        self.cache_k[:B, start_pos:start_pos + T] = xk
+        self.cache_v[:B, start_pos:start_pos + T] = xv
+        keys = self.cache_k[:B, :start_pos + T]                # (B, S, n_kv_heads, head_dim)
+        values = self.cache_v[:B, :start_pos + T]
+        # record.sink is None unless tracing: attention then keeps no (T, S) tensors for it.
+        output = attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
+        out = self.weights.linear(output, self.wo)
+        record(attention=output, attention_out=out)
+        return out
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Meta's tensor names and shapes for `args` (output.weight is optional: tied head)."""
-    hd, kv = args.head_dim, args.n_kv_heads
-    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd, args.dim),
-            p + "attention.wk.weight": (kv * hd, args.dim),
-            p + "attention.wv.weight": (kv * hd, args.dim),
-            p + "attention.wo.weight": (args.dim, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (args.ffn_dim, args.dim),
-            p + "feed_forward.w2.weight": (args.dim, args.ffn_dim),
-            p + "feed_forward.w3.weight": (args.ffn_dim, args.dim),
-            p + "attention_norm.weight": (args.dim,),
-            p + "ffn_norm.weight": (args.dim,),
-        })
-    shapes["norm.weight"] = (args.dim,)
-    shapes["output.weight"] = (args.vocab_size, args.dim)
-    return shapes
+class FeedForward:
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, layer_id: int, weights: Weights):
+        self.weights, self.rnd = weights, weights.rnd
+        p = f"layers.{layer_id}.feed_forward."
+        self.w13 = (p + "w1.weight", p + "w3.weight")
+        self.w2 = p + "w2.weight"
+
+    def __call__(self, x: np.ndarray, record=IGNORE) -> np.ndarray:
+        h1, h3 = self.weights.fused(x, self.w13)              # (B, T, ffn_dim) each
+        out = self.weights.linear(swiglu(h1, h3, self.rnd), self.w2)
+        record(w1=h1, w3=h3, ffn_out=out)
+        return out
 
 
-# Present in some of Meta's older checkpoints and recomputed here, so safe to ignore.
-IGNORED_WEIGHTS = ("rope.freqs",)
+class TransformerBlock:
+    """One layer: pre-norm attention and feed-forward, each added to the residual."""
 
+    def __init__(self, layer_id: int, args: ModelArgs, weights: Weights, cache_k: np.ndarray, cache_v: np.ndarray):
+        self.layer_id, self.norm_eps = layer_id, args.norm_eps
+        self.weights, self.rnd = weights, weights.rnd
+        self.attention = Attention(layer_id, args, weights, cache_k, cache_v)
+        self.feed_forward = FeedForward(layer_id, weights)
+        self.attention_norm = f"layers.{layer_id}.attention_norm.weight"
+        self.ffn_norm = f"layers.{layer_id}.ffn_norm.weight"
 
-WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
-
-
-def check_dtype(name: str, w: np.ndarray) -> None:
-    if w.dtype.name not in WEIGHT_DTYPES:
-        raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
-
-
-def as_float32(name: str, w) -> np.ndarray:
-    """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
-    widened exactly; float16/float64 are converted; float32 (memory maps too) is kept."""
-    w = np.asarray(w)
-    check_dtype(name, w)
-    if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
-        return bf16.from_bits(w.view(np.uint16))
-    return w.astype(np.float32, copy=False)
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def choose_weights_mode(weights: Mapping[str, np.ndarray], requested: str) -> str:
-    """"resident": float32 copies made on first use (fastest, 4 bytes a weight).
-    "tiled": bf16 weights stay bf16 and are widened a tile at a time (2 bytes a weight).
-    "auto": tiled only when the float32 copies would not fit comfortably in memory."""
-    if requested not in WEIGHT_MODES:
-        raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
-    has_bf16 = any(tiled.supported(w) for w in weights.values())
-    if requested != "auto":
-        return "tiled" if requested == "tiled" and has_bf16 else "resident"
-    resident_bytes = sum(int(np.prod(w.shape)) * 4 for w in weights.values())
-    return "tiled" if has_bf16 and resident_bytes > 0.6 * available_memory() else "resident"
+    def __call__(self, x: np.ndarray, start_pos: int, freqs_cis: np.ndarray, record=IGNORE) -> np.ndarray:
+        w, rnd = self.weights.weight, self.rnd
+        x_norm = rms_norm(x, w(self.attention_norm), self.norm_eps, rnd)
+        record(attention_norm=x_norm)
+        h = rnd(x + self.attention(x_norm, start_pos, freqs_cis, record))
+        h_norm = rms_norm(h, w(self.ffn_norm), self.norm_eps, rnd)
+        record(h=h, ffn_norm=h_norm)
+        out = rnd(h + self.feed_forward(h_norm, record))
+        record(out=out)
+        return out
 
 
 class Transformer:
@@ -90,7 +98,8 @@ class Transformer:
 
     weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
     "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
-    weights_mode: how bf16 weights are held (choose_weights_mode); the numerics are the same.
+    weights_mode: how bf16 weights are held (weights.choose_mode); the numerics are the same.
+    A pipeline stage runs embed, forward_layers over its layers, and (the last) head.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
@@ -103,10 +112,9 @@ class Transformer:
             raise UsageError(f"the batch size must be a positive integer, got {max_batch_size!r}")
         self.max_batch_size = max_batch_size
         self.rnd = bf16.round if dtype == "bfloat16" else identity
-        self.weights = self._check_weights(weights)
-        self.weights_mode = choose_weights_mode(self.weights, weights_mode)
-        self._ready: dict[str, np.ndarray] = {}
-        self.tied = "output.weight" not in weights
+        self.weights = Weights(args, weights, self.rnd, weights_mode)
+        self.weights_mode = self.weights.mode
+        self.output = "output.weight" if "output.weight" in self.weights else "tok_embeddings.weight"  # tied head
         scaling = None
         if args.use_scaled_rope:
             scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
@@ -117,74 +125,38 @@ class Transformer:
         # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
         self.cache_k = np.zeros(cache_shape, dtype=np.float32)
         self.cache_v = np.zeros(cache_shape, dtype=np.float32)
+        self.layers = [TransformerBlock(i, args, self.weights, self.cache_k[i], self.cache_v[i])
+                       for i in range(args.n_layers)]
 
-    def _check_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Names, shapes and dtypes only: no weight data is read here, so a memory-mapped
-        checkpoint stays on disk until a forward pass touches it."""
-        shapes = expected_shapes(self.args)
-        unknown = sorted(set(weights) - set(shapes) - set(IGNORED_WEIGHTS))
-        if unknown:
-            raise WeightError(f"unexpected tensors for these params: {', '.join(unknown[:5])}"
-                              + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
-        out = {}
-        for name, shape in shapes.items():
-            if name not in weights:
-                if name == "output.weight":
-                    continue
-                raise WeightError(f"missing tensor {name} (expected shape {shape})")
-            w = weights[name]
-            if tuple(w.shape) != shape:
-                raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
-            check_dtype(name, w)
-            out[name] = w
-        return out
-
-    def _compute_form(self, name: str) -> np.ndarray:
-        w = as_float32(name, self.weights[name])
-        # bf16 numerics hold bf16 weights, as a torch model in bf16 would.
-        return self.rnd(w) if self.dtype == "bfloat16" else w
+    @property
+    def _ready(self) -> dict:
+        return self.weights._ready
 
     def weight(self, name: str) -> np.ndarray:
-        """A weight in compute form (float32; bf16-rounded in bfloat16 numerics), made on
-        first use and kept."""
-        w = self._ready.get(name)
-        if w is None:
-            w = self._ready[name] = self._compute_form(name)
-        return w
-
-    def project(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
-        """x (..., in) @ w.T for weights that read the same input, as one matmul (wq/wk/wv,
-        w1/w3); each result (..., out_i) rounded as its own torch op would be."""
-        x2 = x.reshape(-1, x.shape[-1])
-        raw = [self.weights[n] for n in names]
-        if self.weights_mode == "tiled" and all(tiled.supported(w) for w in raw):
-            y = tiled.matmul(x2, raw)
-        else:
-            # Kept transposed, (in, sum out), contiguous: OpenBLAS runs x @ w_t ~7% faster
-            # than x @ w.T, for GEMV (decode) and GEMM (prefill) alike.
-            key = "T:" + "+".join(names)
-            w_t = self._ready.get(key)
-            if w_t is None:
-                w_t = np.empty((x.shape[-1], sum(w.shape[0] for w in raw)), np.float32)
-                col = 0
-                for n, w in zip(names, raw):
-                    w_t[:, col:col + w.shape[0]] = self._compute_form(n).T
-                    col += w.shape[0]
-                self._ready[key] = w_t
-            y = x2 @ w_t
-        out, col = [], 0
-        for w in raw:
-            out.append(self.rnd(y[:, col:col + w.shape[0]].reshape(*x.shape[:-1], w.shape[0])))
-            col += w.shape[0]
-        return out
+        """A weight in compute form (float32; bf16-rounded in bfloat16 numerics)."""
+        return self.weights.weight(name)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        # Gather the rows first: an untied model never needs the whole table in float32.
-        name = "tok_embeddings.weight"
-        if name in self._ready:
-            return self._ready[name][tokens]
-        rows = as_float32(name, self.weights[name][tokens])
-        return self.rnd(rows) if self.dtype == "bfloat16" else rows
+        """tokens (B, T) -> their embedding rows (B, T, dim)."""
+        return self.weights.rows("tok_embeddings.weight", tokens)
+
+    def forward_layers(self, h: np.ndarray, start_pos: int, start: int = 0, stop: int | None = None,
+                       record=IGNORE) -> np.ndarray:
+        """Layers [start, stop) on hidden states h (B, T, dim) at positions start_pos..
+        start_pos+T-1, filling their part of the KV cache -> hidden states (B, T, dim)."""
+        B, T, _ = h.shape
+        self.check_positions(B, T, start_pos)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
+        for layer in self.layers[start:stop]:
+            h = layer(h, start_pos, freqs_cis, record.layer(layer.layer_id))
+        return h
+
+    def head(self, h: np.ndarray, record=IGNORE) -> np.ndarray:
+        """Final norm and output projection: h (B, T, dim) -> float32 logits (B, T, vocab)."""
+        h = rms_norm(h, self.weights.weight("norm.weight"), self.args.norm_eps, self.rnd)
+        logits = self.weights.linear(h, self.output)
+        record(norm=h, logits=logits)
+        return logits
 
     def forward(self, tokens, start_pos: int = 0, trace: dict | None = None,
                 last_only: bool = False) -> np.ndarray:
@@ -192,82 +164,37 @@ class Transformer:
 
         Positions start_pos .. start_pos+T-1; the cache must hold positions < start_pos from
         earlier calls. last_only returns only the last position's logits, (vocab,) or (B, vocab).
-        trace, when a dict, receives every intermediate under the names of the Trace format.
+        trace, when a dict, receives every intermediate under the names of the Trace format
+        (or give a tracing.Recorder).
         """
         tokens = np.asarray(tokens)
+        self.check_tokens(tokens, start_pos)
         single = tokens.ndim == 1
-        if single:
-            tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise UsageError(f"tokens must have shape (T,) or (B, T) with T >= 1, got {tokens.shape}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
-        B, T = tokens.shape
-        args, w, rnd = self.args, self.weight, self.rnd
-        if B > self.max_batch_size:
-            raise UsageError(f"a batch of {B} sequences exceeds the {self.max_batch_size} this model was made for")
-        if not 0 <= start_pos or start_pos + T > self.max_seq_len:
-            raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {self.max_seq_len} "
-                             "tokens")
-        if tokens.min() < 0 or tokens.max() >= args.vocab_size:
-            raise UsageError(f"token ids must be in [0, {args.vocab_size}), got {tokens.min()}..{tokens.max()}")
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
-        hd, n_heads, n_kv = args.head_dim, args.n_heads, args.n_kv_heads
-
-        def record(name, x):
-            if trace is not None:
-                trace[name] = x[0] if single else x
-
+        tokens = tokens.reshape(-1, tokens.shape[-1])                  # (B, T)
+        record = recorder(trace, squeeze=single)
         h = self.embed(tokens)                                        # (B, T, dim)
-        record("tokens", tokens)
-        record("token_embeddings", h)
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            x = rms_norm(h, w(p + "attention_norm.weight"), args.norm_eps, rnd)
-            xq, xk, xv = self.project(x, (p + "attention.wq.weight", p + "attention.wk.weight",
-                                          p + "attention.wv.weight"))
-            xq, xk, xv = xq.reshape(B, T, n_heads, hd), xk.reshape(B, T, n_kv, hd), xv.reshape(B, T, n_kv, hd)
-            if trace is not None:
-                record(p + "attention_norm", x)
-                record(p + "q", xq)
-                record(p + "k", xk)
-                record(p + "v", xv)
-            xq = apply_rotary_emb(xq, freqs_cis, rnd)
-            xk = apply_rotary_emb(xk, freqs_cis, rnd)
-            self.cache_k[i, :B, start_pos:start_pos + T] = xk
-            self.cache_v[i, :B, start_pos:start_pos + T] = xv
-            keys = self.cache_k[i, :B, :start_pos + T]                 # (B, S, n_kv_heads, head_dim)
-            values = self.cache_v[i, :B, :start_pos + T]
-            inner = {} if trace is not None else None
-            attn = attention(xq, keys, values, start_pos, rnd, inner)  # (B, T, dim)
-            (attn_out,) = self.project(attn, (p + "attention.wo.weight",))
-            h = rnd(h + attn_out)
-            x = rms_norm(h, w(p + "ffn_norm.weight"), args.norm_eps, rnd)
-            h1, h3 = self.project(x, (p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"))
-            (ffn_out,) = self.project(swiglu(h1, h3, rnd), (p + "feed_forward.w2.weight",))
-            if trace is not None:
-                record(p + "q_rotated", xq)
-                record(p + "k_rotated", xk)
-                record(p + "scores", inner["scores"])
-                record(p + "probs", inner["probs"])
-                record(p + "attention", attn)
-                record(p + "attention_out", attn_out)
-                record(p + "h", h)
-                record(p + "ffn_norm", x)
-                record(p + "w1", h1)
-                record(p + "w3", h3)
-                record(p + "ffn_out", ffn_out)
-            h = rnd(h + ffn_out)
-            if trace is not None:
-                record(p + "out", h)
-        if last_only:
-            h = h[:, -1:]
-        h = rms_norm(h, w("norm.weight"), args.norm_eps, rnd)
-        (logits,) = self.project(h, ("tok_embeddings.weight" if self.tied else "output.weight",))
-        record("norm", h)
-        record("logits", logits)
+        record(tokens=tokens, token_embeddings=h)
+        h = self.forward_layers(h, start_pos, record=record)
+        logits = self.head(h[:, -1:] if last_only else h, record)    # (B, T or 1, vocab)
         if last_only:
             logits = logits[:, 0]
         return logits[0] if single else logits
 
     __call__ = forward
+
+    def check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
+        """tokens (T,) or (B, T): integer ids in the vocabulary, positions within the cache."""
+        if tokens.ndim not in (1, 2) or tokens.size == 0:
+            raise UsageError(f"tokens must have shape (T,) or (B, T) with B, T >= 1, got {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        self.check_positions(tokens.size // tokens.shape[-1], tokens.shape[-1], start_pos)
+        if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
+            raise UsageError(f"token ids must be in [0, {self.args.vocab_size}), got {tokens.min()}..{tokens.max()}")
+
+    def check_positions(self, B: int, T: int, start_pos: int) -> None:
+        if B > self.max_batch_size:
+            raise UsageError(f"a batch of {B} sequences exceeds the {self.max_batch_size} this model was made for")
+        if not 0 <= start_pos or start_pos + T > self.max_seq_len:
+            raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {self.max_seq_len} "
+                             "tokens")

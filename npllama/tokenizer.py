@@ -39,6 +39,7 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
+from .chat_template import MAX_TEMPLATE_CHARS
 from .errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
 
 
@@ -86,7 +87,6 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
 SPEC_FORMAT, SPEC_VERSION = "npllama-tokenizer", 2
 MAX_SPEC_BYTES = 64 * 1024**2    # Llama 3's is ~2 MB; a 256k vocabulary ~6 MB
 MAX_TOKENS = 1 << 21             # ids; Llama 3 has 128256
-MAX_TEMPLATE_CHARS = 1 << 20     # Llama 3.1's chat template is 4.6 kB
 CHAT_FORMATS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                 "chatml": ("<|im_start|>", "<|im_end|>")}
 

@@ -9,8 +9,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
 from .errors import UsageError
+from .version import __version__
 
 LAYER_NAMES = ("attention_norm", "q", "k", "v", "q_rotated", "k_rotated", "scores", "probs", "attention",
                "attention_out", "h", "ffn_norm", "w1", "w3", "ffn_out", "out")
@@ -36,27 +36,64 @@ def forward_key(name: str) -> tuple | None:
     return (fixed[name],) if name in fixed else None
 
 
-class Trace(dict):
-    """A dict the forward pass records into; keeps only the chosen layers' tensors."""
+class Recorder:
+    """The observer a forward pass reports to. The blocks call `record(q=xq, k=xk)` and each
+    tensor is copied into `out` under its Trace format name (a layer's recorder, from
+    `layer(i)`, adds the "layers.{i}." prefix). layers: record only these layers (the others
+    get IGNORE, so they keep nothing). squeeze: drop the batch axis (one sequence)."""
 
-    def __init__(self, layers: Iterable[int] | None = None):
-        super().__init__()
+    def __init__(self, out: dict, layers: Iterable[int] | None = None, squeeze: bool = False, prefix: str = ""):
+        self.out, self.squeeze, self.prefix = out, squeeze, prefix
         self.layers = None if layers is None else set(layers)
 
-    def __setitem__(self, name, value):
-        if self.layers is not None:
-            m = re.match(r"layers\.(\d+)\.", name)
-            if m and int(m.group(1)) not in self.layers:
-                return
-        super().__setitem__(name, np.array(value, copy=True))
+    def __call__(self, **tensors: np.ndarray) -> None:
+        for name, x in tensors.items():
+            self.out[self.prefix + name] = np.array(x[0] if self.squeeze else x, copy=True)
+
+    def __setitem__(self, name: str, x: np.ndarray) -> None:
+        self(**{name: x})
+
+    @property
+    def sink(self) -> "Recorder":
+        """What an ops function's `trace=` argument gets (ops.attention records its scores
+        and probs into it)."""
+        return self
+
+    def layer(self, i: int) -> "Recorder | Ignore":
+        if self.layers is not None and i not in self.layers:
+            return IGNORE
+        return Recorder(self.out, self.layers, self.squeeze, f"layers.{i}.")
+
+
+class Ignore:
+    """No observer: everything reported is dropped, and ops functions get `trace=None`, so
+    they keep no intermediate for it (a forward pass without a trace)."""
+    sink = None
+
+    def __call__(self, **tensors: np.ndarray) -> None:
+        pass
+
+    def layer(self, i: int) -> "Ignore":
+        return self
+
+
+IGNORE = Ignore()
+
+
+def recorder(trace: dict | Recorder | None, squeeze: bool) -> Recorder | Ignore:
+    """forward's `trace=` argument as the observer its blocks report to: None records
+    nothing, a dict receives every intermediate (without the batch axis for one sequence),
+    a Recorder is used as it is."""
+    if trace is None:
+        return IGNORE
+    return trace if isinstance(trace, Recorder) else Recorder(trace, squeeze=squeeze)
 
 
 def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None) -> dict:
     """Run `tokens` (T,) from position 0 and return {name: array} plus "__meta__"
     (params, dtype, npllama version, layout)."""
-    t = Trace(layers)
-    model.forward(np.asarray(tokens), start_pos=0, trace=t)
-    out = dict(t)
+    out: dict = {}
+    model.forward(np.asarray(tokens), start_pos=0, trace=Recorder(out, layers, squeeze=True))
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,
                        "qk_layout": "interleaved", "source": "npllama"}
     return out

@@ -24,7 +24,7 @@ def hf_model(args, weights: dict, torch_dtype=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from npllama.formats.names import meta_to_hf, meta_to_hf_qk
-    from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
+    from npllama.weights import as_float32  # bf16 checkpoints hold uint16 bits
     weights = {k: as_float32(k, v) for k, v in weights.items()}
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
