@@ -18,49 +18,15 @@ import sys
 import numpy as np
 
 
-def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's convert_llama_weights_to_hf `permute`: Meta's interleaved pairs -> rotate-half."""
-    out_dim, dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
-
-
 def hf_model(args, weights: dict, torch_dtype=None):
-    """LlamaForCausalLM (eager attention) holding npllama/Meta-named float32 weights."""
+    """LlamaForCausalLM (eager attention) holding npllama/Meta-named weights (npllama.testing.to_hf)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
-    weights = {k: as_float32(k, v) for k, v in weights.items()}
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
-                "original_max_position_embeddings": args.original_max_position_embeddings}
-    tied = "output.weight" not in weights
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
-                      max_position_embeddings=args.max_seq_len, rope_parameters=rope,
-                      tie_word_embeddings=tied, attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
-    if not tied:
-        sd["lm_head.weight"] = weights["output.weight"]
-    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(args.n_layers):
-        m, p = f"model.layers.{i}.", f"layers.{i}."
-        sd[m + "self_attn.q_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wq.weight"], args.n_heads)
-        sd[m + "self_attn.k_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wk.weight"], args.n_kv_heads)
-        for ours, theirs in names.items():
-            sd[f"{m}{theirs}.weight"] = weights[f"{p}{ours}.weight"]
-    state = {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"weights did not map onto HF's model: missing {missing}, unexpected {unexpected}")
-    if tied:
-        model.tie_weights()
+    from npllama.testing import to_hf
+    state, config = to_hf(args, weights)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager")).eval()
+    model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
