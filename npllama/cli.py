@@ -145,9 +145,10 @@ def cmd_generate(a) -> int:
         prompt, echo = chat_format(tok, tok.default_system).encode_dialog_prompt([{"role": "user", "content": text}]), ""
     else:
         prompt, echo = tok.encode(text, bos=tok.add_bos), text
-    stream = gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or (), logprobs=True,
+    per_token = bool(a.json or a.show_ids or a.logprobs)
+    stream = gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or (), logprobs=per_token,
                         top_logprobs=a.logprobs)
-    if a.json or a.show_ids or a.logprobs:
+    if per_token:
         per_token_output(gen, prompt, stream, a.json)
     else:
         sys.stdout.write(echo)
@@ -311,10 +312,6 @@ def cmd_perplexity(a) -> int:
     if base is not None and a.n_ctx is not None and a.n_ctx != base.n_ctx:
         raise UsageError(f"-c {a.n_ctx}: {a.kl_divergence} was made with -c {base.n_ctx}")
     n_ctx = base.n_ctx if base is not None else (a.n_ctx or 512)
-    if n_ctx < 4:
-        raise UsageError(f"-c {n_ctx}: the context must be at least 4 tokens (half of it is scored)")
-    if a.batch is not None and a.batch <= 0:
-        raise UsageError(f"--batch must be positive, got {a.batch}")
     gen = open_model(a, max_seq_len=n_ctx, max_batch_size=max(1, (a.batch or n_ctx) // n_ctx))
     tok = gen.tokenizer
     bos = tok.bos_id if tok.add_bos else None

@@ -79,15 +79,11 @@ def chunk_logits(model, rows: np.ndarray, n_batch: int) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def evaluate(model, chunks: np.ndarray, bos_id: int | None, n_batch: int | None = None,
-             progress=None) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
-    """Yields (logits (R, vocab) float32, targets (R,), forward seconds) per chunk, in order.
-
-    n_batch: tokens per forward pass (default n_ctx). Below n_ctx a chunk is fed in pieces; a
-    multiple of n_ctx runs that many chunks side by side as batch rows (llama.cpp's n_seq).
-    """
-    n_chunk, n_ctx = chunks.shape
-    n_batch = n_batch or n_ctx
+def batching(model, n_ctx: int, n_batch: int | None) -> tuple[int, int]:
+    """(tokens per forward pass, chunks per pass), checked against the model. n_batch below
+    n_ctx feeds a chunk in pieces; a multiple of n_ctx runs that many chunks side by side as
+    batch rows (llama.cpp's n_seq); None is one chunk a pass."""
+    n_batch = n_ctx if n_batch is None else n_batch
     if n_batch <= 0 or (n_batch > n_ctx and n_batch % n_ctx):
         raise UsageError(f"--batch {n_batch}: must be below -c {n_ctx} or a multiple of it")
     n_seq = max(1, n_batch // n_ctx)
@@ -95,6 +91,15 @@ def evaluate(model, chunks: np.ndarray, bos_id: int | None, n_batch: int | None 
         raise UsageError(f"--batch {n_batch}: {n_seq} chunks at once, but the model holds {model.max_batch_size}")
     if n_ctx > model.max_seq_len:
         raise UsageError(f"-c {n_ctx} exceeds the model's context of {model.max_seq_len}")
+    return n_batch, n_seq
+
+
+def evaluate(model, chunks: np.ndarray, bos_id: int | None, n_batch: int | None = None,
+             progress=None) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """Yields (logits (R, vocab) float32, targets (R,), forward seconds) per chunk, in order
+    (n_batch: see batching)."""
+    n_chunk, n_ctx = chunks.shape
+    n_batch, n_seq = batching(model, n_ctx, n_batch)
     first = n_ctx // 2
     t_start = time.perf_counter()
     for i in range(0, n_chunk, n_seq):
@@ -246,24 +251,13 @@ class BaseFile:
 
 # --- KL divergence against a base file ----------------------------------------------------
 
-@dataclass
 class KLDivergence:
-    """llama.cpp's kl_divergence_result: running sums, plus every row's KL and delta-p."""
-    sum_nll: float = 0.0
-    sum_nll2: float = 0.0
-    sum_nll_base: float = 0.0
-    sum_nll_base2: float = 0.0
-    sum_nll_nll_base: float = 0.0
-    sum_kld: float = 0.0
-    sum_kld2: float = 0.0
-    sum_p_diff: float = 0.0
-    sum_p_diff2: float = 0.0
-    sum_p_diff4: float = 0.0
-    max_p_diff: float = 0.0
-    n_same_top: int = 0
-    count: int = 0
-    kld_values: list = field(default_factory=list)
-    p_diff_values: list = field(default_factory=list)
+    """Per scored token, the quantities llama.cpp's kl_divergence sums: the model's nll, the
+    base's, KL(base || model), the change in the correct token's probability (delta-p) and
+    whether the top tokens agree."""
+
+    def __init__(self):
+        self.values: dict[str, list[np.ndarray]] = {k: [] for k in ("nll", "nll_base", "kld", "p_diff", "same_top")}
 
     def add(self, logits: np.ndarray, base_rows: np.ndarray, targets: np.ndarray) -> None:
         """One chunk: logits (R, vocab) of the model under test, the base file's rows for it."""
@@ -278,29 +272,11 @@ class KLDivergence:
         # KL(base || model) over the tokens the base resolves (log p > -16), as llama.cpp sums it.
         terms = np.exp(log_p_base) * (log_p_base - logits + log_z[:, None])
         kld = np.where(log_p_base > -LOG_PROB_RANGE, terms, 0).sum(axis=-1, dtype=np.float64)
-        p_diff = np.exp(-nll) - np.exp(-nll_base)
-        nll, nll_base, p_diff = nll.astype(np.float64), nll_base.astype(np.float64), p_diff.astype(np.float64)
-        self.sum_nll += nll.sum()
-        self.sum_nll2 += (nll * nll).sum()
-        self.sum_nll_base += nll_base.sum()
-        self.sum_nll_base2 += (nll_base * nll_base).sum()
-        self.sum_nll_nll_base += (nll * nll_base).sum()
-        self.sum_kld += kld.sum()
-        self.sum_kld2 += (kld * kld).sum()
-        self.sum_p_diff += p_diff.sum()
-        self.sum_p_diff2 += (p_diff ** 2).sum()
-        self.sum_p_diff4 += (p_diff ** 4).sum()
-        self.max_p_diff = max(self.max_p_diff, float(np.abs(p_diff).max()))
         # np.argmax takes the first of equal maxima, as llama.cpp's strict `>` scans do.
-        self.n_same_top += int((logits.argmax(axis=-1) == log_p_base.argmax(axis=-1)).sum())
-        self.count += R
-        self.kld_values.extend(kld.tolist())
-        self.p_diff_values.extend(p_diff.tolist())
-
-    def _mu(self, total, total2):
-        # llama.cpp's KL-mode estimate gives no uncertainty below 11 values.
-        mean, err = mean_and_uncertainty(total, total2, self.count)
-        return mean, (err if self.count > 10 else 0.0)
+        same = logits.argmax(axis=-1) == log_p_base.argmax(axis=-1)
+        for k, v in (("nll", nll), ("nll_base", nll_base), ("kld", kld), ("p_diff", np.exp(-nll) - np.exp(-nll_base)),
+                     ("same_top", same)):
+            self.values[k].append(np.asarray(v, dtype=np.float64))
 
     def chunk_line(self, chunk: int) -> str:
         """The running values llama.cpp prints after each chunk."""
@@ -312,31 +288,34 @@ class KLDivergence:
 
     def summary(self) -> dict:
         """Every statistic llama.cpp's kl_divergence prints, by name."""
-        n = self.count
-        log_ppl, log_ppl_err = self._mu(self.sum_nll, self.sum_nll2)
-        log_base, log_base_err = self._mu(self.sum_nll_base, self.sum_nll_base2)
-        cov = 0.0 if n < 10 else (self.sum_nll_nll_base / n - (self.sum_nll / n) * (self.sum_nll_base / n)) / (n - 1)
+        v = {k: np.concatenate(a) for k, a in self.values.items()}
+        n = len(v["nll"])
+
+        def mu(x):   # llama.cpp's KL-mode estimate gives no uncertainty below 11 values
+            mean, err = mean_and_uncertainty(float(x.sum()), float((x * x).sum()), n)
+            return mean, (err if n > 10 else 0.0)
+        log_ppl, log_ppl_err = mu(v["nll"])
+        log_base, log_base_err = mu(v["nll_base"])
+        cov = 0.0 if n < 10 else float((v["nll"] * v["nll_base"]).mean() - v["nll"].mean() * v["nll_base"].mean()) / (n - 1)
         ratio_err = math.sqrt(max(log_ppl_err ** 2 + log_base_err ** 2 - 2 * cov, 0.0))
         ppl, ppl_base = math.exp(log_ppl), math.exp(log_base)
         ppl_err, ppl_base_err = ppl * log_ppl_err, ppl_base * log_base_err
-        kld, kld_err = self._mu(self.sum_kld, self.sum_kld2)
-        mse, mse_err = self._mu(self.sum_p_diff2, self.sum_p_diff4)
-        p_diff, p_diff_err = self._mu(self.sum_p_diff, self.sum_p_diff2)
-        same = self.n_same_top / n
-        out = {"count": n, "ppl": ppl, "ppl_err": ppl_err, "ppl_base": ppl_base, "ppl_base_err": ppl_base_err,
-               "cor": cov / (log_ppl_err * log_base_err) if log_ppl_err * log_base_err > 0 else 0.0,
-               "ln_ppl_ratio": log_ppl - log_base, "ln_ppl_ratio_err": ratio_err,
-               "ppl_ratio": math.exp(log_ppl - log_base), "ppl_ratio_err": math.exp(log_ppl - log_base) * ratio_err,
-               "ppl_diff": ppl - ppl_base,
-               "ppl_diff_err": math.sqrt(max(ppl_err ** 2 + ppl_base_err ** 2 - 2 * ppl * ppl_base * cov, 0.0)),
-               "kld": kld, "kld_err": kld_err, "p_diff": p_diff, "p_diff_err": p_diff_err,
-               "p_diff_rms": math.sqrt(mse), "p_diff_rms_err": 0.5 / math.sqrt(mse) * mse_err if mse > 0 else 0.0,
-               "same_top": same, "same_top_err": math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0}
-        kl = np.sort(np.asarray(self.kld_values))
-        pd = np.sort(np.asarray(self.p_diff_values))
-        out["kld_percentiles"] = {name: percentile(kl, f) for name, f in KLD_PERCENTILES}
-        out["p_diff_percentiles"] = {name: percentile(pd, f) for name, f in P_DIFF_PERCENTILES}
-        return out
+        kld, kld_err = mu(v["kld"])
+        mse, mse_err = mu(v["p_diff"] ** 2)
+        p_diff, p_diff_err = mu(v["p_diff"])
+        same = float(v["same_top"].mean())
+        kl, pd = np.sort(v["kld"]), np.sort(v["p_diff"])
+        return {"count": n, "ppl": ppl, "ppl_err": ppl_err, "ppl_base": ppl_base, "ppl_base_err": ppl_base_err,
+                "cor": cov / (log_ppl_err * log_base_err) if log_ppl_err * log_base_err > 0 else 0.0,
+                "ln_ppl_ratio": log_ppl - log_base, "ln_ppl_ratio_err": ratio_err,
+                "ppl_ratio": math.exp(log_ppl - log_base), "ppl_ratio_err": math.exp(log_ppl - log_base) * ratio_err,
+                "ppl_diff": ppl - ppl_base,
+                "ppl_diff_err": math.sqrt(max(ppl_err ** 2 + ppl_base_err ** 2 - 2 * ppl * ppl_base * cov, 0.0)),
+                "kld": kld, "kld_err": kld_err, "p_diff": p_diff, "p_diff_err": p_diff_err,
+                "p_diff_rms": math.sqrt(mse), "p_diff_rms_err": 0.5 / math.sqrt(mse) * mse_err if mse > 0 else 0.0,
+                "same_top": same, "same_top_err": math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
+                "kld_percentiles": {name: percentile(kl, f) for name, f in KLD_PERCENTILES},
+                "p_diff_percentiles": {name: percentile(pd, f) for name, f in P_DIFF_PERCENTILES}}
 
 
 KLD_PERCENTILES = [("Maximum", 1.0), ("99.9%", 0.999), ("99.0%", 0.99), ("95.0%", 0.95), ("90.0%", 0.9),
@@ -395,6 +374,7 @@ def run_perplexity(model, tokens, n_ctx: int = 512, bos_id: int | None = None, n
     and speed on `err`; with base_path, also the base file of these logits."""
     out, err = out or sys.stdout, err or sys.stderr
     chunks = split_chunks(tokens, n_ctx, n_chunks)
+    batching(model, n_ctx, n_batch)                 # a bad --batch fails before anything is written
     print(f"perplexity: {len(tokens)} tokens, {len(chunks)} chunks of {n_ctx}, scoring the last "
           f"{scored_rows(n_ctx)} tokens of each", file=err, flush=True)
     writer = BaseWriter(base_path, chunks, model.args.vocab_size) if base_path else None
@@ -431,6 +411,7 @@ def run_kl_divergence(model, base: BaseFile, bos_id: int | None = None, n_batch:
     if base.n_vocab != model.args.vocab_size:
         raise UsageError(f"{base.path}: written for a vocabulary of {base.n_vocab} tokens; this model has "
                          f"{model.args.vocab_size}")
+    batching(model, base.n_ctx, n_batch)
     print(f"kl-divergence: {base.path}: {len(base.tokens)} chunks of {base.n_ctx}", file=err, flush=True)
     kl = KLDivergence()
     if not as_json:

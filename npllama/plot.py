@@ -110,12 +110,12 @@ def comparison(rows: list[tuple], path: str, title: str = "", rtol: float | None
         layers = sorted(errs)
         ax.plot(layers, [y(errs[i]) for i in layers], marker="o", markersize=3, linewidth=1, label=kind,
                 color=colors[k % len(colors)], linestyle="-" if k < len(colors) else "--")
-    end_x = {"token_embeddings": -1, "norm": n_layers, "logits": n_layers + 1}
+    end_x = {"token_embeddings": -1.5, "norm": n_layers + 0.5, "logits": n_layers + 2}
     for name, e in ends.items():
         if name in end_x:
             ax.scatter([end_x[name]], [y(e)], marker="s", color="black", zorder=3)
     step = max(1, math.ceil(n_layers / 16))
-    ticks = [-1, *range(0, n_layers, step), n_layers, n_layers + 1]
+    ticks = [end_x["token_embeddings"], *range(0, n_layers, step), end_x["norm"], end_x["logits"]]
     ax.set_xticks(ticks, ["emb", *map(str, range(0, n_layers, step)), "norm", "logits"])
     if first_bad is not None:
         m = re.match(r"layers\.(\d+)\.(.+)", first_bad)

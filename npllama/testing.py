@@ -86,25 +86,47 @@ def model_args(max_layers: int = 2, max_dim: int = 256, max_vocab: int = 512, ma
     return build()
 
 
+class Checkpoint(tuple):
+    """(args, weights), shown as how it was drawn (what hypothesis prints for a failing
+    example): random_weights(args, seed, tied, embedding_scale) rebuilds the weights."""
+
+    def __new__(cls, args: ModelArgs, seed: int, tied: bool, embedding_scale: float):
+        self = super().__new__(cls, (args, random_weights(args, seed, tied, embedding_scale)))
+        self.seed, self.tied, self.embedding_scale = seed, tied, embedding_scale
+        return self
+
+    def __repr__(self):
+        return f"Checkpoint({self[0]!r}, seed={self.seed}, tied={self.tied}, embedding_scale={self.embedding_scale})"
+
+
 def checkpoints(**model_args_kwargs):
     """(args, weights): model_args() with random_weights(), tied and untied heads, trained-like
     and small embeddings. Weights are float32 arrays under Meta's names, in Meta's
     interleaved RoPE layout (to_hf gives HF's)."""
     st = _strategies()
-    return st.tuples(model_args(**model_args_kwargs), st.integers(0, 2**32 - 1), st.booleans(),
-                     st.sampled_from([1.0, 0.01])).map(
-        lambda t: (t[0], random_weights(t[0], seed=t[1], tied=t[2], embedding_scale=t[3])))
+    return st.builds(Checkpoint, model_args(**model_args_kwargs), st.integers(0, 2**32 - 1), st.booleans(),
+                     st.sampled_from([1.0, 0.01]))
+
+
+class TokensFor:
+    """args -> token ids (1-D int64): the drawn integers modulo args.vocab_size, at most
+    args.max_seq_len of them."""
+
+    def __init__(self, draws: list[int]):
+        self.draws = draws
+
+    def __call__(self, args: ModelArgs) -> np.ndarray:
+        return np.array(self.draws[:args.max_seq_len], dtype=np.int64) % args.vocab_size
+
+    def __repr__(self):
+        return f"TokensFor({self.draws})"
 
 
 def data_tokens(min_len: int = 1, max_len: int = 64):
-    """A function args -> token ids (1-D int64, at most args.max_seq_len long, each below
-    args.vocab_size). Draws shrink toward short sequences of token 0."""
+    """A function args -> token ids (a TokensFor). Draws shrink toward short sequences of
+    token 0."""
     st = _strategies()
-
-    def for_args(draws):
-        return lambda args: np.array(draws[:args.max_seq_len], dtype=np.int64) % args.vocab_size
-
-    return st.lists(st.integers(0, 2**31 - 1), min_size=min_len, max_size=max_len).map(for_args)
+    return st.lists(st.integers(0, 2**31 - 1), min_size=min_len, max_size=max_len).map(TokensFor)
 
 
 # --- HF transformers' layout -------------------------------------------------------------
@@ -150,7 +172,8 @@ def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
     config = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
                   num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                   num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                  rope_scaling=rope_scaling, max_position_embeddings=max_positions, tie_word_embeddings=tied)
+                  rope_scaling=rope_scaling, max_position_embeddings=max_positions, tie_word_embeddings=tied,
+                  bos_token_id=None, eos_token_id=None)   # HF's defaults (1, 2) may not exist in a small vocabulary
     return sd, config
 
 

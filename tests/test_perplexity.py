@@ -288,6 +288,7 @@ def test_cli_perplexity_and_kl_round_trip(byte_model, tmp_path):
 def test_cli_perplexity_errors_are_one_line(byte_model, tmp_path):
     _, model_dir = byte_model
     (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "long.txt").write_text(TEXT)
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 40)
     (tmp_path / "b.kld").write_bytes(b"not a base file at all")
     for argv, msg in [(("-f", str(tmp_path / "short.txt"), "-c", "16"), "needs at least 32"),
@@ -296,6 +297,8 @@ def test_cli_perplexity_errors_are_one_line(byte_model, tmp_path):
                       ((), "give the text to score with -f FILE"),
                       (("--kl-divergence", str(tmp_path / "b.kld")), "not a KL-divergence base file"),
                       (("-f", str(tmp_path / "short.txt"), "-c", "2"), "at least 4 tokens"),
+                      (("-f", str(tmp_path / "long.txt"), "-c", "8", "-b", "-3"), "--batch -3: must be below -c 8"),
+                      (("-f", str(tmp_path / "long.txt"), "-c", "8", "-b", "12"), "--batch 12: must be below -c 8 or a"),
                       (("--tokens", "1,2,x"), "'x' is not a token id")]:
         r = run_cli("perplexity", "-m", model_dir, *argv)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)

@@ -1,6 +1,7 @@
 """npllama.testing: its strategies drive property tests of npllama against HF transformers and
 Meta's reference; check_against_reference passes correct implementations and catches subtly
 broken ones (a wrong RoPE pairing, a wrong RMSNorm eps), naming the first position."""
+import os
 import re
 import sys
 
@@ -33,11 +34,15 @@ def hf_forward(args, weights, config_changes=(), keep_meta_qk=False):
     return forward
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(checkpoints(), data_tokens())
-def test_hf_transformers_agrees_with_npllama(checkpoint, tokens_for):
-    args, weights = checkpoint
-    check_against_reference(hf_forward(args, weights), args, weights, tokens_for(args))
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def test_the_readme_example_passes_for_hf_transformers():
+    # The README's complete property test, run as written: HF transformers against npllama.
+    code = re.search(r"```python\n(# test_against_npllama\.py.*?)```", open(README).read(), re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    namespace["test_hf_llama_matches_npllama"]()
 
 
 def meta_scaling(checkpoint):
