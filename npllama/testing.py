@@ -20,6 +20,7 @@ import numpy as np
 from .config import ModelArgs
 from .errors import MissingDependencyError
 from .model import Transformer, as_float32, expected_shapes
+from .tracing import trace
 
 
 def _strategies():
@@ -192,11 +193,12 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     """Run `tokens` through npllama (numerics `dtype`) and through `forward(tokens) -> logits
     (T, vocab)`, the implementation under test, from position 0. Raises AssertionError naming
     the first position whose logits part: max |theirs - npllama| over the vocabulary above
-    rtol times that position's logit scale (max |npllama|). Returns npllama's logits."""
+    rtol times that position's logit scale (logit_scale). Returns npllama's logits."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max(args.max_seq_len, len(tokens)))
-    ours = model.forward(tokens).astype(np.float64)
+    tr = trace(model, tokens, layers=[])                        # tokens, embeddings, norm, logits
+    ours = tr["logits"].astype(np.float64)
     theirs = forward(tokens)
     if hasattr(theirs, "detach"):          # a torch tensor, without importing torch here
         theirs = theirs.detach().float().cpu().numpy()
@@ -205,7 +207,8 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
         raise AssertionError(f"logits have shape {theirs.shape}, expected {ours.shape} (tokens, vocab)")
     err = np.abs(theirs - ours).max(axis=-1)
     err = np.where(np.isnan(err), np.inf, err)                 # NaN anywhere is a failure
-    scale = np.maximum(np.abs(ours).max(axis=-1), np.finfo(np.float32).tiny)
+    head = weights.get("output.weight", weights["tok_embeddings.weight"])
+    scale = logit_scale(ours, tr["norm"], as_float32("output.weight", head))
     bad = np.nonzero(err > rtol * scale)[0]
     if len(bad):
         t = int(bad[0])
@@ -216,3 +219,11 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
             f"{len(bad)} of {len(tokens)} positions outside")
     return ours.astype(np.float32)
 
+
+
+def logit_scale(logits: np.ndarray, h: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Per position, the size float32 errors in the logits are relative to: the largest
+    |logit|, or, where the logits cancel to near zero (a tiny vocabulary, small
+    embeddings), the size of a typical logit before cancelling, ||h|| * rms(head)."""
+    typical = np.linalg.norm(h.astype(np.float64), axis=-1) * np.sqrt(np.mean(np.square(head, dtype=np.float64)))
+    return np.maximum(np.maximum(np.abs(logits).max(axis=-1), typical), np.finfo(np.float32).tiny)
