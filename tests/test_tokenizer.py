@@ -128,6 +128,22 @@ def test_wrong_files_are_clear_errors(tmp_path, model_path):
         Tokenizer.llama3(str(tmp_path / "missing.model"))
 
 
+def test_tokenizer_files_are_read_bounded_regular_files(tmp_path, monkeypatch):
+    import base64
+    import npllama.tokenizer as T
+    os.mkfifo(tmp_path / "fifo")   # open() would wait for a writer forever
+    for loader in (Tokenizer.llama3, Tokenizer.from_json):
+        with pytest.raises(TokenizerError, match="fifo: not a regular file"):
+            loader(str(tmp_path / "fifo"))
+    ranks = [bytes([b]) for b in range(256) if b != 0x41]   # tiktoken would panic encoding "A"
+    (tmp_path / "no-a.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(ranks)))
+    with pytest.raises(TokenizerError, match="no-a.model: byte 0x41 has no rank"):
+        Tokenizer.llama3(str(tmp_path / "no-a.model"))
+    monkeypatch.setattr(T, "MAX_SPEC_BYTES", 1000)
+    with pytest.raises(TokenizerError, match="no-a.model: 2,.* bytes, more than the 1,000 accepted"):
+        Tokenizer.llama3(str(tmp_path / "no-a.model"))
+
+
 def test_no_tiktoken_cache_copy(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     Tokenizer.llama3(model_path)
