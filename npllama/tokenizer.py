@@ -84,6 +84,55 @@ def parse_tiktoken_ranks(data: bytes, path: str) -> dict[bytes, int]:
     return ranks
 
 
+# The classes of characters beyond ASCII that the pre-tokenizer regexes tell apart, each
+# with an ASCII stand-in of that class alone (no letter of a contraction, no space, no
+# newline); None: any other character.
+CHARACTER_CLASSES = ((r"\p{L}", "a"), (r"\p{N}", "0"), (r"\s", "\t"), (None, "#"))
+_class_probes: list = []
+
+
+def tiktoken_classes(chars: str) -> list[int]:
+    """Each character's class (an index into CHARACTER_CLASSES) as tiktoken's regex engine
+    sees it: a probe Encoding per class whose pattern matches that class alone drops, in
+    encode_ordinary, every character outside it."""
+    if not _class_probes:
+        bytes_only = {bytes([b]): b for b in range(256)}
+        _class_probes.extend(tiktoken.Encoding(f"npllama-probe-{i}", pat_str=cls, mergeable_ranks=bytes_only,
+                                               special_tokens={})
+                             for i, (cls, _) in enumerate(CHARACTER_CLASSES[:-1]))
+    members = [set(p.decode(p.encode_ordinary(chars))) for p in _class_probes]
+    return [next((k for k, m in enumerate(members) if c in m), len(members)) for c in chars]
+
+
+def as_tiktoken_encodes(s: str) -> str:
+    """s with lone surrogates made U+FFFD, as tiktoken's encode makes them (it cannot encode
+    them as UTF-8)."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def split_like_tiktoken(pat_str: str, s: str) -> list[str]:
+    """s cut into the pieces tiktoken's regex makes of it, with the `regex` module. The two
+    engines carry different Unicode versions: `regex` calls thousands of recently assigned
+    characters (U+323B0 among them) letters or numbers where tiktoken's Rust regex, and HF
+    tokenizers' Oniguruma, see neither. Such characters are replaced, for the split only, by
+    an ASCII stand-in of the class tiktoken gives them, so the pieces are tiktoken's."""
+    import regex
+    s = as_tiktoken_encodes(s)
+    beyond_ascii = "".join(sorted({c for c in s if c >= "\x80"}))
+    if not beyond_ascii:
+        return regex.findall(pat_str, s)
+    theirs = tiktoken_classes(beyond_ascii)
+    ours = [next(k for k, (cls, _) in enumerate(CHARACTER_CLASSES) if cls is None or regex.fullmatch(cls, c))
+            for c in beyond_ascii]
+    stand_ins = {ord(c): CHARACTER_CLASSES[t][1] for c, t, o in zip(beyond_ascii, theirs, ours) if t != o}
+    split = s.translate(stand_ins) if stand_ins else s   # one character for one: the offsets hold
+    return [s[m.start():m.end()] for m in regex.finditer(pat_str, split)]
+
+
 # npllama's tokenizer.json (see check_spec). Version 1 files (written before the table of
 # pre-tokenizers, e.g. the default model's in users' caches) carry the pre-tokenizer as its
 # regex, "pat_str": read by mapping the exact regexes they were written with to the names.
@@ -283,32 +332,31 @@ class Tokenizer:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        if self.absent_bytes and not allowed_special and self._has_absent_bytes(s):
-            ids.extend(self._encode_dropping_absent_bytes(s))
-        else:
-            for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
-                for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
-                                                                 MAX_NO_WHITESPACES_CHARS):
+        drop_absent = bool(self.absent_bytes) and not allowed_special
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                             MAX_NO_WHITESPACES_CHARS):
+                if drop_absent and self._has_absent_bytes(piece):
+                    ids.extend(self._encode_dropping_absent_bytes(piece))
+                else:
                     ids.extend(self.model.encode(piece, allowed_special=allowed_special, disallowed_special=()))
-            if self.absent_bytes:
-                ids = [t for t in ids if t < self.n_words]
+        if self.absent_bytes:
+            ids = [t for t in ids if t < self.n_words]
         if eos:
             ids.append(self.eos_id)
         return ids
 
     def _has_absent_bytes(self, s: str) -> bool:
-        data = s.encode("utf-8", "surrogatepass")
+        data = as_tiktoken_encodes(s).encode("utf-8")   # the bytes tiktoken would merge
         return len(data.translate(None, self.absent_bytes)) != len(data)
 
     def _encode_dropping_absent_bytes(self, s: str) -> list[int]:
         """HF's BPE drops bytes its vocabulary lacks inside each pre-tokenized piece, then
         merges what is left. tiktoken cannot skip a byte mid-merge, so such text is split
-        here (the `regex` module, as tiktoken's own pure-Python path does) and each piece is
-        merged without those bytes."""
-        import regex
+        here into tiktoken's pieces and each is merged without those bytes."""
         ids = []
-        for piece in regex.findall(self.model._pat_str, s):
-            data = piece.encode("utf-8", "surrogatepass").translate(None, self.absent_bytes)
+        for piece in split_like_tiktoken(self.model._pat_str, s):
+            data = piece.encode("utf-8").translate(None, self.absent_bytes)
             if data:
                 ids.extend(self.model._encode_single_piece(data))
         return ids

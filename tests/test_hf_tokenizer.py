@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from npllama.tokenizer import Tokenizer, TokenizerError, check_spec, load, spec_json
 from npllama.tokenizer_import import hf_tokenizer_spec
 from oracles import LLAMA3_TOKENIZER_JSON, llama3_tokenizer_path, llama31_instruct_tokenizer_dir, pypi_member
-from test_tokenizer import TEXT
+from test_tokenizer import RECENT_TEXT, TEXT
 
 
 def converted(src: str, dst: Path) -> Tokenizer:
@@ -73,6 +73,13 @@ def test_ids_equal_meta_tokenizer(ours31, ours32, meta, s):
 def test_ids_equal_hf_tokenizers(ours31, hf_tokenizers, s):
     # add_special_tokens=False: this tokenizer.json (Llama 3.0's) has no bos post-processor anyway
     assert ours31.encode(s, allowed_special="all") == hf_tokenizers.encode(s, add_special_tokens=False).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(RECENT_TEXT)
+def test_recently_assigned_characters_equal_hf_tokenizers(ours31, hf_tokenizers, s):
+    # tiktoken's Unicode tables and HF's (Oniguruma) agree on these; the `regex` module's do not
+    assert ours31.encode(s) == hf_tokenizers.encode(s, add_special_tokens=False).ids
 
 
 def test_words_whose_merges_disagree_follow_meta(ours32, meta, llama32_dir):
