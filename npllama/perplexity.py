@@ -21,14 +21,14 @@ The base file (`llama-perplexity --kl-divergence-base FILE`), native byte order 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -191,25 +191,16 @@ def dequantize_log_probs(rows: np.ndarray, n_vocab: int) -> np.ndarray:
     return head[:, :1] * rows[:, 4:4 + n_vocab].astype(np.float32) + head[:, 1:]
 
 
-class BaseWriter:
-    """Writes a base file as chunks are scored: to FILE.partial, renamed when complete."""
-
-    def __init__(self, path: str, chunks: np.ndarray, n_vocab: int):
-        self.path, self.tmp = path, path + ".partial"
-        n_chunk, n_ctx = chunks.shape
-        self.f = open(self.tmp, "wb")
-        self.f.write(HEADER.pack(MAGIC, n_ctx, n_vocab, n_chunk))
-        self.f.write(chunks.astype("<i4").tobytes())
-
-    def add(self, logits: np.ndarray) -> None:
-        self.f.write(quantize_log_probs(logits).tobytes())
-
-    def close(self, ok: bool) -> None:
-        self.f.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+@contextlib.contextmanager
+def base_writer(path: str, chunks: np.ndarray, n_vocab: int) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yields add(logits), which appends a chunk's rows to the base file at path; the file
+    appears when the block ends without error, complete (atomic.staged_file)."""
+    from .atomic import staged_file
+    n_chunk, n_ctx = chunks.shape
+    with staged_file(path, "KL-divergence base file") as tmp, open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, n_ctx, n_vocab, n_chunk))
+        f.write(chunks.astype("<i4").tobytes())
+        yield lambda logits: f.write(quantize_log_probs(logits).tobytes())
 
 
 @dataclass
@@ -396,21 +387,16 @@ def run_perplexity(model, tokens, n_ctx: int = 512, bos_id: int | None = None, n
     batching(model, n_ctx, n_batch)                 # a bad --batch fails before anything is written
     print(f"perplexity: {len(tokens)} tokens, {len(chunks)} chunks of {n_ctx}, scoring the last "
           f"{scored_rows(n_ctx)} tokens of each", file=err, flush=True)
-    writer = BaseWriter(base_path, chunks, model.args.vocab_size) if base_path else None
-    result, ok = Perplexity(), False
-    try:
+    result = Perplexity()
+    with base_writer(base_path, chunks, model.args.vocab_size) if base_path else contextlib.nullcontext() as add:
         for i, (logits, targets, seconds) in enumerate(evaluate(model, chunks, bos_id, n_batch, progress=err)):
-            if writer is not None:
-                writer.add(logits)
+            if add is not None:
+                add(logits)
             result.add(token_nll(logits, targets), seconds, n_ctx)
             if as_json:
                 print(json.dumps({"chunk": i + 1, "ppl": result.ppl}), file=out, flush=True)
             else:
                 print(f"[{i + 1}]{result.ppl:.4f},", end="", file=out, flush=True)
-        ok = True
-    finally:
-        if writer is not None:
-            writer.close(ok)
     rate = result.tokens / result.seconds if result.seconds > 0 else float("inf")
     if as_json:
         print(json.dumps({"ppl": result.ppl, "ppl_err": result.ppl_err, "chunks": len(chunks), "n_ctx": n_ctx,

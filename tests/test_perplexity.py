@@ -259,9 +259,16 @@ def test_interrupted_run_leaves_no_base_file(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return Transformer.forward(model, *a, **k)
     monkeypatch.setattr(model, "forward", fail_on_third)
+    (tmp_path / "base.kld.partial").write_text("a user's file")   # not a name npllama stages under
     with pytest.raises(KeyboardInterrupt):
         quiet_run(model, np.zeros(48, int), 16, base_path=str(tmp_path / "base.kld"))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["base.kld.partial"] and "user" in (tmp_path / "base.kld.partial").read_text()
+    monkeypatch.undo()
+    quiet_run(model, np.zeros(48, int), 16, base_path=str(tmp_path / "base.kld"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "base.kld").st_mode & 0o777 == 0o666 & ~umask   # as open() makes it, not 0600
+    assert "user" in (tmp_path / "base.kld.partial").read_text()
 
 
 # --- the command line ---------------------------------------------------------------------

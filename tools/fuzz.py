@@ -198,10 +198,9 @@ def seed_kl_base(d: str) -> None:
     import numpy as np
     from npllama import perplexity as pp
     rng = np.random.default_rng(0)
-    w = pp.BaseWriter(os.path.join(d, "base.kld"), rng.integers(0, 11, (3, 8)), 11)
-    for _ in range(3):
-        w.add((rng.standard_normal((pp.scored_rows(8), 11)) * 6).astype(np.float32))
-    w.close(True)
+    with pp.base_writer(os.path.join(d, "base.kld"), rng.integers(0, 11, (3, 8)), 11) as add:
+        for _ in range(3):
+            add((rng.standard_normal((pp.scored_rows(8), 11)) * 6).astype(np.float32))
 
 
 def seed_tokens(d: str) -> None:
