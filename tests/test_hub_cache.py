@@ -12,7 +12,7 @@ import npllama.convert
 from npllama import hub
 from npllama.errors import UsageError
 from npllama.tokenizer import load as load_tokenizer
-from oracles import small_args  # noqa: F401  (puts tools/ on sys.path)
+import oracles  # noqa: F401  (puts tools/ on sys.path)
 from fuzz import seed_gguf
 
 
