@@ -6,9 +6,10 @@ from typing import Mapping
 
 import numpy as np
 
-from . import bf16, tiled
+from . import bf16, memory, tiled
 from .config import ModelArgs
-from .ops import apply_rotary_emb, attention, identity, precompute_freqs_cis, rms_norm, swiglu
+from .ops import apply_rotary_emb, blocked_attention, identity, precompute_freqs_cis, rms_norm, swiglu
+from .tracing import wants
 
 DTYPES = ("float32", "bfloat16")
 WEIGHT_MODES = ("auto", "resident", "tiled")
@@ -91,22 +92,30 @@ class Transformer:
     weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
     "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
     weights_mode: how bf16 weights are held (choose_weights_mode); the numerics are the same.
+    max_seq_len: the context; by default the longest that fits in memory, up to the trained
+    context (npllama.memory). prefill_chunk: longer prompts go through the KV cache this
+    many tokens at a time.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
-                 max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto"):
+                 max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto",
+                 prefill_chunk: int = memory.PREFILL_CHUNK):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.args, self.dtype = args, dtype
-        self.max_seq_len = int(max_seq_len or args.max_seq_len)
-        self.max_batch_size = int(max_batch_size)
-        if self.max_seq_len <= 0 or self.max_batch_size <= 0:
-            raise ValueError("max_seq_len and max_batch_size must be positive")
+        self.max_batch_size, self.prefill_chunk = int(max_batch_size), int(prefill_chunk)
+        if (max_seq_len is not None and max_seq_len <= 0) or self.max_batch_size <= 0 or self.prefill_chunk <= 0:
+            raise ValueError("max_seq_len, max_batch_size and prefill_chunk must be positive")
         self.rnd = bf16.round if dtype == "bfloat16" else identity
         self.weights = self._check_weights(weights)
         self.weights_mode = choose_weights_mode(self.weights, weights_mode)
         self._ready: dict[str, np.ndarray] = {}
         self.tied = "output.weight" not in weights
+        # Checked before anything is allocated: a context that cannot fit is an error now,
+        # not the OOM killer later.
+        self.max_seq_len = memory.choose_context(args, max_seq_len and int(max_seq_len), available_memory(),
+                                                 self.max_batch_size, dtype, self.weights_mode, self.tied,
+                                                 self.prefill_chunk)
         scaling = None
         if args.use_scaled_rope:
             scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
@@ -115,8 +124,11 @@ class Transformer:
         self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta, scaling)
         cache_shape = (args.n_layers, self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
         # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
-        self.cache_k = np.zeros(cache_shape, dtype=np.float32)
-        self.cache_v = np.zeros(cache_shape, dtype=np.float32)
+        # bfloat16 numerics hold the cache as bf16 bits, as Meta's bf16 model does: the keys
+        # and values are bf16 values already, so nothing is lost.
+        cache_dtype = np.uint16 if dtype == "bfloat16" else np.float32
+        self.cache_k = np.zeros(cache_shape, dtype=cache_dtype)
+        self.cache_v = np.zeros(cache_shape, dtype=cache_dtype)
 
     def _check_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Names, shapes and dtypes only: no weight data is read here, so a memory-mapped
@@ -210,6 +222,13 @@ class Transformer:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={self.max_seq_len}")
         if tokens.min() < 0 or tokens.max() >= args.vocab_size:
             raise ValueError(f"token ids must be in [0, {args.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        if trace is None and T > self.prefill_chunk:
+            # A long prompt goes through the KV cache a chunk at a time: every chunk attends
+            # to all positions before it, and the activations stay (chunk, ffn_dim).
+            n = self.prefill_chunk
+            parts = [self.forward(tokens[:, s:s + n], start_pos + s, last_only=last_only) for s in range(0, T, n)]
+            logits = parts[-1] if last_only else np.concatenate(parts, axis=1)
+            return logits[0] if single else logits
         freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
         hd, n_heads, n_kv = args.head_dim, args.n_heads, args.n_kv_heads
 
@@ -233,12 +252,15 @@ class Transformer:
                 record(p + "v", xv)
             xq = apply_rotary_emb(xq, freqs_cis, rnd)
             xk = apply_rotary_emb(xk, freqs_cis, rnd)
-            self.cache_k[i, :B, start_pos:start_pos + T] = xk
-            self.cache_v[i, :B, start_pos:start_pos + T] = xv
+            bits = self.cache_k.dtype == np.uint16                     # a bf16 cache (bfloat16 numerics)
+            self.cache_k[i, :B, start_pos:start_pos + T] = bf16.to_bits(xk) if bits else xk
+            self.cache_v[i, :B, start_pos:start_pos + T] = bf16.to_bits(xv) if bits else xv
             keys = self.cache_k[i, :B, :start_pos + T]                 # (B, S, n_kv_heads, head_dim)
             values = self.cache_v[i, :B, :start_pos + T]
-            inner = {} if trace is not None else None
-            attn = attention(xq, keys, values, start_pos, rnd, inner)  # (B, T, dim)
+            if bits:
+                keys, values = bf16.from_bits(keys), bf16.from_bits(values)
+            inner = {} if wants(trace, p + "scores") else None         # the (T, S) tensors, if kept
+            attn = blocked_attention(xq, keys, values, start_pos, rnd, inner)  # (B, T, dim)
             (attn_out,) = self.project(attn, (p + "attention.wo.weight",))
             h = rnd(h + attn_out)
             x = rms_norm(h, w(p + "ffn_norm.weight"), args.norm_eps, rnd)
@@ -247,8 +269,9 @@ class Transformer:
             if trace is not None:
                 record(p + "q_rotated", xq)
                 record(p + "k_rotated", xk)
-                record(p + "scores", inner["scores"])
-                record(p + "probs", inner["probs"])
+                if inner is not None:
+                    record(p + "scores", inner["scores"])
+                    record(p + "probs", inner["probs"])
                 record(p + "attention", attn)
                 record(p + "attention_out", attn_out)
                 record(p + "h", h)

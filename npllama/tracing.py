@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import __version__
+from .errors import UsageError
 
 LAYER_NAMES = ("attention_norm", "q", "k", "v", "q_rotated", "k_rotated", "scores", "probs", "attention",
                "attention_out", "h", "ffn_norm", "w1", "w3", "ffn_out", "out")
@@ -24,25 +25,52 @@ def forward_order(n_layers: int) -> list[str]:
     return names + ["norm", "logits"]
 
 
-class Trace(dict):
-    """A dict the forward pass records into; keeps only the chosen layers' tensors."""
+SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
 
-    def __init__(self, layers: Iterable[int] | None = None):
+
+class Trace(dict):
+    """A dict the forward pass records into; keeps only the chosen layers' tensors, and the
+    (n_heads, T, T) scores and probs only if asked."""
+
+    def __init__(self, layers: Iterable[int] | None = None, scores: bool = True):
         super().__init__()
         self.layers = None if layers is None else set(layers)
+        self.scores = scores
+
+    def wants(self, name: str) -> bool:
+        if not self.scores and name.endswith((".scores", ".probs")):
+            return False
+        m = re.match(r"layers\.(\d+)\.", name)
+        return self.layers is None or m is None or int(m.group(1)) in self.layers
 
     def __setitem__(self, name, value):
-        if self.layers is not None:
-            m = re.match(r"layers\.(\d+)\.", name)
-            if m and int(m.group(1)) not in self.layers:
-                return
-        super().__setitem__(name, np.array(value, copy=True))
+        if self.wants(name):
+            super().__setitem__(name, np.array(value, copy=True))
 
 
-def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None) -> dict:
+def wants(trace: dict | None, name: str) -> bool:
+    """Whether a forward pass should compute `name` for `trace` (a plain dict takes all)."""
+    if trace is None:
+        return False
+    return trace.wants(name) if isinstance(trace, Trace) else True
+
+
+def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, scores: bool = True,
+          scores_budget: int = SCORES_BUDGET) -> dict:
     """Run `tokens` (T,) from position 0 and return {name: array} plus "__meta__"
-    (params, dtype, npllama version, layout)."""
-    t = Trace(layers)
+    (params, dtype, npllama version, layout). layers: only these layers' tensors.
+    scores=False leaves out the (n_heads, T, T) scores and probs; kept, they may take at
+    most scores_budget bytes (a UsageError says how much they would need). The prompt
+    runs as one forward pass (not in prefill chunks)."""
+    T, n_layers = len(tokens), model.args.n_layers
+    if scores:
+        n = n_layers if layers is None else len({i for i in layers if 0 <= i < n_layers})
+        size = 2 * n * model.args.n_heads * T * T * 4
+        if size > scores_budget:
+            raise UsageError(f"trace: the scores and probs of {n} layer(s) ({model.args.n_heads} heads x {T:,} x "
+                             f"{T:,} float32, twice) need {size / 2**30:.2f} GiB, over the {scores_budget / 2**30:.2f}"
+                             f" GiB limit: trace fewer layers (--layers) or leave them out (--no-scores)")
+    t = Trace(layers, scores)
     model.forward(np.asarray(tokens), start_pos=0, trace=t)
     out = dict(t)
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,
