@@ -142,7 +142,7 @@ def cmd_trace(a) -> int:
     bad = [i for i in layers or [] if not 0 <= i < gen.model.args.n_layers]
     if bad:
         raise ValueError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
-    t = tr.trace(gen.model, prompt_tokens(gen, a.prompt), layers)
+    t = tr.trace(gen.model, prompt_tokens(gen, a.prompt), layers, scores=not a.no_scores)
     t["__meta__"]["prompt"] = a.prompt
     tr.save(a.output, t)
     print(f"wrote {a.output}: {len(t) - 1} tensors for {len(t['tokens'])} tokens", file=sys.stderr)
@@ -163,6 +163,33 @@ def cmd_golden(a) -> int:
     return 0
 
 
+def cmd_memory(a) -> int:
+    from . import memory
+    from .config import ModelArgs, preset
+    from .model import available_memory
+    if a.model:
+        args, name = ModelArgs.from_json(os.path.join(a.model, "params.json")), a.model
+    else:
+        args, name = preset(a.shape), a.shape
+    try:
+        contexts = [int(c) for c in a.ctx.split(",")]
+    except ValueError:
+        raise ValueError(f"--ctx takes comma-separated context lengths, got {a.ctx!r}") from None
+    if min(contexts) <= 0:
+        raise ValueError(f"--ctx: context lengths must be positive, got {a.ctx!r}")
+    print(f"{name}: {args.n_layers} layers, {args.n_kv_heads} KV heads x {args.head_dim}, {a.dtype} numerics "
+          f"(KV cache {'bf16' if a.dtype == 'bfloat16' else 'float32'}), {a.weights} weights, batch {a.batch}, "
+          f"prefill chunks of {memory.PREFILL_CHUNK}; total includes {memory.gib(memory.RESERVE)} reserve")
+    print(memory.table(args, contexts, a.dtype, a.weights, a.batch))
+    available, trained = available_memory(), args.max_seq_len
+    fit = memory.longest_context(args, available, max(trained, *contexts), batch=a.batch, dtype=a.dtype,
+                                 weights_mode=a.weights)
+    print(f"this machine: {memory.gib(available)} available: " + (
+        f"up to {fit:,} positions fit; the default context is {min(fit, trained):,} (trained: {trained:,})" if fit
+        else "the weights alone do not fit"))
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import main as bench_main
     return bench_main(a)
@@ -175,8 +202,8 @@ def add_model_args(p):
     p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
                    help="bf16 weights as resident float32 copies, or kept bf16 and widened tile by tile "
                    "(default auto: tiled when float32 copies would not fit in memory)")
-    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: the model's, "
-                   "at most 8192)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: the longest that "
+                   "fits in memory, up to the model's trained context; see `npllama memory`)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
@@ -233,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("prompt")
     t.add_argument("-o", "--output", required=True, help="the .npz to write")
     t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
+    t.add_argument("--no-scores", action="store_true", help="leave out the (n_heads, T, T) scores and probs "
+                   "(kept, they may take at most 2 GiB)")
     add_model_args(t)
     t.set_defaults(func=cmd_trace)
 
@@ -254,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--force", action="store_true", help="replace an existing bundle")
     add_model_args(gd)
     gd.set_defaults(func=cmd_golden, max_new_tokens=32)
+
+    mm = sub.add_parser("memory", help="what a model needs in memory at given contexts",
+                        description="Print the memory model (weights, KV cache, scratch of a forward pass) at "
+                        "several contexts, and the default context that fits in this machine's available memory.")
+    src = mm.add_mutually_exclusive_group()
+    src.add_argument("-m", "--model", metavar="DIR", help="a converted model directory (its params.json)")
+    src.add_argument("--shape", default="llama3.2-1b", help="a released shape instead (default llama3.2-1b; "
+                     "llama3-8b, llama3.1-8b, llama3.1-70b, ...)")
+    mm.add_argument("--ctx", default="8192,32768,131072", help="context lengths, comma-separated")
+    mm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    mm.add_argument("--weights", choices=["resident", "tiled"], default="resident")
+    mm.add_argument("--batch", type=int, default=1)
+    mm.set_defaults(func=cmd_memory)
 
     b = sub.add_parser("bench", help="prefill/decode speed on random weights at real shapes",
                        description="Build (once, cached) a random-weight bf16 checkpoint at a real shape and "

@@ -26,7 +26,7 @@ def context_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float
     return kv_cache_bytes(args, ctx, batch, dtype) + ctx * (args.head_dim // 2) * 8
 
 
-def weight_bytes(args: ModelArgs, weights_mode: str = "resident", tied: bool = False) -> int:
+def weight_bytes(args: ModelArgs, weights_mode: str = "resident") -> int:
     """The weights every token reads, once a forward pass has used them: resident, a float32
     copy of each (the output head included, tied or not); tiled, the bf16 weights themselves,
     mapped from the checkpoint. An untied embedding table is not counted: it stays in the
@@ -62,9 +62,9 @@ def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = PREFILL_CHUNK, batch: 
 
 
 def needed_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32", weights_mode: str = "resident",
-                 tied: bool = False, chunk: int = PREFILL_CHUNK) -> dict:
+                 chunk: int = PREFILL_CHUNK) -> dict:
     """Each part of the model's memory at context `ctx`, and their total (with RESERVE)."""
-    parts = {"weights": weight_bytes(args, weights_mode, tied), "kv_cache": kv_cache_bytes(args, ctx, batch, dtype),
+    parts = {"weights": weight_bytes(args, weights_mode), "kv_cache": kv_cache_bytes(args, ctx, batch, dtype),
              "rope": ctx * (args.head_dim // 2) * 8,
              "scratch": scratch_bytes(args, ctx, min(chunk, ctx), batch, dtype), "reserve": RESERVE}
     parts["total"] = sum(parts.values())
@@ -93,11 +93,11 @@ def longest_context(args: ModelArgs, available: int, limit: int, **kw) -> int:
 
 
 def choose_context(args: ModelArgs, requested: int | None, available: int, batch: int = 1, dtype: str = "float32",
-                   weights_mode: str = "resident", tied: bool = False, chunk: int = PREFILL_CHUNK) -> int:
+                   weights_mode: str = "resident", chunk: int = PREFILL_CHUNK) -> int:
     """The context (positions) to allocate: `requested`, if it fits in `available` bytes;
     by default the longest that fits, up to the trained context (args.max_seq_len). A
     context that does not fit raises UsageError with the figures."""
-    kw = dict(batch=batch, dtype=dtype, weights_mode=weights_mode, tied=tied, chunk=chunk)
+    kw = dict(batch=batch, dtype=dtype, weights_mode=weights_mode, chunk=chunk)
     ctx = requested if requested is not None else args.max_seq_len
     fit = longest_context(args, available, ctx, **kw)
     if fit == ctx or (requested is None and fit):
@@ -113,11 +113,11 @@ def choose_context(args: ModelArgs, requested: int | None, available: int, batch
 
 
 def table(args: ModelArgs, contexts: list[int], dtype: str = "float32", weights_mode: str = "resident",
-          tied: bool = False, batch: int = 1) -> str:
+          batch: int = 1) -> str:
     """The memory model at several contexts, one row each (`npllama memory`)."""
     rows = [f"{'context':>9} {'weights':>10} {'KV cache':>10} {'scratch':>10} {'total':>10}"]
     for ctx in contexts:
-        p = needed_bytes(args, ctx, batch, dtype, weights_mode, tied)
+        p = needed_bytes(args, ctx, batch, dtype, weights_mode)
         rows.append(f"{ctx:>9,} {gib(p['weights']):>10} {gib(p['kv_cache']):>10} "
                     f"{gib(p['scratch'] + p['rope']):>10} {gib(p['total']):>10}")
     return "\n".join(rows)

@@ -114,8 +114,7 @@ class Transformer:
         # Checked before anything is allocated: a context that cannot fit is an error now,
         # not the OOM killer later.
         self.max_seq_len = memory.choose_context(args, max_seq_len and int(max_seq_len), available_memory(),
-                                                 self.max_batch_size, dtype, self.weights_mode, self.tied,
-                                                 self.prefill_chunk)
+                                                 self.max_batch_size, dtype, self.weights_mode, self.prefill_chunk)
         scaling = None
         if args.use_scaled_rope:
             scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
