@@ -24,13 +24,15 @@ def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
 
 
-def hf_model(args, weights: dict, torch_dtype=None):
-    """LlamaForCausalLM (eager attention) holding npllama/Meta-named float32 weights."""
+def hf_model(args, weights: dict, torch_dtype=None, attn_implementation: str = "eager"):
+    """LlamaForCausalLM holding npllama/Meta-named weights (float32, or bf16 as uint16 bits).
+    The weights are copied in a tensor at a time, so building it takes the model's own size
+    plus one tensor (a 1B model: ~6 GB, not three copies). eager attention records the
+    probabilities a trace needs; "sdpa" is HF's fast path (benchmarks)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
-    weights = {k: as_float32(k, v) for k, v in weights.items()}
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
         rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
@@ -41,24 +43,30 @@ def hf_model(args, weights: dict, torch_dtype=None):
                       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                       num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
                       max_position_embeddings=args.max_seq_len, rope_parameters=rope,
-                      tie_word_embeddings=tied, attn_implementation="eager")
+                      tie_word_embeddings=tied, attn_implementation=attn_implementation)
     model = LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"]}
+    sources = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
     if not tied:
-        sd["lm_head.weight"] = weights["output.weight"]
-    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+        sources["lm_head.weight"] = "output.weight"
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
              "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     for i in range(args.n_layers):
-        m, p = f"model.layers.{i}.", f"layers.{i}."
-        sd[m + "self_attn.q_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wq.weight"], args.n_heads)
-        sd[m + "self_attn.k_proj.weight"] = meta_to_hf_qk(weights[p + "attention.wk.weight"], args.n_kv_heads)
         for ours, theirs in names.items():
-            sd[f"{m}{theirs}.weight"] = weights[f"{p}{ours}.weight"]
-    state = {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"weights did not map onto HF's model: missing {missing}, unexpected {unexpected}")
+            sources[f"model.layers.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
+    params = dict(model.named_parameters())
+    missing = set(params) - set(sources) - ({"lm_head.weight"} if tied else set())
+    if missing or set(sources) - set(params):
+        raise RuntimeError(f"weights did not map onto HF's model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(set(sources) - set(params))}")
+    with torch.no_grad():
+        for hf_name, name in sources.items():
+            w = as_float32(name, weights[name])
+            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                # HF's checkpoints permute q/k to rotate-half (convert_llama_weights_to_hf does)
+                w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads)
+            params[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
     if tied:
         model.tie_weights()
     return model.to(torch_dtype) if torch_dtype is not None else model
