@@ -103,14 +103,14 @@ def choose_context(args: ModelArgs, requested: int | None, available: int, batch
     if fit == ctx or (requested is None and fit):
         return fit
     need = needed_bytes(args, ctx, **kw)
+    advice = f"at most {fit:,} positions fit" if fit else "no context fits" + (
+        "; --weights tiled holds bf16 weights in half the memory" if weights_mode != "tiled" else "")
     raise UsageError(
         f"a context of {ctx:,} positions (--ctx / max_seq_len) needs {gib(need['total'])}: "
         f"{gib(need['kv_cache'])} of KV cache ({batch} x {ctx:,} positions x {args.n_layers} layers, "
         f"{'bf16' if dtype == 'bfloat16' else 'float32'}), {gib(need['weights'])} of {weights_mode} weights, "
-        f"{gib(need['scratch'] + need['rope'])} of scratch and {gib(RESERVE)} reserve, but {gib(available)} is "
-        f"available: " + (f"at most {fit:,} positions fit" if fit else "no context fits"
-                          + ("; --weights tiled holds bf16 weights in half the memory" if weights_mode != "tiled" else "")))
-
+        f"{gib(need['scratch'] + need['rope'])} of scratch and RoPE table and {gib(RESERVE)} reserve, "
+        f"but {gib(available)} is available: {advice}")
 
 def table(args: ModelArgs, contexts: list[int], dtype: str = "float32", weights_mode: str = "resident",
           batch: int = 1) -> str:

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import parallel
+
 
 def identity(x: np.ndarray) -> np.ndarray:
     return x
@@ -123,8 +125,9 @@ def attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: i
 # block at a time, so that its scratch is O(block * S) however long the prompt.
 
 ROWS_SCRATCH_BYTES = 64 << 20  # one block of the reference's intermediates (attention_rows)
-FLASH_BLOCK_Q = 256            # query rows per tile (times n_rep: the rows of each GEMM)
-FLASH_BLOCK_BYTES = 16 << 20   # float32 scores of one tile, all heads: stays in L3
+FLASH_BLOCK_Q = 64             # query rows per tile (times n_rep: the rows of each GEMM)
+FLASH_BLOCK_BYTES = 16 << 20   # float32 scores of one tile of every head: within L3
+PARALLEL_SCORES = 1 << 20      # below this many scores, threads cost more than they save
 
 
 def attention_rows(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int, rnd=identity,
@@ -159,13 +162,18 @@ def flash_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_
     row keeps the largest score m seen so far, the sum l of exp(score - m) and the output o
     weighted the same way; a key block that raises m rescales l and o by exp(m_old - m_new).
     The result is the exact softmax-weighted sum; only the float32 rounding differs from
-    `attention` (tests/test_ops.py says by how much). Key blocks wholly after a query
+    `attention` (tests/test_long.py says by how much). Key blocks wholly after a query
     block's last position are skipped: the causal mask would zero them."""
     B, T, n_heads, head_dim = xq.shape
     n_kv_heads = keys.shape[2]
     n_rep = n_heads // n_kv_heads
     q = xq.reshape(B, T, n_kv_heads, n_rep, head_dim)
-    sqrt_hd = np.float32(math.sqrt(head_dim))
+    sqrt_hd = math.sqrt(head_dim)
+    # Dividing every tile of scores by sqrt(head_dim) is a pass over them; when it is a
+    # power of two (head_dim 16, 64, 256) dividing q instead gives the same scores exactly.
+    fold = sqrt_hd == 2.0 ** round(math.log2(sqrt_hd))
+    if fold:
+        q = q / np.float32(sqrt_hd)
     k = keys.transpose(0, 2, 3, 1)                                  # (B, n_kv, hd, S)
     v = values.transpose(0, 2, 1, 3)                                # (B, n_kv, S, hd)
     out = np.empty((B, T, n_kv_heads, n_rep, head_dim), np.float32)
@@ -179,7 +187,8 @@ def flash_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_
         for c0 in range(0, start_pos + r1, block_k):
             c1 = min(start_pos + r1, c0 + block_k)
             s = qb @ k[..., c0:c1]                                  # (B, n_kv, n_rep * n, c1 - c0)
-            s /= sqrt_hd                                            # as `attention` (and Meta) divide
+            if not fold:
+                s /= np.float32(sqrt_hd)                            # as `attention` (and Meta) divide
             if c1 - 1 > start_pos + r0:                             # a key after the first row's position
                 s5 = s.reshape(B, n_kv_heads, n_rep, n, c1 - c0)
                 s5 += causal_mask(n, start_pos + r0, c0, c1)
@@ -203,15 +212,33 @@ def blocked_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, star
     """`attention` in O(block * S) memory. float32: FlashAttention tiles. bfloat16 numerics:
     blocks of query rows, keeping every rounding point of the reference (the probabilities
     are rounded once normalised, so each row's softmax sees its whole row at once).
+    The KV heads (each with its query heads) are independent: they are split between
+    threads (npllama.parallel) when there is enough work.
     trace: as `attention`'s. In float32 the scores and probs are the reference's, computed
     beside the tiles, whose output is returned either way: tracing changes no result."""
-    if rnd is not identity:
-        return attention_rows(xq, keys, values, start_pos, rnd, trace)
     if trace is not None:
-        attention_rows(xq, keys, values, start_pos, rnd, trace)
-    B, T, n_heads, _ = xq.shape
-    block_q = min(T, FLASH_BLOCK_Q)
-    return flash_attention(xq, keys, values, start_pos, block_q, max(64, FLASH_BLOCK_BYTES // (4 * B * n_heads * block_q)))
+        traced = attention_rows(xq, keys, values, start_pos, rnd, trace)
+        if rnd is not identity:
+            return traced
+    B, T, n_heads, head_dim = xq.shape
+    S, n_kv_heads = keys.shape[1], keys.shape[2]
+    n_rep = n_heads // n_kv_heads
+    groups = min(parallel.threads(), n_kv_heads) if B * n_heads * T * S >= PARALLEL_SCORES else 1
+    if rnd is identity:
+        block_q = min(T, FLASH_BLOCK_Q)
+        block_k = max(64, FLASH_BLOCK_BYTES // (4 * B * n_heads * block_q))
+        part = lambda q, k, v: flash_attention(q, k, v, start_pos, block_q, block_k)  # noqa: E731
+    else:
+        part = lambda q, k, v: attention_rows(q, k, v, start_pos, rnd,  # noqa: E731
+                                              scratch_bytes=ROWS_SCRATCH_BYTES // groups)
+    out = np.empty((B, T, n_heads * head_dim), np.float32)
+    bounds = [n_kv_heads * g // groups for g in range(groups + 1)]
+
+    def job(h0, h1):  # KV heads h0..h1-1 and their query heads
+        out[..., h0 * n_rep * head_dim:h1 * n_rep * head_dim] = part(
+            xq[:, :, h0 * n_rep:h1 * n_rep], keys[:, :, h0:h1], values[:, :, h0:h1])
+    parallel.run([lambda h0=h0, h1=h1: job(h0, h1) for h0, h1 in zip(bounds, bounds[1:])])
+    return out
 
 def silu(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88: silu -> -0
