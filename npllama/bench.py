@@ -67,6 +67,17 @@ def proc_status(field: str) -> int | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current RSS (Linux >= 4.0), so a peak can be measured for
+    one phase (a prompt) rather than since the process began (loading)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss() -> int:
     # VmHWM is this process's own peak; ru_maxrss also counts the parent's RSS at the fork
     # (a peer started by a bench that holds a model would report at least that model).

@@ -210,18 +210,16 @@ import json, resource, sys, tracemalloc
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from npllama import memory
+from npllama.bench import proc_status as status, reset_peak_rss  # VmRSS, VmHWM: this process's own
 from npllama.model import Transformer
 from oracles import random_weights, small_args
-
-def status(field):  # bytes; VmHWM is this process's peak RSS (ru_maxrss also counts the parent's at fork)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 T, dtype = int(sys.argv[2]), sys.argv[3]
 args = small_args(dim=512, n_heads=32, n_kv_heads=8, n_layers=2, vocab_size=256, multiple_of=256, max_seq_len=T)
 model = Transformer(args, random_weights(args), dtype=dtype)
 model.forward(np.arange(8), last_only=True)            # every weight in compute form
 model.cache_k[:] = 0; model.cache_v[:] = 0              # the whole cache touched (resident)
+reset_peak_rss()                                        # VmHWM from here on
 base = status("VmRSS")
 # A regression to (n_heads, T, T) attention would need gigabytes: fail fast, not eat the machine.
 resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + (1 << 30), resource.RLIM_INFINITY))
