@@ -126,7 +126,7 @@ def attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: i
 
 ROWS_SCRATCH_BYTES = 64 << 20  # one block of the reference's intermediates (attention_rows)
 FLASH_BLOCK_Q = 64             # query rows per tile (times n_rep: the rows of each GEMM)
-FLASH_BLOCK_BYTES = 16 << 20   # float32 scores of one tile of every head: within L3
+FLASH_BLOCK_BYTES = 8 << 20    # float32 scores of one tile, all heads (split between threads)
 PARALLEL_SCORES = 1 << 20      # below this many scores, threads cost more than they save
 
 
