@@ -203,7 +203,9 @@ class Transformer:
 
         Positions start_pos .. start_pos+T-1; the cache must hold positions < start_pos from
         earlier calls. last_only returns only the last position's logits, (vocab,) or (B, vocab).
-        trace, when a dict, receives every intermediate under the names of the Trace format.
+        More than prefill_chunk tokens go through the cache in chunks of that many.
+        trace, when a dict, receives every intermediate under the names of the Trace format
+        (then the tokens run as one chunk, as a trace records whole tensors anyway).
         """
         tokens = np.asarray(tokens)
         single = tokens.ndim == 1
