@@ -66,7 +66,7 @@ def hf_model(args, weights: dict, torch_dtype=None, attn_implementation: str = "
             if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                 # HF's checkpoints permute q/k to rotate-half (convert_llama_weights_to_hf does)
                 w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads)
-            params[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            params[hf_name].copy_(torch.from_numpy(np.require(w, requirements=["C", "W"])))
     if tied:
         model.tie_weights()
     return model.to(torch_dtype) if torch_dtype is not None else model
