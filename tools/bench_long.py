@@ -18,6 +18,7 @@ torch + transformers (the test extras); --vs none skips it.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def first_layers(path: str, layers: int | None):
     return args, weights
 
 
-def run_npllama(path, T, decode, layers, chunk):
+def run_npllama(path, T, decode, layers, chunk, reps):
     from npllama.model import Transformer
     args, weights = first_layers(path, layers)
     model = Transformer(args, weights, max_seq_len=T + decode, weights_mode="resident", prefill_chunk=chunk)
@@ -55,20 +56,22 @@ def run_npllama(path, T, decode, layers, chunk):
     weights["tok_embeddings.weight"].sum(dtype=np.uint64)  # ...and every page of the embedding table read
     load_peak, base = proc_status("VmHWM"), proc_status("VmRSS")
     reset_peak_rss()
-    t0 = time.perf_counter()
-    logits = model.forward(tokens[:T], last_only=True)
-    prefill = time.perf_counter() - t0
+    prefill, steps = [], []
+    for _ in range(reps):                                  # each rep prefills from position 0 again
+        t0 = time.perf_counter()
+        logits = model.forward(tokens[:T], last_only=True)
+        prefill.append(time.perf_counter() - t0)
     token = int(np.argmax(logits))
-    t0 = time.perf_counter()
     for i in range(decode):
+        t0 = time.perf_counter()
         token = int(np.argmax(model.forward(np.array([token]), start_pos=T + i, last_only=True)))
-    dec = time.perf_counter() - t0
-    return {"impl": "npllama", "base": base, "peak": proc_status("VmHWM"), "load_peak": load_peak, "prefill_s": prefill,
-            "decode_s": dec, "kv_cache": memory.kv_cache_bytes(args, T + decode),
+        steps.append(time.perf_counter() - t0)
+    return {"impl": "npllama", "base": base, "peak": proc_status("VmHWM"), "load_peak": load_peak,
+            "prefill_s": prefill, "decode_s": steps, "kv_cache": memory.kv_cache_bytes(args, T + decode),
             "weights_model": memory.weight_bytes(args)}
 
 
-def run_torch(path, T, decode, layers, chunk):
+def run_torch(path, T, decode, layers, chunk, reps):
     import torch
     from transformers import DynamicCache
     from trace_hf import hf_model
@@ -76,38 +79,42 @@ def run_torch(path, T, decode, layers, chunk):
     args, weights = first_layers(path, layers)
     model = hf_model(args, weights, attn_implementation="sdpa")
     tokens = torch.tensor(np.random.default_rng(0).integers(0, args.vocab_size, T + decode))[None]
+    prefill, steps = [], []
     with torch.inference_mode():
         model(tokens[:, :8])
         load_peak, base = proc_status("VmHWM"), proc_status("VmRSS")
         reset_peak_rss()
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        out = model(tokens[:, :T], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
+        for _ in range(reps):
+            cache = DynamicCache(config=model.config)
+            t0 = time.perf_counter()
+            out = model(tokens[:, :T], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill.append(time.perf_counter() - t0)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        t0 = time.perf_counter()
         for _ in range(decode):
+            t0 = time.perf_counter()
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-        dec = time.perf_counter() - t0
+            steps.append(time.perf_counter() - t0)
     return {"impl": f"torch {torch.__version__} (HF sdpa)", "base": base, "peak": proc_status("VmHWM"),
-            "load_peak": load_peak,
-            "prefill_s": prefill, "decode_s": dec}
+            "load_peak": load_peak, "prefill_s": prefill, "decode_s": steps}
 
 
 def worker(a) -> None:
     fn = run_npllama if a.worker == "npllama" else run_torch
-    print(json.dumps(fn(a.path, a.T, a.decode, a.layers, a.chunk)))
+    print(json.dumps(fn(a.path, a.T, a.decode, a.layers, a.chunk, a.reps)))
 
 
 def spawn(impl, path, T, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--path", path, "--T", str(T),
-           "--decode", str(a.decode), "--chunk", str(a.chunk)] + (["--layers", str(a.layers)] if a.layers else [])
+           "--decode", str(a.decode), "--chunk", str(a.chunk), "--reps", str(a.reps)]
+    cmd += ["--layers", str(a.layers)] if a.layers else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{impl} at T={T} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    res.update(T=T, prefill_tps=T / res["prefill_s"], decode_tps=a.decode / res["decode_s"] if a.decode else 0)
+    # medians: the first prefill at a new length and the first decode steps carry one-time costs
+    res.update(T=T, prefill_tps=T / statistics.median(res["prefill_s"]),
+               decode_tps=1 / statistics.median(res["decode_s"]) if a.decode else 0)
     return res
 
 
@@ -116,7 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="tiny", help="a shape of `npllama bench` (default tiny)")
     p.add_argument("--T", default="512,2048,8192", help="prompt lengths, comma-separated")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    p.add_argument("--decode", type=int, default=8, help="tokens decoded after each prompt (default 8)")
+    p.add_argument("--decode", type=int, default=8, help="tokens decoded after each prompt (default 8; the "
+                   "median step is reported)")
+    p.add_argument("--reps", type=int, default=1, help="prefills of the prompt in each process (the median is "
+                   "reported; default 1)")
     p.add_argument("--chunk", type=int, default=memory.PREFILL_CHUNK, help="npllama's prefill chunk")
     p.add_argument("--vs", choices=["torch", "none"], default="torch")
     p.add_argument("--workdir", help="where the bench checkpoints are cached (default: the npllama cache /bench)")
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     m = machine()
     print(f"machine: {m['cores']} cores, numpy {m['numpy']}, {m.get('blas', '')}")
     print(f"{a.shape}" + (f", first {a.layers} layers" if a.layers else "") + f", float32; npllama prefill chunk "
-          f"{a.chunk}; decode: {a.decode} tokens after the prompt")
+          f"{a.chunk}; prefill: median of {a.reps}; decode: median of {a.decode} steps after the prompt")
     print(f"{'T':>6} {'implementation':<28} {'prefill tok/s':>13} {'decode tok/s':>12} {'load peak':>9} "
           f"{'loaded':>8} {'peak RSS':>9} {'KV cache':>9} {'peak-loaded-KV':>14}")
     results = []
@@ -153,8 +163,8 @@ def main(argv=None) -> int:
         results += row
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"shape": a.shape, "layers": a.layers, "chunk": a.chunk, "machine": m, "results": results}, f,
-                      indent=1)
+            json.dump({"shape": a.shape, "layers": a.layers, "chunk": a.chunk, "reps": a.reps, "machine": m,
+                       "results": results}, f, indent=1)
     return 0
 
 
