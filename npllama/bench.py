@@ -15,15 +15,17 @@ import time
 import numpy as np
 
 from .config import ModelArgs, preset
+from .errors import UsageError
+from .hub import cache_dir
+from .weights import expected_shapes
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
           "llama3.2-1b": None, "llama3.2-3b": None, "llama3-8b": None}
 
 
 def shape_args(shape: str) -> ModelArgs:
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        raise UsageError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     return ModelArgs(**SHAPES[shape]) if SHAPES[shape] else preset(shape)
 
 
@@ -40,7 +42,6 @@ def build(shape: str, root: str, quiet: bool = False) -> str:
     is never held in memory), cached under root."""
     from . import bf16
     from .checkpoint import write_checkpoint
-    from .model import expected_shapes
     out = os.path.join(root, f"{shape}-bf16")
     if os.path.isfile(os.path.join(out, "index.json")):
         return out
@@ -54,6 +55,7 @@ def build(shape: str, root: str, quiet: bool = False) -> str:
             yield name, bf16.to_bits(random_tensor(s, block if len(s) > 1 else ones))
 
     total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    os.makedirs(root, exist_ok=True)   # the cache folder is ours to make
     write_checkpoint(out, args, tensors(), total, len(shapes), quiet=quiet)
     return out
 
@@ -125,7 +127,7 @@ def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
         # w as (in, out), the layout npllama keeps resident weights in (faster than x @ w.T)
         t0 = time.perf_counter(); x @ w; best_gemv = min(best_gemv, time.perf_counter() - t0)  # noqa: E702
         t0 = time.perf_counter(); xs @ w; best_gemm = min(best_gemm, time.perf_counter() - t0)  # noqa: E702
-    params = sum(int(np.prod(s)) for s in __import__("npllama").model.expected_shapes(args).values())
+    params = sum(int(np.prod(s)) for s in expected_shapes(args).values())
     per_token = params - args.vocab_size * args.dim      # the embedding table is gathered, not read
     return {"bandwidth_GBps": w.nbytes / best_gemv / 1e9, "gemm_GFLOPs": 2 * xs.shape[0] * w.size / best_gemm / 1e9,
             "weight_params_per_token": per_token}
@@ -170,24 +172,31 @@ def report(args, results, bounds, out=sys.stdout):
               f"{r['pp']['median'] / prefill_limit:.0%} of the prefill limit", file=out)
 
 
+def run_torch(path: str, dtype: str, reps: int) -> dict:
+    """The torch peer, tools/bench_torch.py, run by module name in its own process: torch is
+    a cross-check extra that npllama never imports, and the peer's memory is its own."""
+    r = subprocess.run([sys.executable, "-m", "tools.bench_torch", path, dtype, str(reps)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        hint = " (--vs torch runs tools/bench_torch.py: run from the root of a checkout of npllama)" \
+            if "No module named 'tools'" in last else \
+            " (--vs torch needs the test extras: pip install -e '.[test]')" if "No module named" in last else ""
+        raise UsageError(f"the torch run failed: {last}{hint}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(a) -> int:
-    root = a.workdir or os.path.join(__import__("npllama").hub.cache_dir(), "bench")
+    peers = a.vs or []
+    for peer in peers:
+        if peer != "torch":
+            raise UsageError(f"--vs: bench runs torch only (got {peer!r}); "
+                             "the README shows how to run llama.cpp beside it")
+    root = a.workdir or os.path.join(cache_dir(), "bench")
     path = build(a.shape, root, quiet=a.quiet)
     args = shape_args(a.shape)
     results = [run_npllama(path, a.dtype, a.reps, a.weights)]
-    for peer in a.vs or []:
-        if peer != "torch":
-            raise ValueError(f"--vs: bench runs torch only (got {peer!r}); "
-                             "the README shows how to run llama.cpp beside it")
-        # torch is a cross-check extra, never imported by npllama: the peer runs from tools/,
-        # in its own process (its memory is its own).
-        tool = os.path.join(TOOLS, "bench_torch.py")
-        if not os.path.isfile(tool):
-            raise FileNotFoundError(f"--vs torch needs {tool} (run from a checkout of the repository)")
-        r = subprocess.run([sys.executable, tool, path, a.dtype, str(a.reps)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ValueError(f"the torch run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    results += [run_torch(path, a.dtype, a.reps) for _ in peers]
     bounds = measure_bounds(args) if a.bound else None
     report(args, results, bounds)
     if a.json:

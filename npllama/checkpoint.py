@@ -18,11 +18,14 @@ import struct
 import sys
 import time
 import zipfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
+from .atomic import check_directory, staged_directory
 from .config import ModelArgs
+from .formats.untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, \
+    read_json
 
 FORMAT = "npllama"
 FORMAT_VERSION = 1
@@ -30,42 +33,21 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-from .errors import CheckpointError  # noqa: F401  (re-exported)
+from .errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
 
-def zip_member_offset(path: str, info: zipfile.ZipInfo, f) -> int:
-    """Byte offset of a stored member's data inside the zip file."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise CheckpointError(f"{path}: member {info.filename} is compressed; it cannot be memory-mapped")
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: corrupt zip local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-def map_npy_member(path: str, info: zipfile.ZipInfo, f, file_size: int) -> np.ndarray:
-    """A read-only memory map of an uncompressed .npy member of a zip."""
-    start = zip_member_offset(path, info, f)
-    f.seek(start)
-    try:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {info.filename}: not a valid .npy member ({e})") from None
-    data_start = f.tell()
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if dtype.hasobject:
-        raise CheckpointError(f"{path}: {info.filename}: object arrays are not allowed")
-    if data_start + nbytes > file_size or data_start + nbytes > start + info.file_size:
-        raise CheckpointError(f"{path}: {info.filename}: truncated ({file_size} bytes on disk)")
-    if nbytes == 0:
+def map_npy_member(z: ZipReader, member: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only memory map of a stored .npy member, which must hold exactly `dtype` and
+    `shape` (C order) within the member's and the file's bounds."""
+    got_dtype, got_shape, data_start = npy_member(z, member)
+    if got_dtype != dtype or got_shape != tuple(shape):
+        raise CheckpointError(f"{z.path}: {describe(member)} is {got_dtype.str}{list(got_shape)}, index says "
+                              f"{dtype.str}{list(shape)}")
+    if numel(shape) == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=shape, order="F" if fortran else "C")
+    return np.memmap(z.path, dtype=dtype, mode="r", offset=data_start, shape=shape)
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -100,7 +82,9 @@ def _aligned_zipinfo(name: str, offset: int, npy_bytes: int) -> zipfile.ZipInfo:
     zi = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
     zi.compress_type = zipfile.ZIP_STORED
     zi.file_size = npy_bytes
-    zip64 = npy_bytes > zipfile.ZIP64_LIMIT
+    # zipfile writes a 20-byte zip64 extra into the local header on this condition
+    # (ZipFile._open_to_write), not only past ZIP64_LIMIT itself.
+    zip64 = npy_bytes * 1.05 > zipfile.ZIP64_LIMIT
     base = offset + 30 + len(name.encode()) + (20 if zip64 else 0)
     pad = (-(base + 4)) % 64
     zi.extra = struct.pack("<HH", 0x6E70, pad) + b"\0" * pad  # id "np", ignored by readers
@@ -125,15 +109,9 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     under `dst` only when complete; an existing `dst` is replaced only with force.
     """
     from . import bf16  # local: keeps this module's import light
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not force:
-        raise CheckpointError(f"{dst}: already exists (use --force to replace it)")
     if dtype is not None and dtype not in STORAGE:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
-    tmp = f"{dst}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+        raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
+    with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
         index = {"format": FORMAT, "version": FORMAT_VERSION, "tensors": {}, "shards": {}}
         progress = Progress(total_bytes, n_tensors, quiet=quiet)
         shard_names: list[str] = []
@@ -174,26 +152,17 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(index, f, indent=1)
         for target, src in (extra_files or {}).items():
-            shutil.copyfile(src, os.path.join(tmp, target))
+            with open_regular(src) as fin, open(os.path.join(tmp, target), "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
         for target, data in (extra_data or {}).items():
             with open(os.path.join(tmp, target), "wb") as f:
                 f.write(data)
-        if os.path.exists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
-        return index
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return index
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -202,57 +171,77 @@ def sha256_file(path: str, chunk: int = 1 << 24) -> str:
 # --- reading -----------------------------------------------------------------------------
 
 def read_index(path: str) -> dict:
-    index_path = os.path.join(path, "index.json")
+    """index.json of a converted checkpoint, every field checked (names, dtypes, shapes, shard
+    file names that stay inside the directory) before anything else is opened."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (convert a checkpoint with `npllama convert`)")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{index_path}: missing (is {path} a converted npllama checkpoint?)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
-    if index.get("format") != FORMAT or not isinstance(index.get("tensors"), dict):
+    index_path = os.path.join(path, "index.json")
+    if not os.path.lexists(index_path):
+        raise CheckpointError(f"{index_path}: missing (is {path} a converted npllama checkpoint?)")
+    index = read_json(inside(path, "index.json"))
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CheckpointError(f"{index_path}: not an npllama index")
-    if index.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{index_path}: format version {index['version']} is newer than this npllama reads")
+    version = field(index, "version", int, index_path, default=1)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{index_path}: format version {version} is newer than this npllama reads")
+    shards = field(index, "shards", dict, index_path, default={})
+    for shard, meta in shards.items():
+        where = f"{index_path}: shard {describe(shard)}"
+        inside(path, shard, "shard", where=index_path)
+        if field(meta, "size", int, where) < 0:
+            raise CheckpointError(f"{where}: negative size")
+        field(meta, "sha256", str, where)
+    for name, t in field(index, "tensors", dict, index_path).items():
+        where = f"{index_path}: tensor {describe(name)}"
+        shard = field(t, "shard", str, where)
+        if shards and shard not in shards:
+            raise CheckpointError(f"{where}: shard {describe(shard)} is not listed under shards")
+        if field(t, "dtype", str, where) not in STORAGE:
+            raise CheckpointError(f"{where}: unknown dtype {describe(t['dtype'])}")
+        check_shape(field(t, "shape", list, where), where)
     return index
+
+
+def read_checked(path: str) -> tuple[ModelArgs, dict]:
+    """params.json and index.json, every tensor the index lists checked against the params."""
+    from .formats.source import check_shapes
+    index = read_index(path)
+    args = ModelArgs.from_json(inside(path, "params.json"))
+    check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"))
+    return args, index
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether a directory holds npllama's index.json (what --force may replace)."""
+    try:
+        return read_json(inside(path, "index.json")).get("format") == FORMAT
+    except (NpllamaError, AttributeError):
+        return False
+
+
+def check_destination(dst: str, force: bool) -> None:
+    """Whether a checkpoint may be written at dst; raises before any work otherwise."""
+    check_directory(os.path.abspath(dst), force, is_checkpoint, "converted checkpoint")
 
 
 def open_tensors(path: str, index: dict | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a converted checkpoint, memory-mapped (bf16 as uint16 bits).
-    Checks sizes, dtypes and shapes against the index; reads no tensor data."""
+    Checks files, sizes, members, dtypes and shapes against the index; reads no tensor data."""
     index = index or read_index(path)
     by_shard: dict[str, list[str]] = {}
     for name, t in index["tensors"].items():
-        if t.get("dtype") not in STORAGE:
-            raise CheckpointError(f"{path}: tensor {name}: unknown dtype {t.get('dtype')!r}")
         by_shard.setdefault(t["shard"], []).append(name)
     out = {}
     for shard, names in by_shard.items():
-        file = os.path.join(path, shard)
-        if not os.path.isfile(file):
+        file = inside(path, shard, "shard", where=os.path.join(path, "index.json"))
+        if not os.path.lexists(file):
             raise CheckpointError(f"{file}: missing shard (holds {names[0]} and {len(names) - 1} more)")
-        size = os.path.getsize(file)
-        want = index.get("shards", {}).get(shard, {}).get("size")
-        if want is not None and size != want:
-            raise CheckpointError(f"{file}: {size} bytes, index says {want} (truncated or replaced)")
-        try:
-            zf = zipfile.ZipFile(file)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{file}: not a readable zip ({e})") from None
-        with zf, open(file, "rb") as f:
-            members = {i.filename: i for i in zf.infolist()}
+        with ZipReader(file, expected_size=index.get("shards", {}).get(shard, {}).get("size")) as z:
             for name in names:
-                info = members.get(name + ".npy")
-                if info is None:
+                if name + ".npy" not in z.members:
                     raise CheckpointError(f"{file}: tensor {name} listed in index.json is not in the shard")
-                arr = map_npy_member(file, info, f, size)
                 t = index["tensors"][name]
-                if arr.dtype != STORAGE[t["dtype"]] or list(arr.shape) != list(t["shape"]):
-                    raise CheckpointError(f"{file}: tensor {name} is {arr.dtype}{list(arr.shape)}, index says "
-                                          f"{t['dtype']}{t['shape']}")
-                out[name] = arr
+                out[name] = map_npy_member(z, name + ".npy", STORAGE[t["dtype"]], tuple(t["shape"]))
     return out
 
 
@@ -261,21 +250,33 @@ def verify(path: str) -> list[str]:
     index = read_index(path)
     bad = []
     for shard, meta in index.get("shards", {}).items():
-        file = os.path.join(path, shard)
-        if not os.path.isfile(file) or sha256_file(file) != meta.get("sha256"):
+        file = inside(path, shard, "shard", where=os.path.join(path, "index.json"))
+        if not os.path.lexists(file) or sha256_file(file) != meta["sha256"]:
             bad.append(shard)
     return bad
 
 
-def load(path: str, dtype: str = "float32", max_seq_len: int | None = None, max_batch_size: int = 1,
-         weights_mode: str = "auto"):
-    """A converted checkpoint as a ready Transformer; weights stay memory-mapped until used."""
-    from .model import Transformer
-    index = read_index(path)
-    args = ModelArgs.from_json(os.path.join(path, "params.json"))
-    weights = open_tensors(path, index)
-    model = Transformer(args, weights, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        weights_mode=weights_mode)
-    model.path = path
-    return model
+def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
+    """Tensors holding a NaN or an infinity, read through the maps a chunk at a time."""
+    bad = []
+    tensors = open_tensors(path)
+    for name in list(tensors):
+        arr = tensors.pop(name)   # unmapped once checked: only one tensor's pages are held
+        flat = arr.reshape(-1)
+        step = max(1, chunk_bytes // max(arr.itemsize, 1))
+        for i in range(0, flat.size, step):
+            part = flat[i:i + step]
+            # bf16 bits: all-ones exponent is inf or NaN
+            finite = (part & 0x7F80) != 0x7F80 if part.dtype == np.uint16 else np.isfinite(part)
+            if not finite.all():
+                bad.append(name)
+                break
+        del arr, flat
+    return bad
 
+
+def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    """A converted checkpoint's params and its tensors, memory-mapped and checked against the
+    params (npllama.load makes the model from them)."""
+    args, index = read_checked(path)
+    return args, open_tensors(path, index)

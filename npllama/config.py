@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
+
+
+# Far beyond every released Llama (405B: dim 16384, 126 layers, 128 heads, 128256 tokens,
+# FFN 53248, 131072 positions), and small enough that the tensor list stays small.
+LIMITS = {"dim": 2**20, "n_layers": 4096, "n_heads": 4096, "n_kv_heads": 4096, "vocab_size": 2**24,
+          "multiple_of": 2**22, "hidden_dim": 2**22, "max_seq_len": 2**26, "original_max_position_embeddings": 2**26}
 
 
 @dataclass
@@ -31,23 +36,35 @@ class ModelArgs:
     original_max_position_embeddings: int = 8192
     # Checkpoints converted from HF/GGUF state their FFN width instead of deriving it.
     hidden_dim: Optional[int] = None
+    # The context the model was trained for (HF max_position_embeddings, GGUF
+    # context_length); the runtime context is chosen separately (npllama.memory.choose_context).
     max_seq_len: int = 2048
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "original_max_position_embeddings") + (("hidden_dim",) if self.hidden_dim is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if v > LIMITS[name]:
+                # A params file is untrusted: n_layers = 2**40 would make the tensor list
+                # itself exhaust memory before any shape is compared.
+                raise ConfigError(f"{name} {v} is beyond any Llama model (at most {LIMITS[name]} accepted)")
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "low_freq_factor", "high_freq_factor") + \
+                (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ConfigError(f"use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim (dim / n_heads = {self.head_dim}) must be even for rotary embeddings")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
         if self.use_scaled_rope and not self.high_freq_factor > self.low_freq_factor:
             raise ConfigError("high_freq_factor must exceed low_freq_factor")
 
@@ -90,6 +107,10 @@ class ModelArgs:
             # Meta's 3.2 1B/3B params.json says only use_scaled_rope; their factor is 32.
             if params.get("dim") in (2048, 3072) and params.get("n_layers") in (16, 28):
                 kw["rope_scaling_factor"] = 32.0
+        if "max_seq_len" not in kw and "max_seq_len" not in overrides:
+            # Meta's params.json does not state the trained context: Llama 3.1/3.2 (scaled
+            # RoPE) were trained to 131072 tokens, Llama 3 to 8192.
+            kw["max_seq_len"] = 131072 if kw.get("use_scaled_rope") is True else 8192
         kw.update(overrides)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim",
                      "max_seq_len", "original_max_position_embeddings"):
@@ -102,13 +123,8 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> "ModelArgs":
-        try:
-            with open(path, encoding="utf-8") as f:
-                params = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        from .formats.untrusted import read_json
+        params = read_json(os.fspath(path), ConfigError)
         try:
             return cls.from_dict(params, **overrides)
         except ConfigError as e:
@@ -146,3 +162,4 @@ def preset(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return ModelArgs(**{**PRESETS[name], **overrides})
+

@@ -33,3 +33,7 @@ class DownloadError(NpllamaError, RuntimeError):
 
 class UsageError(NpllamaError, ValueError):
     """An argument out of range or inconsistent with the model (names the argument)."""
+
+
+class MissingDependencyError(NpllamaError, ImportError):
+    """An optional extra (matplotlib, hypothesis) is not installed: the message names the pip command."""

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .errors import UsageError, WeightError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -31,6 +32,16 @@ def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
     return out / out.sum()
 
 
+def most_likely(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens and their log-probabilities (of the unfiltered distribution,
+    as `logprobs`), most likely first; equal ones in id order."""
+    logp = np.log(softmax64(logits))
+    k = min(k, len(logp))
+    top = np.argpartition(-logp, k - 1)[:k]
+    top = top[np.lexsort((top, -logp[top]))]
+    return [(int(t), float(logp[t])) for t in top]
+
+
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -47,11 +58,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -71,6 +82,7 @@ class Result:
     stop_reason: str                       # "stop_token", "stop_string", "length"
     logprobs: list[float] | None = None
     prompt_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per token: the k most likely (id, logprob)
 
 
 @dataclass
@@ -101,6 +113,13 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.model.forward(tokens, start_pos=start_pos, last_only=True)
         dt = time.perf_counter() - t0
+        if not np.isfinite(logits).all():
+            # A NaN or inf in the weights spreads to every later position: stop rather than
+            # sample garbage (argmax of NaNs is token 0).
+            where = getattr(self.model, "path", None)
+            hint = f"`npllama info {where} --verify`" if where else "`npllama info DIR --verify`"
+            raise WeightError(f"the model computed non-finite logits at position {start_pos + tokens.shape[-1] - 1}; "
+                              f"its weights may hold a NaN or infinity ({hint} lists the tensors)")
         n = tokens.shape[-1] * (tokens.shape[0] if tokens.ndim == 2 else 1)
         if phase == "prompt":
             self.timings.prompt_tokens += n
@@ -111,22 +130,27 @@ class Generator:
         return logits
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop_strings: Sequence[str] = (), logprobs: bool = False) -> Iterator[tuple[str, int, float | None]]:
+               stop_strings: Sequence[str] = (), logprobs: bool = False,
+               top_logprobs: int = 0) -> Iterator[tuple[str, int, float | None]]:
         """Yields (text piece, token, logprob) as tokens are generated; the text pieces
         concatenate to the decoded output and never split a UTF-8 character. A stop token is
-        not yielded; text from a stop string on is not yielded."""
+        not yielded; text from a stop string on is not yielded. top_logprobs=k records the k
+        most likely tokens of every step in self.result.top_logprobs (filled before each yield)."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("empty prompt: give at least one token (e.g. bos)")
+            raise UsageError("empty prompt: give at least one token (e.g. bos)")
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if any(not s for s in stop_strings):
-            raise ValueError("stop strings must be non-empty")
+            raise UsageError("stop strings must be non-empty")
+        if top_logprobs < 0:
+            raise UsageError(f"top_logprobs must be >= 0, got {top_logprobs}")
         limit = self.model.max_seq_len
         if len(prompt) > limit:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
-        self.result = Result([], "", "length", [] if logprobs else None, len(prompt))
+            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
+        self.result = Result([], "", "length", [] if logprobs else None, len(prompt),
+                             [] if top_logprobs else None)
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(sampling.seed)
@@ -150,6 +174,8 @@ class Generator:
             self.result.tokens.append(token)
             if logprobs:
                 self.result.logprobs.append(lp)
+            if top_logprobs:
+                self.result.top_logprobs.append(most_likely(logits, top_logprobs))
             held += decoder.add(token)
             hit = [held.find(s) for s in stop_strings if s in held]
             if hit:
@@ -176,8 +202,8 @@ class Generator:
         self.result.text = text
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-                 stop_strings: Sequence[str] = (), logprobs: bool = False) -> Result:
-        for _ in self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs):
+                 stop_strings: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0) -> Result:
+        for _ in self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs, top_logprobs):
             pass
         return self.result
 
@@ -193,14 +219,14 @@ class Generator:
         if B == 0:
             return []
         if B > self.model.max_batch_size:
-            raise ValueError(f"{B} prompts exceed max_batch_size={self.model.max_batch_size}")
+            raise UsageError(f"{B} prompts exceed max_batch_size={self.model.max_batch_size}")
         if min(map(len, prompts)) == 0:
-            raise ValueError("empty prompt in the batch: give at least one token (e.g. bos)")
+            raise UsageError("empty prompt in the batch: give at least one token (e.g. bos)")
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         limit = self.model.max_seq_len
         if max(map(len, prompts)) > limit:
-            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens")
+            raise UsageError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens")
         self.cached = []  # the cache now holds other rows' tokens
         total = min(limit, max(len(p) + max_new_tokens for p in prompts))
         pad = -1

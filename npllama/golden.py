@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
+from .atomic import check_directory, staged_directory
 from .tracing import trace
 
 README = """# npllama golden vectors
@@ -21,7 +21,7 @@ numerics `{dtype}`. Everything is plain `.npy` (`np.load`, no pickles) and JSON.
 - `<name>.npy` — intermediates, named and laid out as in npllama's README "Trace format":
   q/k in Meta's interleaved RoPE layout, `probs` shape (n_heads, T, T), `attention`
   (T, dim) with heads stacked in order.
-- `golden.json` — params, dtype, prompt, tokens, the greedy continuation
+- `golden.json` — params, dtype, prompt (null for a bundle made from token ids), tokens, the greedy continuation
   (`greedy.tokens`, `greedy.text`, {n_new} new tokens or up to a stop token), and the
   shape/dtype of every file.
 
@@ -38,31 +38,47 @@ def selected_names(n_layers: int) -> list[str]:
     return ["token_embeddings", *first, f"layers.{n_layers - 1}.out", "norm", "logits"]
 
 
-def write_golden(gen, out: str, prompt: str, max_new_tokens: int = 32, force: bool = False) -> dict:
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+def is_bundle(path: str) -> bool:
+    """Whether a directory holds a golden.json npllama wrote (what --force may replace)."""
+    from .errors import NpllamaError
+    from .formats.untrusted import inside, read_json
+    try:
+        meta = read_json(inside(path, "golden.json"))
+    except NpllamaError:
+        return False
+    return isinstance(meta, dict) and "npllama" in meta and "files" in meta
+
+
+def check_destination(out: str, force: bool) -> None:
+    check_directory(os.path.abspath(out), force, is_bundle, "golden bundle")
+
+
+DEFAULT_PROMPT = "The answer to the ultimate question of life, the universe, and everything is"
+
+
+def write_golden(gen, out: str, prompt: str | None = None, max_new_tokens: int = 32, force: bool = False,
+                 tokens: list[int] | None = None) -> dict:
+    """The bundle for `prompt` (default DEFAULT_PROMPT), or for token ids given as they are."""
+    check_destination(out, force)
     model, tok = gen.model, gen.tokenizer
-    tokens = tok.encode(prompt, bos=tok.add_bos)
+    if tokens is None:
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        tokens = tok.encode(prompt, bos=tok.add_bos)
     n = model.args.n_layers
     tr = trace(model, tokens, layers=sorted({0, n - 1}))
     result = gen.generate(tokens, max_new_tokens)
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = {}
-    for name in ["tokens", *selected_names(n)]:
-        arr = np.asarray(tr[name])
-        np.save(os.path.join(tmp, name + ".npy"), arr)
-        files[name + ".npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
-    meta = {"npllama": __version__, "params": model.args.to_dict(), "dtype": model.dtype, "prompt": prompt,
-            "tokens": [int(t) for t in tokens],
-            "greedy": {"tokens": result.tokens, "text": result.text, "stop_reason": result.stop_reason},
-            "files": files}
-    with open(os.path.join(tmp, "golden.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(README.format(version=__version__, dtype=model.dtype, n_new=max_new_tokens))
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with staged_directory(out, force, is_bundle, "golden bundle") as tmp:
+        files = {}
+        for name in ["tokens", *selected_names(n)]:
+            arr = np.asarray(tr[name])
+            np.save(os.path.join(tmp, name + ".npy"), arr)
+            files[name + ".npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+        meta = {"npllama": __version__, "params": model.args.to_dict(), "dtype": model.dtype, "prompt": prompt,
+                "tokens": [int(t) for t in tokens],
+                "greedy": {"tokens": result.tokens, "text": result.text, "stop_reason": result.stop_reason},
+                "files": files}
+        with open(os.path.join(tmp, "golden.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(README.format(version=__version__, dtype=model.dtype, n_new=max_new_tokens))
     return meta

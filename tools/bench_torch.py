@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """The torch peer of `npllama bench --vs torch`: HF transformers' LlamaForCausalLM on the
 same converted weights, measured the same way (pp128, tg32 with a KV cache, forward passes
-only). Prints one JSON line. Usage: bench_torch.py DIR float32|bfloat16 REPS"""
+only). Prints one JSON line. `npllama bench` runs it by module name from the repository's root:
+
+    python -m tools.bench_torch DIR float32|bfloat16 REPS
+"""
 import json
 import os
 import sys
@@ -19,7 +22,7 @@ def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: 
     """HF transformers on the same weights (needs torch + transformers; run in a subprocess
     so its memory is its own)."""
     import torch
-    from trace_hf import hf_model
+    from tools.trace_hf import hf_model
 
     from npllama.checkpoint import open_tensors
     torch.set_num_threads(os.cpu_count())
@@ -45,7 +48,6 @@ def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: 
             tg.append(gen_len / (time.perf_counter() - t0))
     return {"impl": f"torch {torch.__version__} {dtype} (HF LlamaForCausalLM)", "load_s": load_s,
             "pp": summary(pp), "tg": summary(tg), "peak_rss": peak_rss()}
-
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
 
     import npllama
     from npllama import bf16, checkpoint
-    from npllama.convert import GGUF_NAMES
+    from npllama.formats.names import meta_to_gguf
     args = npllama.ModelArgs.from_json(os.path.join(src, "params.json"))
     tensors = checkpoint.open_tensors(src)
-    names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-    meta_to_gguf = {v: k for k, v in GGUF_NAMES.items()}
     w = gguf.GGUFWriter(dst + ".partial", "llama")
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
@@ -50,19 +47,16 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
         w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(args.head_dim, args.rope_theta, scaling))
                      .astype(np.float32))
     for name, arr in tensors.items():
-        if name not in names:
-            _, i, rest = name.split(".", 2)
-            names[name] = f"blk.{i}.{meta_to_gguf[rest.rsplit('.', 1)[0]]}.weight"
         x = bf16.from_bits(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
         if out_type == "q8_0" and x.ndim == 2:
             q = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(names[name], gguf.quants.quantize(x, q), raw_dtype=q)
+            w.add_tensor(meta_to_gguf(name), gguf.quants.quantize(x, q), raw_dtype=q)
         elif out_type == "bf16" and x.ndim == 2:
-            w.add_tensor(names[name], bf16.to_bits(x), raw_dtype=gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(meta_to_gguf(name), bf16.to_bits(x), raw_dtype=gguf.GGMLQuantizationType.BF16)
         elif out_type == "f16" and x.ndim == 2:
-            w.add_tensor(names[name], x.astype(np.float16))
+            w.add_tensor(meta_to_gguf(name), x.astype(np.float16))
         else:
-            w.add_tensor(names[name], np.ascontiguousarray(x))
+            w.add_tensor(meta_to_gguf(name), np.ascontiguousarray(x))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -18,57 +18,27 @@ import sys
 import numpy as np
 
 
-def meta_to_hf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's convert_llama_weights_to_hf `permute`: Meta's interleaved pairs -> rotate-half."""
-    out_dim, dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_dim, dim)
-
-
 def hf_model(args, weights: dict, torch_dtype=None, attn_implementation: str = "eager"):
-    """LlamaForCausalLM holding npllama/Meta-named weights (float32, or bf16 as uint16 bits).
-    The weights are copied in a tensor at a time, so building it takes the model's own size
-    plus one tensor (a 1B model: ~6 GB, not three copies). eager attention records the
-    probabilities a trace needs; "sdpa" is HF's fast path (benchmarks)."""
+    """LlamaForCausalLM holding npllama/Meta-named weights (npllama.testing's HF layout),
+    copied in a tensor at a time: building it takes the model's own size plus one tensor (a
+    1B model: ~5 GB, not three copies). eager attention records the probabilities a trace
+    needs; "sdpa" is HF's fast path (tools/bench_long.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npllama.model import as_float32  # bf16 checkpoints hold uint16 bits
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
-                "original_max_position_embeddings": args.original_max_position_embeddings}
-    tied = "output.weight" not in weights
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
-                      max_position_embeddings=args.max_seq_len, rope_parameters=rope,
-                      tie_word_embeddings=tied, attn_implementation=attn_implementation)
-    model = LlamaForCausalLM(cfg).eval()
-    sources = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-    if not tied:
-        sources["lm_head.weight"] = "output.weight"
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(args.n_layers):
-        for ours, theirs in names.items():
-            sources[f"model.layers.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
-    params = dict(model.named_parameters())
-    missing = set(params) - set(sources) - ({"lm_head.weight"} if tied else set())
-    if missing or set(sources) - set(params):
-        raise RuntimeError(f"weights did not map onto HF's model: missing {sorted(missing)}, "
-                           f"unexpected {sorted(set(sources) - set(params))}")
+    from npllama.testing import hf_config, hf_tensors
+    config = hf_config(args, tied="output.weight" not in weights)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation=attn_implementation)).eval()
+    state, loaded = model.state_dict(), set()
     with torch.no_grad():
-        for hf_name, name in sources.items():
-            w = as_float32(name, weights[name])
-            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                # HF's checkpoints permute q/k to rotate-half (convert_llama_weights_to_hf does)
-                w = meta_to_hf_qk(w, args.n_heads if "q_proj" in hf_name else args.n_kv_heads)
-            params[hf_name].copy_(torch.from_numpy(np.require(w, requirements=["C", "W"])))
-    if tied:
-        model.tie_weights()
+        for name, x in hf_tensors(args, weights):
+            if name not in state or tuple(state[name].shape) != x.shape:
+                raise RuntimeError(f"weights did not map onto HF's model: {name} {x.shape}")
+            # a memory-mapped float32 weight is read-only: copied (one tensor) for torch
+            state[name].copy_(torch.from_numpy(np.require(x, requirements=["W"])))
+            loaded.add(name)
+    if set(state) - loaded:
+        raise RuntimeError(f"weights did not map onto HF's model: missing {sorted(set(state) - loaded)}")
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
@@ -132,19 +102,32 @@ def hf_trace(model, tokens) -> dict:
 
 def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"trace_hf.py: needs torch and transformers, the test extras ({e}); "
+                 "install them with: pip install -e '.[test]'")
     import npllama
     from npllama import checkpoint, tracing
+    from npllama.errors import NpllamaError, UsageError
     from npllama.tokenizer import load as load_tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt")
     p.add_argument("-m", "--model", help="converted model directory (default: npllama's default model)")
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args()
-    path = a.model or npllama.hub.default_model()
-    args = npllama.ModelArgs.from_json(os.path.join(path, "params.json"))
-    tok = load_tokenizer(path)
-    tr = hf_trace(hf_model(args, checkpoint.open_tensors(path)), tok.encode(a.prompt, bos=tok.add_bos))
-    tracing.save(a.output, tr)
+    try:
+        path = a.model or npllama.hub.default_model()
+        args = npllama.ModelArgs.from_json(os.path.join(path, "params.json"))
+        tok = load_tokenizer(path)
+        tokens = tok.encode(a.prompt, bos=tok.add_bos)
+        if not tokens:
+            raise UsageError("the prompt is empty and this model adds no begin-of-text token")
+        tr = hf_trace(hf_model(args, checkpoint.open_tensors(path)), tokens)
+        tracing.save(a.output, tr)
+    except NpllamaError as e:
+        sys.exit(f"trace_hf.py: {e}")
     print(f"wrote {a.output}: {len(tr) - 1} tensors", file=sys.stderr)
 
 

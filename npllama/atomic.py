@@ -1,0 +1,96 @@
+"""Output that never destroys: a directory or file appears complete or not at all, is
+fsynced before it is renamed into place, and `--force` replaces only a directory npllama
+wrote. Every refusal happens before any work is done and leaves nothing behind."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+from .errors import UsageError
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def check_parent(path: str, what: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{path}: cannot write the {what} there: {parent} is not an existing directory")
+
+
+def check_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str) -> None:
+    """Whether `dst` may be written: it does not exist (and its parent does), or --force was
+    given and it is a directory npllama wrote (`owned`), or an empty one."""
+    if not os.path.lexists(dst):
+        check_parent(dst, what)
+        return
+    if not force:
+        raise UsageError(f"{dst}: already exists (use --force to replace it)")
+    if os.path.islink(dst) or not os.path.isdir(dst):
+        raise UsageError(f"{dst}: not a directory; --force replaces only a {what} npllama wrote, so nothing "
+                         "was touched")
+    if os.listdir(dst) and not owned(dst):
+        raise UsageError(f"{dst}: not a {what} npllama wrote; --force replaces only those, so nothing was "
+                         "touched (choose another name, or remove it yourself)")
+
+
+def check_file(path: str, what: str) -> None:
+    """Whether a single output file may be written (replaced if it is a file)."""
+    check_parent(path, what)
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; give a file name for the {what}")
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str) -> Iterator[str]:
+    """Yields a fresh directory beside dst to fill; on success it is fsynced and renamed to
+    dst (replacing the old one only as check_directory allows); on failure it is removed."""
+    dst = os.path.abspath(dst)
+    check_directory(dst, force, owned, what)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.lexists(dst):
+            check_directory(dst, force, owned, what)  # again: it may have changed meanwhile
+            old = tmp + ".old"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dst)
+        _fsync(os.path.dirname(dst))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_file(path: str, write: Callable[[str], None], what: str) -> None:
+    """write(tmp) fills a temporary file beside path, which is then fsynced and renamed to
+    path; on failure nothing is left."""
+    check_file(path, what)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,406 @@
+"""A checkpoint's own chat template (Jinja, from HF's tokenizer_config.json or a GGUF's
+tokenizer.chat_template), rendered as transformers' apply_chat_template renders it: the same
+Jinja settings (trim_blocks, lstrip_blocks, loop controls) and globals (raise_exception,
+strftime_now, tojson, dict, namespace, bos_token, eos_token, add_generation_prompt, tools,
+documents, ...), and control tokens typed in messages encoded as text (transformers'
+sanitize_control_tokens=True), so the ids are exactly transformers'.
+
+A template is untrusted code. It runs in jinja2's ImmutableSandboxedEnvironment (no
+attribute of Python internals, no mutation of the values passed in), and what it may cost
+is bounded:
+- every string, list or number it builds (repetition, concatenation, `~`, joins, padding,
+  formatting, any filter or method call) is charged to a budget of MAX_BUILT characters per
+  render, checked before anything that can grow faster than its inputs is built;
+- its output is at most MAX_OUTPUT characters;
+- range() gives at most 100000 items (jinja's sandbox);
+- rendering stops after TIME_LIMIT seconds, checked on every line of the compiled template
+  (a loop with an empty body included), and on deep recursion;
+- the template itself is at most MAX_TEMPLATE_CHARS characters.
+Any of these, a syntax error or raise_exception is one TokenizerError/UsageError line."""
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+import time
+from datetime import datetime
+from typing import Any, Sequence
+
+from .errors import TokenizerError, UsageError
+
+MAX_TEMPLATE_CHARS = 1 << 20     # Llama 3.1's chat template is 4.6 kB
+
+MAX_BUILT = 1 << 25          # characters (or list items) a render may build: 32M
+MAX_OUTPUT = 1 << 22         # characters of prompt text: 4M, beyond any context window
+MAX_INT_BITS = 1 << 16
+TIME_LIMIT = 5.0             # seconds; real templates render in milliseconds
+
+# transformers' markers around control tokens found in the caller's strings (private-use
+# characters; they are removed from those strings first, as transformers does).
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class _Budget(Exception):
+    """A bound of this module was exceeded while rendering."""
+
+
+def _size(value, limit: int) -> int:
+    """Characters `value` stands for once printed or joined, shared references counted each
+    time; stops counting past limit (so it is cheap whatever the structure)."""
+    n, stack = 0, [value]
+    while stack and n <= limit:
+        v = stack.pop()
+        if isinstance(v, (str, bytes)):
+            n += len(v)
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            n += 1 + len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            n += 1 + len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, int) and not isinstance(v, bool):
+            n += v.bit_length() // 3 + 1
+        else:
+            n += 1
+    return n
+
+
+# printf-style conversions ('%-10.3f'): their widths and precisions
+_PERCENT_SPEC = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_widths(widths, what: str) -> None:
+    """No field wider than the output may be ('*' takes its width from the arguments: refused)."""
+    for w in widths:
+        if w == "*" or (w and (len(w) > 7 or int(w) > MAX_OUTPUT)):
+            raise _Budget(f"{what} asks for a field wider than {MAX_OUTPUT:,} characters")
+
+
+def _check_format(fmt, what: str) -> None:
+    if isinstance(fmt, str):
+        if what == "%":
+            _check_widths([w for m in _PERCENT_SPEC.finditer(fmt) for w in m.groups()], what)
+        else:
+            for _, _, spec, _ in string.Formatter().parse(fmt):
+                if "{" in (spec or ""):
+                    raise _Budget(f"{what}: a width from the arguments ({{:{spec}}}) is not allowed")
+                _check_widths(re.findall(r"\d+|\*", spec or ""), what)
+
+
+def _predicted(name: str, a: list, kw: dict) -> int:
+    """Characters the str method or filter `name` will produce, for the ones whose output can
+    be far larger than their inputs (a[0] is the string or value it works on); 0 for the rest,
+    which are charged after the call."""
+    others = list(a[1:]) + list(kw.values())
+    width = max((x for x in others if isinstance(x, int) and not isinstance(x, bool)), default=0)
+    text = a[0] if a and isinstance(a[0], str) else ""
+    base = _size(a[0], MAX_BUILT) if a else 0
+    rest = _size(others, MAX_BUILT)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return max(base, width) + rest
+    if name == "expandtabs":
+        return base + text.count("\t") * width
+    if name == "indent":
+        return base + (text.count("\n") + 1) * (width + rest)
+    if name == "wordwrap":
+        return base * (2 + rest)
+    if name == "tojson":
+        return (base + 1) * (width + 2)
+    if name == "generate_lorem_ipsum":  # lipsum(n, html, min, max)
+        width = max((x for x in a + list(kw.values()) if isinstance(x, int) and not isinstance(x, bool)), default=100)
+        return 20 * width * width
+    if name == "replace" and len(a) >= 3 and all(isinstance(x, str) for x in a[:3]):
+        count = text.count(a[1]) if a[1] else len(text) + 1
+        return len(text) + count * max(len(a[2]) - len(a[1]), 0)
+    if name in ("format", "format_map", "%"):  # str.format, or printf-style ('%' and the format filter)
+        _check_format(text, name)
+        return base + rest
+    if name == "join":  # a = [separator, items]
+        sep, items = (a + ["", ""])[:2]
+        return _size(items, MAX_BUILT) + len(items) * _size(sep, MAX_BUILT) if hasattr(items, "__len__") else 0
+    return 0
+
+
+def _new_environment():
+    import jinja2
+    import jinja2.compiler
+    import jinja2.ext
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class CodeGenerator(jinja2.compiler.CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b`: charged like `+`
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        """transformers' {% generation %}...{% endgeneration %} (marks assistant tokens for
+        training masks): renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """namespace(): no underscore attributes (a way to CPython's internals)."""
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        code_generator_class = CodeGenerator
+        intercepted_binops = frozenset(["*", "**", "+", "%", "//", "-"])
+
+        def charge(self, value):
+            self.built += _size(value, MAX_BUILT - self.built)
+            if self.built > MAX_BUILT:
+                raise _Budget(f"the template builds more than {MAX_BUILT:,} characters")
+            return value
+
+        def precharge(self, n: int, what: str):
+            if self.built + n > MAX_BUILT:
+                raise _Budget(f"{what} would build more than {MAX_BUILT:,} characters")
+
+        def checked_concat(self, parts):
+            self.precharge(sum(_size(p, MAX_BUILT) for p in parts), "~")
+            return self.charge("".join(map(str, parts)))
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                    abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
+                raise _Budget(f"a power with more than {MAX_INT_BITS} bits")
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    self.precharge(_size(seq, MAX_BUILT) * max(n, 0), "*")
+                elif isinstance(seq, int) and isinstance(n, int) and \
+                        seq.bit_length() + n.bit_length() > MAX_INT_BITS:
+                    raise _Budget(f"a product with more than {MAX_INT_BITS} bits")
+            if operator == "+" and isinstance(left, (str, list, tuple)):
+                self.precharge(_size(left, MAX_BUILT) + _size(right, MAX_BUILT), "+")
+            if operator == "%" and isinstance(left, str):
+                _check_format(left, "%")
+                self.precharge(len(left) + _size(right, MAX_BUILT), "%")
+            return self.charge(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            name = getattr(target, "__name__", "")
+            this = getattr(target, "__self__", None)
+            if name == "join" and isinstance(this, str) and args and not hasattr(args[0], "__len__"):
+                args = (list(args[0]), *args[1:])  # a generator: its items are counted first
+            if isinstance(this, str) or name == "generate_lorem_ipsum":
+                __self.precharge(_predicted(name, [this, *args] if isinstance(this, str) else list(args), kwargs),
+                                 name)
+            return __self.charge(super().call(__context, __obj, *args, **kwargs))
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' tojson: no HTML escaping, json.dumps's options
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    class TemplateDict:
+        """dict(...) and dict.fromkeys(...) without the dict type itself (its attributes)."""
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.built = 0
+    env.filters["tojson"] = tojson
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _charged_filter(env, name, f)
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=Namespace)
+    return env
+
+
+def _charged_filter(env, name: str, f):
+    """A filter that checks what it will build against the budget, and charges what it built.
+    (jinja marks some filters with pass_context etc. on the function: keep those marks.)"""
+    import functools
+
+    @functools.wraps(f)
+    def filtered(*args, **kwargs):
+        n_context = sum(map(_is_jinja_context, args[:1]))
+        context, plain = args[:n_context], list(args[n_context:])
+        if name == "join" and plain and not hasattr(plain[0], "__len__"):
+            plain[0] = list(plain[0])  # a generator: its items are counted first
+        # join(value, d): the separator first, as str.join has it
+        predicted = _predicted("%" if name == "format" else name,  # the format filter is `value % args`
+                               [(plain + [kwargs.get("d", "")])[1], plain[0]] if name == "join" and plain else plain,
+                               {} if name == "join" else kwargs)
+        env.precharge(predicted, f"the {name} filter")
+        return env.charge(f(*context, *plain, **kwargs))
+    return filtered
+
+
+def _is_jinja_context(a) -> bool:
+    import jinja2.nodes
+    import jinja2.runtime
+    return isinstance(a, (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment))
+
+
+def plain_data(value, where: str = "messages"):
+    """JSON-like data (what a template may see of the caller's values); anything else is a
+    UsageError. Keys whose value is None are dropped from messages, as transformers does."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise UsageError(f"{where}: keys must be strings")
+        return {k: plain_data(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise UsageError(f"{where}: {type(value).__name__} is not JSON data")
+
+
+class ChatTemplate:
+    """The tokenizer's chat_template, compiled once; `encode_dialog_prompt` as the built-in
+    chat formats have it."""
+
+    def __init__(self, tokenizer, source: str | None = None):   # tokenizer: a tokenizer.Tokenizer
+        import jinja2
+        self.tokenizer = tokenizer
+        self.source = tokenizer.chat_template if source is None else source
+        if not isinstance(self.source, str) or len(self.source) > MAX_TEMPLATE_CHARS:
+            raise TokenizerError(f"{tokenizer.name}: the chat template is not a string of at most "
+                                 f"{MAX_TEMPLATE_CHARS:,} characters")
+        self.env = _new_environment()
+        try:
+            self.template = self.env.from_string(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"{tokenizer.name}: chat template line {e.lineno}: {e.message}") from None
+        except RecursionError:
+            raise TokenizerError(f"{tokenizer.name}: chat template nests too deeply") from None
+        # Longest first, so a token wins over the tokens it contains (transformers' order).
+        control = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        self.control_re = re.compile("|".join(map(re.escape, control)) or "(?!)")
+        self.markers_re = re.compile(f"{MARK_START}({self.control_re.pattern}){MARK_END}|[{MARK_START}{MARK_END}]")
+
+    def globals(self) -> dict:
+        """What transformers passes besides the messages: its special_tokens_map."""
+        t = self.tokenizer
+        return {f"{k}_token": v for k, v in (("bos", t.bos), ("eos", t.eos), ("unk", t.unk), ("pad", t.pad))
+                if v is not None}
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools=None, documents=None,
+               **kwargs) -> str:
+        """The prompt text, as apply_chat_template(..., tokenize=False) gives it."""
+        return self._render(self._messages(messages), add_generation_prompt, tools, documents, kwargs)
+
+    def encode_dialog_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools=None,
+                             documents=None, **kwargs) -> list[int]:
+        """The prompt's ids, as apply_chat_template(..., sanitize_control_tokens=True) gives
+        them: control tokens written by the template are tokens, ones inside the messages
+        (and tools, documents, kwargs) are text."""
+        mark = self._mark
+        text = self._render(mark(self._messages(messages)), add_generation_prompt, mark(plain_data(tools, "tools")),
+                            mark(plain_data(documents, "documents")), mark(plain_data(kwargs, "kwargs")))
+        return self._encode_marked(text)
+
+    def _messages(self, messages) -> list[dict]:
+        messages = plain_data(list(messages) if isinstance(messages, (list, tuple)) else messages)
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise UsageError("messages must be a non-empty list of dicts")
+        out = []
+        for m in messages:
+            m = {k: v for k, v in m.items() if v is not None}
+            reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+            if reasoning is not None:  # transformers' aliases, so any template finds it
+                m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+            out.append(m)
+        return out
+
+    def _mark(self, value):
+        if isinstance(value, str):
+            value = value.replace(MARK_START, "").replace(MARK_END, "")
+            return self.control_re.sub(lambda m: MARK_START + m.group(0) + MARK_END, value)
+        if isinstance(value, dict):
+            return {k: self._mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._mark(v) for v in value]
+        return value
+
+    def _render(self, messages, add_generation_prompt, tools, documents, kwargs) -> str:
+        import jinja2
+        variables = {**self.globals(), **plain_data(kwargs, "kwargs")}
+        variables.update(messages=messages, tools=plain_data(tools, "tools"),
+                         documents=plain_data(documents, "documents"), add_generation_prompt=add_generation_prompt)
+        self.env.built = 0
+        out, n = [], 0
+        deadline = time.monotonic() + TIME_LIMIT
+
+        def tracer(frame, event, arg):  # every line run while rendering: the template's and jinja's
+            if time.monotonic() > deadline:
+                raise _Budget(f"rendering took longer than {TIME_LIMIT} s")
+            return tracer
+
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            for piece in self.template.generate(**variables):
+                n += len(piece)
+                if n > MAX_OUTPUT:
+                    raise _Budget(f"the prompt is longer than {MAX_OUTPUT:,} characters")
+                out.append(piece)
+        except _Budget as e:
+            raise UsageError(f"{self.tokenizer.name}: chat template stopped: {e}") from None
+        except RecursionError:
+            raise UsageError(f"{self.tokenizer.name}: chat template stopped: recursion too deep") from None
+        except MemoryError:
+            raise UsageError(f"{self.tokenizer.name}: chat template stopped: out of memory") from None
+        except jinja2.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined call
+            raise UsageError(f"{self.tokenizer.name}: chat template: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            raise UsageError(f"{self.tokenizer.name}: chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            sys.settrace(previous)
+            self.env.built = 0
+        return "".join(out)
+
+    def _encode_marked(self, text: str) -> list[int]:
+        """transformers' encode_marked_chat: pieces between markers are encoded separately,
+        marked control tokens as plain text; each piece after the first is encoded after a
+        newline that is then removed (SentencePiece's prefix space, kept for identical ids)."""
+        tok = self.tokenizer
+        pieces = self.markers_re.split(text)
+        newline = tok.encode("\n")
+        ids = tok.encode(pieces[0], allowed_special="all")
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            allowed: Any = frozenset() if i % 2 == 1 else "all"
+            piece_ids = tok.encode("\n" + piece, allowed_special=allowed)
+            ids += piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else \
+                tok.encode(piece, allowed_special=allowed)
+        return ids

@@ -1,0 +1,212 @@
+"""GGUF files of the llama architecture (llama.cpp's format), read with the gguf package's
+reader; every tensor's type, dims, offset and alignment are then checked against the file
+and each other here, and quantized tensors are dequantized with gguf's own code."""
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import CheckpointError, ConfigError
+from .names import gguf_to_meta
+from .source import Source
+from .untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
+
+
+def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
+    """A metadata value, required to be of `kind` (int excludes bool) when given."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        value = f.contents()   # decoded lazily by gguf: strings may not be UTF-8
+    except (ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata {key} is unreadable ({type(e).__name__}: {e})") from None
+    if kind is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))
+                             or (kind is float and not np.isfinite(value))):
+        raise CheckpointError(f"{path}: {key} should be {kind.__name__}, got {describe(value)}")
+    return value
+
+
+def check_tensors(reader, path: str, size: int) -> None:
+    """Each tensor: a known type, 1..4 dims whose first is a whole number of blocks, data
+    aligned and inside the file, and no two tensors' data overlapping."""
+    import gguf
+    spans = []
+    for t in reader.tensors:
+        where = f"{path}: tensor {describe(t.name)}"
+        dims = [int(d) for d in t.shape]
+        if not 1 <= len(dims) <= min(4, MAX_DIMS) or min(dims) < 1:
+            raise CheckpointError(f"{where}: dims {dims} are not 1 to 4 positive sizes")
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if dims[0] % block or numel(tuple(dims)) > 2**56:
+            raise CheckpointError(f"{where}: dims {dims} do not fit blocks of {block}")
+        nbytes = numel(tuple(dims)) // block * type_size
+        if t.data_offset % reader.alignment:
+            raise CheckpointError(f"{where}: data offset {t.data_offset} is not aligned to {reader.alignment}")
+        check_extent(t.data_offset, nbytes, size, where)
+        spans.append((t.data_offset, nbytes, t.name))
+    end = 0
+    for start, nbytes, name in sorted(spans):
+        if start < end:
+            raise CheckpointError(f"{path}: tensor {describe(name)} overlaps the one before it")
+        end = start + nbytes
+
+
+DEQUANTIZABLE = None  # set on first use: the types gguf.quants can dequantize
+
+# GGUF metadata value types: fixed sizes; 8 is a string, 9 an array.
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+MAX_GGUF_COUNT = 1 << 20      # tensors, metadata keys, array elements: Llama 3's merges are 280K
+MAX_GGUF_STRING = 1 << 24
+
+
+def check_layout(path: str, data) -> None:
+    """Walk a GGUF's header (metadata and tensor infos) with every length and count bounded
+    by the bytes left, before gguf's reader, which handles arrays element by element and
+    loops without end on an array whose declared length runs past the file."""
+    size = len(data)
+    pos = 0
+
+    def take(fmt: str) -> tuple:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise CheckpointError(f"{path}: header runs past the end of the file at byte {pos}")
+        pos += n
+        return struct.unpack_from(fmt, data, pos - n)
+
+    def count(n: int, min_bytes: int, what: str) -> int:
+        if n > MAX_GGUF_COUNT or n * min_bytes > size - pos:
+            raise CheckpointError(f"{path}: {what} count {n} at byte {pos} does not fit the file")
+        return n
+
+    def string(what: str) -> None:
+        nonlocal pos
+        (n,) = take("<Q")
+        if n > MAX_GGUF_STRING or pos + n > size:
+            raise CheckpointError(f"{path}: {what} of {n} bytes at byte {pos} does not fit the file")
+        pos += n
+
+    def value(kind: int, depth: int = 0) -> None:
+        if kind in GGUF_SCALAR_SIZES:
+            take(f"<{GGUF_SCALAR_SIZES[kind]}s")
+        elif kind == 8:
+            string("string")
+        elif kind == 9 and depth == 0:
+            item, n = take("<IQ")
+            if item in GGUF_SCALAR_SIZES:
+                take(f"<{count(n, GGUF_SCALAR_SIZES[item], 'array') * GGUF_SCALAR_SIZES[item]}s")
+            elif item == 8:
+                for _ in range(count(n, 8, "array")):
+                    string("string")
+            else:
+                raise CheckpointError(f"{path}: array of type {item} at byte {pos} is not supported")
+        else:
+            raise CheckpointError(f"{path}: metadata type {kind} at byte {pos} is not supported")
+
+    magic, version = take("<4sI")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise CheckpointError(f"{path}: not a little-endian GGUF of version 2 or 3")
+    n_tensors, n_kv = take("<QQ")
+    for _ in range(count(n_kv, 12, "metadata")):
+        string("key")
+        value(take("<I")[0])
+    for _ in range(count(n_tensors, 24, "tensor")):
+        string("tensor name")
+        (n_dims,) = take("<I")
+        if n_dims > 4:
+            raise CheckpointError(f"{path}: a tensor with {n_dims} dims at byte {pos} (GGUF has at most 4)")
+        take(f"<{n_dims}QIQ")
+
+
+def read_gguf(path: str) -> Source:
+    import gguf
+    import mmap
+    with open_regular(path) as f:   # a FIFO or device is refused before gguf maps it
+        size = file_size(f)
+        if size < 24:
+            raise CheckpointError(f"{path}: too short for a GGUF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            check_layout(path, data)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001  gguf's parser fails in many ways on a damaged file: name the file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    check_tensors(reader, path, size)
+    arch = gguf_field(reader, "general.architecture", str, path=path)
+    if arch != "llama":
+        raise CheckpointError(f"{path}: architecture {describe(arch)} is not llama")
+    g = lambda k, kind=int, d=None: gguf_field(reader, f"llama.{k}", kind, d, path)  # noqa: E731
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens", list, path=path)
+    n_heads = g("attention.head_count")
+    try:
+        args = ModelArgs(dim=g("embedding_length"), n_layers=g("block_count"), n_heads=n_heads,
+                         n_kv_heads=g("attention.head_count_kv", int, n_heads),
+                         vocab_size=g("vocab_size", int, None) or len(tokens or []),
+                         hidden_dim=g("feed_forward_length"),
+                         norm_eps=g("attention.layer_norm_rms_epsilon", float, 1e-5),
+                         rope_theta=g("rope.freq_base", float, 10000.0),
+                         # the trained context, as it is (the runtime context is chosen when running)
+                         max_seq_len=g("context_length", int, 2048))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    rope_dim = g("rope.dimension_count")
+    if rope_dim is not None and rope_dim != args.head_dim:
+        raise CheckpointError(f"{path}: partial rotary embeddings (rope dim {rope_dim}) are not supported")
+    by_name = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
+                raise CheckpointError(f"{path}: rope_freqs.weight is not a float32 vector")
+            args = gguf_rope_scaling(args, np.asarray(t.data, dtype=np.float32), path)
+            continue
+        meta = gguf_to_meta(t.name)
+        if meta is None:
+            raise CheckpointError(f"{path}: unknown tensor {describe(t.name)}")
+        by_name[meta] = t
+    global DEQUANTIZABLE
+    if DEQUANTIZABLE is None:
+        DEQUANTIZABLE = {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None} | \
+            {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    for name, t in by_name.items():
+        if t.tensor_type not in DEQUANTIZABLE:
+            raise CheckpointError(f"{path}: tensor {t.name}: type {t.tensor_type.name} is not supported")
+
+    def load(name: str) -> np.ndarray:
+        t = by_name[name]
+        if t.tensor_type == gguf.GGMLQuantizationType.F16:
+            return np.array(t.data.view(np.float16))
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            return np.array(t.data.view(np.uint16))
+        # GGUF stores q/k already in Meta's interleaved layout: no permutation here.
+        return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    nbytes = sum(numel(s) * 4 for s in shapes.values())
+    extra = {}
+    if tokens is not None:
+        from ..tokenizer import spec_json
+        from ..tokenizer_import import gguf_tokenizer_spec
+        spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
+        extra["tokenizer.json"] = spec_json(spec)
+    return Source(path, args, shapes, nbytes, load, extra_data=extra)
+
+
+def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> ModelArgs:
+    """llama.cpp stores Llama 3.1 rope scaling as a divisor per frequency (rope_freqs). Accept
+    it when it is Meta's scaling (low/high frequency factors 1 and 4 over 8192 positions) with
+    the factor its largest divisor; anything else is refused rather than approximated."""
+    from ..ops import rope_frequencies
+    if divisors.shape != (args.head_dim // 2,) or not np.all(np.isfinite(divisors)) or not divisors.max() > 0:
+        raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
+    scaled = dataclasses.replace(args, use_scaled_rope=True, rope_scaling_factor=float(divisors.max()))
+    scaling = dict(factor=scaled.rope_scaling_factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    plain = rope_frequencies(args.head_dim, args.rope_theta)
+    expected = plain / rope_frequencies(args.head_dim, args.rope_theta, scaling)
+    if not np.allclose(divisors, expected, rtol=1e-5):
+        raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
+    return scaled

@@ -1,0 +1,170 @@
+"""HF checkpoints: config.json and model*.safetensors (with model.safetensors.index.json
+when sharded). Headers are parsed here, not by the safetensors library, so that bf16
+tensors (which its numpy API cannot return) map like the rest; they are held to the
+rules safetensors itself enforces: a JSON object of known dtypes and shapes whose data
+offsets tile the data buffer exactly, without overlap or gap."""
+from __future__ import annotations
+
+import glob
+import os
+import struct
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import CheckpointError, ConfigError
+from .names import hf_to_meta, hf_to_meta_qk
+from .source import Source
+from .untrusted import check_extent, check_shape, describe, field, file_size, inside, numel, open_regular, \
+    parse_json, read_json
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], int]:
+    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file, and its size."""
+    with open_regular(path) as f:
+        size = file_size(f)
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path}: header length {n} exceeds the file")
+        header = parse_json(f.read(n), f"{path}: header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ is not an object of strings")
+    data_start, data_size = 8 + n, size - 8 - n
+    spans, out = [], {}
+    for name, meta in header.items():
+        where = f"{path}: tensor {describe(name)}"
+        kind = field(meta, "dtype", str, where)
+        if kind not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {describe(kind)} ({', '.join(SAFETENSORS_DTYPES)} are)")
+        dtype = np.dtype(SAFETENSORS_DTYPES[kind])
+        shape = check_shape(field(meta, "shape", list, where), where)
+        offsets = field(meta, "data_offsets", list, where)
+        if len(offsets) != 2 or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets {describe(offsets)} is not [begin, end]")
+        begin, end = offsets
+        check_extent(begin, end - begin, data_size, where)
+        if end - begin != numel(shape) * dtype.itemsize:
+            raise CheckpointError(f"{where}: {end - begin} bytes do not hold shape {shape} of {kind}")
+        spans.append((begin, end, name))
+        out[name] = (dtype, shape, data_start + begin)
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise CheckpointError(f"{path}: tensor {describe(name)} starts at {begin}, not where the previous ends "
+                                  f"({covered}): overlapping or gapped data")
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(f"{path}: tensors cover {covered} of the {data_size} data bytes")
+    return out, size
+
+
+def hf_config_to_args(cfg: dict, path: str = "config.json") -> ModelArgs:
+    get = lambda key, kind, *default: field(cfg, key, kind, path, ConfigError, *default)  # noqa: E731
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    if cfg.get("model_type") not in (None, "llama"):
+        raise ConfigError(f"{path}: model_type {describe(cfg.get('model_type'))} is not llama")
+    rope = get("rope_parameters", (dict, type(None)), None) or get("rope_scaling", (dict, type(None)), None) or {}
+    dim, n_layers, n_heads = get("hidden_size", int), get("num_hidden_layers", int), get("num_attention_heads", int)
+    kw = dict(dim=dim, n_layers=n_layers, n_heads=n_heads,
+              n_kv_heads=get("num_key_value_heads", (int, type(None)), None) or n_heads,
+              vocab_size=get("vocab_size", int), hidden_dim=get("intermediate_size", int),
+              norm_eps=get("rms_norm_eps", float, 1e-5),
+              rope_theta=field(rope, "rope_theta", float, path, ConfigError, get("rope_theta", float, 10000.0)),
+              # the trained context, as it is (the runtime context is chosen when running)
+              max_seq_len=get("max_position_embeddings", int, 2048))
+    rope_type = field(rope, "rope_type", str, path, ConfigError, field(rope, "type", str, path, ConfigError, "default"))
+    if rope_type == "llama3":
+        r = lambda key, kind=float: field(rope, key, kind, f"{path}: rope scaling", ConfigError)  # noqa: E731
+        kw.update(use_scaled_rope=True, rope_scaling_factor=r("factor"), low_freq_factor=r("low_freq_factor"),
+                  high_freq_factor=r("high_freq_factor"),
+                  original_max_position_embeddings=r("original_max_position_embeddings", int))
+    elif rope_type != "default":
+        raise ConfigError(f"{path}: rope type {describe(rope_type)} is not supported (default and llama3 are)")
+    head_dim = get("head_dim", (int, type(None)), None)
+    if head_dim is not None and n_heads > 0 and head_dim != kw["dim"] // n_heads:
+        raise ConfigError(f"{path}: head_dim {head_dim} != hidden_size / num_attention_heads")
+    try:
+        return ModelArgs(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def read_hf(src: str) -> Source:
+    cfg_path = inside(src, "config.json")
+    cfg = read_json(cfg_path, ConfigError)
+    args = hf_config_to_args(cfg, cfg_path)
+    index_name = "model.safetensors.index.json"
+    if os.path.lexists(os.path.join(src, index_name)):
+        index_path = inside(src, index_name)
+        weight_map = field(read_json(index_path), "weight_map", dict, index_path)
+        files = {}
+        for tensor, file in weight_map.items():
+            files.setdefault(file, inside(src, file, "shard", where=index_path))
+        paths = sorted(files.values())
+    else:
+        index_path, weight_map = None, None
+        paths = [inside(src, os.path.basename(p))
+                 for p in sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))]
+    if not paths:
+        raise CheckpointError(f"{src}: no .safetensors files")
+    where: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
+    for path in paths:
+        header, _ = read_safetensors_header(path)
+        for name, (dtype, shape, offset) in header.items():
+            if weight_map is not None and os.path.join(src, weight_map.get(name, "")) != path:
+                raise CheckpointError(f"{index_path}: tensor {describe(name)} in {path} is mapped to "
+                                      f"{describe(weight_map.get(name))}")
+            meta = hf_to_meta(name)
+            if meta is None:
+                if name.startswith("model.layers.") and name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed from the params
+                raise CheckpointError(f"{path}: unknown tensor {describe(name)} (not a Llama checkpoint?)")
+            if meta in where:
+                raise CheckpointError(f"{path}: tensor {describe(name)} is also in {where[meta][0]}")
+            where[meta] = (path, dtype, shape, offset)
+    if weight_map is not None:
+        absent = [n for n in weight_map if hf_to_meta(n) not in where and not n.endswith("rotary_emb.inv_freq")]
+        if absent:
+            raise CheckpointError(f"{index_path}: tensor {describe(absent[0])} is not in {weight_map[absent[0]]}")
+    if field(cfg, "tie_word_embeddings", bool, cfg_path, ConfigError, False) and "output.weight" in where:
+        del where["output.weight"]  # HF may save the tied copy too
+
+    def load(name: str) -> np.ndarray:
+        path, dtype, shape, offset = where[name]
+        if numel(shape) == 0:
+            return np.zeros(shape, dtype)
+        arr = np.array(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+        if dtype == np.float64:
+            arr = arr.astype(np.float32)
+        if name.endswith("attention.wq.weight"):
+            return hf_to_meta_qk(arr, args.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return hf_to_meta_qk(arr, args.n_kv_heads)
+        return arr
+
+    nbytes = sum(numel(s) * min(d.itemsize, 4) for _, d, s, _ in where.values())
+    from ..tokenizer import spec_json
+    from ..tokenizer_import import HF_TOKENIZER_FILES, hf_tokenizer_spec
+    for name in HF_TOKENIZER_FILES:   # no link leading out of the folder, no FIFO
+        if os.path.lexists(os.path.join(src, name)):
+            open_regular(inside(src, name)).close()
+    spec = hf_tokenizer_spec(src)     # tokenizer.json (+ tokenizer_config, generation_config), when there
+    extra, data = {}, {}
+    if spec is not None:
+        data["tokenizer.json"] = spec_json(spec, os.path.join(src, "tokenizer.json"))
+    else:
+        for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+            if os.path.lexists(os.path.join(src, tok)):
+                extra["tokenizer.model"] = inside(src, tok)
+                break
+    return Source(src, args, {n: w[2] for n, w in where.items()}, nbytes, load, extra, data)

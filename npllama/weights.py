@@ -1,0 +1,184 @@
+"""The weight store: everything about holding a model's weights, behind one seam.
+
+The model asks for `weights.linear(x, name)`, `weights.fused(x, names)`, `weights.rows(name,
+index)` and `weights.weight(name)`; how the tensors are held is decided here: their names,
+shapes and dtypes checked against the params, bf16 bit patterns widened exactly, weights that
+read the same input fused into one matmul, resident float32 copies kept transposed, or bf16
+weights left bf16 and widened a tile at a time (npllama/tiled.py). The numerics do not depend
+on the choice, only the float32 summation order inside the matmuls does.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import bf16, tiled
+from .config import ModelArgs
+from .errors import UsageError, WeightError
+from .ops import identity
+
+WEIGHT_MODES = ("auto", "resident", "tiled")
+WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
+# Present in some of Meta's older checkpoints and recomputed here, so safe to ignore.
+IGNORED_WEIGHTS = ("rope.freqs",)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Meta's tensor names and shapes for `args` (output.weight is optional: tied head)."""
+    hd, kv = args.head_dim, args.n_kv_heads
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, args.dim),
+            p + "attention.wk.weight": (kv * hd, args.dim),
+            p + "attention.wv.weight": (kv * hd, args.dim),
+            p + "attention.wo.weight": (args.dim, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (args.ffn_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.ffn_dim),
+            p + "feed_forward.w3.weight": (args.ffn_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def check_dtype(name: str, w: np.ndarray) -> None:
+    if w.dtype.name not in WEIGHT_DTYPES:
+        raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
+
+
+def check(args: ModelArgs, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors the params call for, by Meta's names, after checking names, shapes and
+    dtypes only: no weight data is read, so a memory-mapped checkpoint stays on disk until a
+    forward pass touches it."""
+    shapes = expected_shapes(args)
+    unknown = sorted(set(tensors) - set(shapes) - set(IGNORED_WEIGHTS))
+    if unknown:
+        raise WeightError(f"unexpected tensors for these params: {', '.join(unknown[:5])}"
+                          + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    out = {}
+    for name, shape in shapes.items():
+        if name not in tensors:
+            if name == "output.weight":
+                continue
+            raise WeightError(f"missing tensor {name} (expected shape {shape})")
+        w = tensors[name]
+        if tuple(w.shape) != shape:
+            raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
+        check_dtype(name, w)
+        out[name] = w
+    return out
+
+
+def as_float32(name: str, w) -> np.ndarray:
+    """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
+    widened exactly; float16/float64 are converted; float32 (memory maps too) is kept."""
+    w = np.asarray(w)
+    check_dtype(name, w)
+    if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
+        return bf16.from_bits(w.view(np.uint16))
+    return w.astype(np.float32, copy=False)
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_mode(tensors: Mapping[str, np.ndarray], requested: str) -> str:
+    """"resident": float32 copies made on first use (fastest, 4 bytes a weight).
+    "tiled": bf16 weights stay bf16 and are widened a tile at a time (2 bytes a weight).
+    "auto": tiled only when the float32 copies would not fit comfortably in memory."""
+    if requested not in WEIGHT_MODES:
+        raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
+    has_bf16 = any(tiled.supported(w) for w in tensors.values())
+    if requested != "auto":
+        return "tiled" if requested == "tiled" and has_bf16 else "resident"
+    resident_bytes = sum(int(np.prod(w.shape)) * 4 for w in tensors.values())
+    return "tiled" if has_bf16 and resident_bytes > 0.6 * available_memory() else "resident"
+
+
+class Weights(Mapping):
+    """Meta's tensor names -> the tensors as given (memory maps stay maps), checked against
+    `args`; the operations the model needs, in the numerics of `rnd` (identity for float32,
+    bf16.round for bfloat16: bf16 numerics hold bf16 weights and store bf16 outputs, as a
+    torch model in bf16 would). mode: see choose_mode."""
+
+    def __init__(self, args: ModelArgs, tensors: Mapping[str, np.ndarray], rnd=identity, mode: str = "auto"):
+        self.tensors = check(args, tensors)
+        self.rnd = rnd
+        self.mode = choose_mode(self.tensors, mode)
+        # What was made from the tensors, kept: compute forms by name, transposed fused
+        # copies by tuple of names.
+        self._ready: dict = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def _compute_form(self, name: str) -> np.ndarray:
+        return self.rnd(as_float32(name, self.tensors[name]))
+
+    def weight(self, name: str) -> np.ndarray:
+        """A weight in compute form (float32; bf16-rounded in bf16 numerics), made on first
+        use and kept."""
+        w = self._ready.get(name)
+        if w is None:
+            w = self._ready[name] = self._compute_form(name)
+        return w
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """weight(name)[index], gathering the rows first: an untied model never needs the
+        whole embedding table in float32."""
+        if name in self._ready:
+            return self._ready[name][index]
+        return self.rnd(as_float32(name, self.tensors[name][index]))
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x (..., in) @ w.T -> (..., out), rounded as a torch Linear's output would be."""
+        return self.fused(x, (name,))[0]
+
+    def fused(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """linear(x, name) for weights that read the same input (wq/wk/wv, w1/w3), computed as
+        one matmul; each result (..., out_i) rounded as its own torch op would be."""
+        x2 = x.reshape(-1, x.shape[-1])
+        raw = [self.tensors[n] for n in names]
+        if self.mode == "tiled" and all(tiled.supported(w) for w in raw):
+            y = tiled.matmul(x2, raw)
+        else:
+            y = x2 @ self._transposed(names)
+        out, col = [], 0
+        for w in raw:
+            out.append(self.rnd(y[:, col:col + w.shape[0]].reshape(*x.shape[:-1], w.shape[0])))
+            col += w.shape[0]
+        return out
+
+    def _transposed(self, names: tuple[str, ...]) -> np.ndarray:
+        # Kept transposed, (in, sum out), contiguous: OpenBLAS runs x @ w_t ~7% faster than
+        # x @ w.T, for GEMV (decode) and GEMM (prefill) alike.
+        w_t = self._ready.get(names)
+        if w_t is None:
+            raw = [self.tensors[n] for n in names]
+            w_t = np.empty((raw[0].shape[1], sum(w.shape[0] for w in raw)), np.float32)
+            col = 0
+            for n, w in zip(names, raw):
+                w_t[:, col:col + w.shape[0]] = self._compute_form(n).T
+                col += w.shape[0]
+            self._ready[names] = w_t
+        return w_t

@@ -1,0 +1,209 @@
+"""The package's structure: no import cycles, nothing reaching outside the package, no torch
+on any normal path; the forward pass's pieces (embed, forward_layers, head) compose, and
+tracing is an observer the model reports to."""
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import npllama
+from npllama import model as model_module, ops, tracing
+from npllama.errors import UsageError
+from npllama.model import Transformer
+from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
+
+PACKAGE = os.path.dirname(os.path.abspath(npllama.__file__))
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the package modules it imports (at the top or inside a function), read
+    from the source. `from . import x` names a module when x.py exists, else __init__."""
+    modules = {f[:-3] for f in os.listdir(PACKAGE) if f.endswith(".py")}
+    graph = {}
+    for m in modules:
+        with open(os.path.join(PACKAGE, m + ".py")) as f:
+            tree = ast.parse(f.read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps |= {a.name if a.name in modules else "__init__" for a in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for n in names:
+                    if n == "npllama" or n.startswith("npllama."):
+                        deps.add(n.split(".")[1] if "." in n else "__init__")
+        graph[m] = deps - {m}
+    return graph
+
+
+def test_package_imports_have_no_cycles():
+    graph = package_imports()
+    # tracing used to import __version__ from __init__, which imports tracing.
+    assert "__init__" not in graph["tracing"] and "model" not in graph["checkpoint"]
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for d in sorted(graph.get(m, ())):
+            visit(d)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    # the check can fail: a cycle put in by hand is found
+    graph["tracing"].add("__init__")
+    done.clear()
+    with pytest.raises(AssertionError, match="import cycle"):
+        visit("__init__")
+
+
+def test_no_package_code_edits_sys_path_or_reaches_into_tools():
+    def reaches_into_tools(node) -> bool:
+        # "tools/x.py" or os.path.join(..., "tools", ...): a path only a source checkout has. The
+        # word alone is fine (a chat template's `tools`), and so is running the torch peer by
+        # module name (`python -m tools.bench_torch`, from a checkout, in its own process).
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return re.match(r"tools/", node.value) is not None
+        return isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "join" and \
+            any(isinstance(a, ast.Constant) and a.value == "tools" for a in node.args)
+
+    for root, _, files in os.walk(PACKAGE):
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            rel = os.path.relpath(os.path.join(root, f), PACKAGE)
+            with open(os.path.join(root, f)) as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                    pytest.fail(f"npllama/{rel}:{node.lineno} uses sys.path")
+                if reaches_into_tools(node):
+                    pytest.fail(f"npllama/{rel}:{node.lineno} builds a path into tools/")
+
+
+# Run in a fresh interpreter: `import npllama`, then each command through npllama.cli.main,
+# noting after each which heavy modules are loaded.
+PROBE = """
+import io, json, sys
+HEAVY = ("torch", "transformers", "llama_models")
+heavy = lambda: sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+out = {}
+import npllama
+out["import npllama"] = [0, heavy()]
+from npllama import cli
+real_stdout = sys.stdout
+for name, argv, stdin in json.loads(sys.argv[2]):
+    sys.stdin, sys.stdout = io.StringIO(stdin or ""), io.StringIO()
+    rc = cli.main(argv)
+    sys.stdout = real_stdout
+    out[name] = [rc, heavy()]
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_normal_paths_import_no_torch(tmp_path):
+    """torch, transformers and llama-models are cross-check oracles: importing npllama and
+    running every command (bench without --vs torch) must not load them."""
+    hf_dir = str(tmp_path / "hf")
+    hf_model(small_args(), random_weights(small_args())).save_pretrained(hf_dir)  # a source to convert
+    args = small_args(vocab_size=128256, max_seq_len=128)                         # Llama 3's tokenizer
+    model = write_random_model(str(tmp_path / "m"), args, llama3_tokenizer_path())
+    t = str(tmp_path / "t.npz")
+    commands = [
+        ("convert", ["convert", hf_dir, str(tmp_path / "c"), "--quiet"], None),
+        ("info", ["info", str(tmp_path / "c"), "--verify"], None),
+        ("generate", ["generate", "-m", model, "Hello", "--max-new-tokens", "3"], None),
+        ("chat", ["chat", "-m", model, "--max-new-tokens", "3"], "Hi\n"),
+        ("trace", ["trace", "-m", model, "Hello", "-o", t], None),
+        ("compare", ["compare", t, t], None),
+        ("golden", ["golden", "-m", model, "-o", str(tmp_path / "g"), "--max-new-tokens", "3"], None),
+        ("bench", ["bench", "--shape", "tiny", "--reps", "1", "--workdir", str(tmp_path / "b"), "--quiet"], None),
+    ]
+    result = tmp_path / "result.json"
+    r = subprocess.run([sys.executable, "-c", PROBE, str(result), json.dumps(commands)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(result.read_text())
+    assert list(got) == ["import npllama"] + [c[0] for c in commands]
+    assert {name: rc for name, (rc, _) in got.items()} == dict.fromkeys(got, 0), r.stderr
+    assert {name: heavy for name, (_, heavy) in got.items() if heavy} == {}
+
+
+# --- the forward pass's pieces ------------------------------------------------------------
+
+ARGS = small_args(dim=128, n_heads=8, n_kv_heads=2, n_layers=3, vocab_size=300)
+TOKENS = np.random.default_rng(0).integers(0, 300, 12)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_weights(ARGS, seed=5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("split", range(ARGS.n_layers + 1))
+def test_stages_over_layer_ranges_equal_forward(weights, dtype, split):
+    # Two models, as two pipeline stages would be: the first embeds and runs layers
+    # [0, split), the second runs [split, n_layers) and the head, each with its own KV cache.
+    # The same numpy operations on the same data: bit-identical logits, for a prefill and
+    # then a decode step.
+    whole = Transformer(ARGS, weights, dtype=dtype)
+    first, last = Transformer(ARGS, weights, dtype=dtype), Transformer(ARGS, weights, dtype=dtype)
+    for tokens, pos in ((TOKENS[:-1], 0), (TOKENS[-1:], len(TOKENS) - 1)):
+        h = first.forward_layers(first.embed(tokens[None]), pos, 0, split)
+        logits = last.head(last.forward_layers(h, pos, split, None))
+        assert np.array_equal(logits[0], whole.forward(tokens, start_pos=pos))
+    # ...and a stage that skipped a layer would not be
+    skipped = last.head(last.forward_layers(first.embed(TOKENS[None]), 0, 1, None))
+    assert not np.allclose(skipped[0], Transformer(ARGS, weights, dtype=dtype).forward(TOKENS))
+
+
+def test_forward_layers_checks_positions(weights):
+    m = Transformer(ARGS, weights, max_seq_len=8)
+    with pytest.raises(UsageError, match="positions 4..8 exceed the context of 8 tokens"):
+        m.forward_layers(np.zeros((1, 5, ARGS.dim), np.float32), 4)
+
+
+def test_attention_keeps_intermediates_only_for_recorded_layers(weights, monkeypatch):
+    # The attention gets trace=None unless its layer is recorded, so it can keep no (T, S)
+    # tensors; the recorded layer's scores and probs arrive under their trace names.
+    seen = []
+
+    def spy(xq, keys, values, start_pos, rnd, trace):
+        seen.append(trace)
+        return ops.blocked_attention(xq, keys, values, start_pos, rnd, trace)
+
+    monkeypatch.setattr(model_module, "blocked_attention", spy)
+    Transformer(ARGS, weights).forward(TOKENS)
+    assert seen == [None] * ARGS.n_layers
+    seen.clear()
+    tr = npllama.trace(Transformer(ARGS, weights), TOKENS, layers=[1])
+    assert seen[0] is None and seen[2] is None and isinstance(seen[1], tracing.Recorder)
+    assert tr["layers.1.scores"].shape == (ARGS.n_heads, len(TOKENS), len(TOKENS))
+    assert not any(k.startswith(("layers.0.", "layers.2.")) for k in tr)
+
+
+def test_trace_dict_of_a_batch_keeps_the_batch_axis(weights):
+    batch = np.stack([TOKENS, TOKENS[::-1]])
+    tr = {}
+    Transformer(ARGS, weights, max_batch_size=2).forward(batch, trace=tr)
+    assert tr["layers.2.out"].shape == (2, len(TOKENS), ARGS.dim)
+    assert tr["layers.0.probs"].shape == (2, ARGS.n_heads, len(TOKENS), len(TOKENS))
+    row = npllama.trace(Transformer(ARGS, weights), TOKENS[::-1])
+    for name in ("layers.0.q_rotated", "layers.2.w1", "logits"):
+        # a batch's GEMMs may sum in another order than one row's: float32 rounding only
+        np.testing.assert_allclose(tr[name][1], row[name], rtol=0, atol=1e-5 * np.abs(row[name]).max())
