@@ -106,36 +106,44 @@ def encode_prompt(tok, text: str) -> list[int]:
 
 # --- token ids on the command line (--tokens, --tokens-file) ------------------------------
 
+# Ids a --tokens-file may hold: 4M, beyond any context and any perplexity run on a CPU; a
+# file is refused by its size before it is read (a .npy of int64, or text of 16 bytes an id).
+MAX_TOKEN_IDS = 1 << 22
+
+
 def parse_token_ids(text: str, where: str) -> list[int]:
-    """Ids separated by commas and/or whitespace."""
-    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        bad = next(p for p in parts if not re.fullmatch(r"[+-]?\d+", p))
-        raise UsageError(f"{where}: {bad[:20]!r} is not a token id") from None
+    """Ids separated by commas and/or whitespace (at most MAX_TOKEN_IDS, read one at a time)."""
+    ids = []
+    for m in re.finditer(r"[^\s,]+", text):
+        if not re.fullmatch(r"[+-]?[0-9]{1,20}", m.group()):
+            raise UsageError(f"{where}: {m.group()[:20]!r} is not a token id")
+        if len(ids) == MAX_TOKEN_IDS:
+            raise UsageError(f"{where}: more than {MAX_TOKEN_IDS:,} token ids")
+        ids.append(int(m.group()))
     if not ids:
         raise UsageError(f"{where}: no token ids")
     return ids
 
 
 def read_token_ids(path: str) -> list[int]:
-    """A .npy of integers (1-D, no pickles), or a text file of ids."""
+    """A .npy of integers (1-D, no pickles; its header parsed and checked against the file
+    before anything is allocated), or a UTF-8 text file of ids: a regular file either way."""
     import numpy as np
-    try:
-        if path.endswith(".npy"):
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise UsageError(f"{path}: expected a 1-D array of integer ids, got {arr.dtype} {arr.shape}")
-            if arr.size == 0:
-                raise UsageError(f"{path}: no token ids")
-            return [int(t) for t in arr]
-        with open(path, encoding="utf-8") as f:
-            return parse_token_ids(f.read(), path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{path}: not a readable token-id file ({e})") from None
+    from .formats.untrusted import file_size, npy_header, open_regular, read_bounded
+    if not path.endswith(".npy"):
+        try:
+            text = read_bounded(path, 16 * MAX_TOKEN_IDS, UsageError).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return parse_token_ids(text, path)
+    with open_regular(path, UsageError) as f:
+        dtype, shape, start = npy_header(f, 0, file_size(f), path, UsageError)
+        if len(shape) != 1 or dtype.kind not in "iu":
+            raise UsageError(f"{path}: expected a 1-D array of integer ids, got {dtype} {shape}")
+        if not 0 < shape[0] <= MAX_TOKEN_IDS:
+            raise UsageError(f"{path}: {shape[0]:,} token ids (1 to {MAX_TOKEN_IDS:,} are accepted)")
+        f.seek(start)
+        return np.frombuffer(f.read(shape[0] * dtype.itemsize), dtype).tolist()   # inside the file: checked
 
 
 def token_ids(a, gen) -> list[int] | None:
