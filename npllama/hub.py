@@ -64,16 +64,31 @@ def fetch_gguf(dest: str) -> str:
     return dest
 
 
+def up_to_date(out: str) -> bool:
+    """Whether the cache holds a conversion at `out` by this npllama's converters (one an
+    older npllama made may lack what they now import, e.g. a chat template)."""
+    from .checkpoint import CONVERTER
+    from .formats.untrusted import read_json
+    if not os.path.isfile(os.path.join(out, "index.json")):
+        return False
+    try:
+        index = read_json(os.path.join(out, "index.json"), CheckpointError)
+    except CheckpointError:
+        return False
+    return isinstance(index, dict) and index.get("converter") == CONVERTER
+
+
 def default_model() -> str:
-    """The converted default model directory, made on first use."""
+    """The converted default model directory, made on first use (and again after an
+    npllama whose converters write more)."""
     root = cache_dir()
     out = os.path.join(root, NAME)
-    if os.path.isfile(os.path.join(out, "index.json")):
+    if up_to_date(out):
         return out
     gguf_path = fetch_gguf(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf"))
     from .convert import convert
     print(f"npllama: converting to {out} ...", file=sys.stderr, flush=True)
-    convert(gguf_path, out, force=True)
+    convert(gguf_path, out, force=True)   # replaces only a folder npllama wrote
     return out
 
 
@@ -176,7 +191,7 @@ def resolve_model(path: str) -> str:
     root = path if os.path.isdir(path) else os.path.dirname(path)
     key = source_key(source_files(path, kind), root)
     out = os.path.join(cache_dir(), "converted", f"{cache_name(path)}-{key[:16]}")
-    done = lambda: os.path.isfile(os.path.join(out, "index.json"))  # noqa: E731
+    done = lambda: up_to_date(out)  # noqa: E731
     if not done():
         print(f"npllama: converting {path} into {out} (once) ...", file=sys.stderr, flush=True)
         try:

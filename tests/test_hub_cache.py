@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+import npllama.checkpoint
 import npllama.convert
 from npllama import hub
 from npllama.errors import UsageError
@@ -128,3 +129,22 @@ def test_a_leftover_cache_folder(ggufs, cache):
     (cache / "converted" / os.path.basename(out) / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not a converted checkpoint npllama wrote"):  # never deleted
         hub.resolve_model(str(a))
+
+
+def test_a_conversion_by_an_older_npllama_is_made_again(ggufs, cache):
+    # An older npllama's converters wrote less (before checkpoint.CONVERTER 2: no chat
+    # template from a GGUF); its conversion in the cache must not be used as if complete.
+    import json
+    a, _ = ggufs
+    out = hub.resolve_model(str(a))
+    index_path = os.path.join(out, "index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    assert index["converter"] == npllama.checkpoint.CONVERTER
+    del index["converter"]                 # as an older npllama wrote it
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    os.remove(os.path.join(out, "tokenizer.json"))   # ...and what it lacked
+    assert not hub.up_to_date(out)
+    assert hub.resolve_model(str(a)) == out and hub.up_to_date(out)
+    assert "Be brief." in template(out)
