@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -47,6 +48,27 @@ def first_layers(path: str, layers: int | None):
     return args, weights
 
 
+class AnonPeak:
+    """The peak of RssAnon (memory the process allocated itself, not file pages it maps),
+    sampled every 20 ms from a thread while the block runs: VmHWM counts the checkpoint's
+    mapped pages too, which the kernel may drop at any time."""
+
+    def __enter__(self):
+        self.peak, self.done = proc_status("RssAnon") or 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, proc_status("RssAnon") or 0)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, proc_status("RssAnon") or 0)
+
+
 def run_npllama(path, T, decode, layers, chunk, reps):
     from npllama.model import Transformer
     args, weights = first_layers(path, layers)
@@ -55,12 +77,14 @@ def run_npllama(path, T, decode, layers, chunk, reps):
     model.forward(tokens[:8], last_only=True)              # first use: every weight made float32
     weights["tok_embeddings.weight"].sum(dtype=np.uint64)  # ...and every page of the embedding table read
     load_peak, base = proc_status("VmHWM"), proc_status("VmRSS")
+    anon, mapped = proc_status("RssAnon"), proc_status("RssFile")
     reset_peak_rss()
     prefill, steps = [], []
-    for _ in range(reps):                                  # each rep prefills from position 0 again
-        t0 = time.perf_counter()
-        logits = model.forward(tokens[:T], last_only=True)
-        prefill.append(time.perf_counter() - t0)
+    with AnonPeak() as own:
+        for _ in range(reps):                              # each rep prefills from position 0 again
+            t0 = time.perf_counter()
+            logits = model.forward(tokens[:T], last_only=True)
+            prefill.append(time.perf_counter() - t0)
     token = int(np.argmax(logits))
     for i in range(decode):
         t0 = time.perf_counter()
@@ -68,7 +92,8 @@ def run_npllama(path, T, decode, layers, chunk, reps):
         steps.append(time.perf_counter() - t0)
     return {"impl": "npllama", "base": base, "peak": proc_status("VmHWM"), "load_peak": load_peak,
             "prefill_s": prefill, "decode_s": steps, "kv_cache": memory.kv_cache_bytes(args, T + decode),
-            "weights_model": memory.weight_bytes(args)}
+            "weights_model": memory.weight_bytes(args), "anon_loaded": anon, "file_loaded": mapped,
+            "anon_peak_prefill": own.peak}
 
 
 def run_torch(path, T, decode, layers, chunk, reps):
@@ -155,6 +180,12 @@ def main(argv=None) -> int:
             if r["impl"] == "npllama":
                 over = r["peak"] - r["base"] - r["kv_cache"]
                 extra = f" {r['kv_cache'] / GiB:8.2f}G {over / GiB:13.2f}G" + (" ok" if over <= GiB else " OVER 1 GiB")
+                if r.get("anon_peak_prefill"):
+                    own = r["anon_peak_prefill"] - r["weights_model"] - r["kv_cache"]
+                    extra += (f"\n{'':>6} {'  own memory (RssAnon)':<28} loaded {r['anon_loaded'] / GiB:.2f}G, prefill "
+                              f"peak {r['anon_peak_prefill'] / GiB:.2f}G = weights {r['weights_model'] / GiB:.2f}G + KV "
+                              f"+ {own / GiB:.2f}G" + (" ok" if own <= GiB else " OVER 1 GiB") +
+                              f"; mapped checkpoint pages (RssFile) {r['file_loaded'] / GiB:.2f}G")
             print(f"{T:>6} {r['impl']:<28} {r['prefill_tps']:13.2f} {r['decode_tps']:12.2f} "
                   f"{r['load_peak'] / GiB:8.2f}G {r['base'] / GiB:7.2f}G {r['peak'] / GiB:8.2f}G{extra}", flush=True)
         if len(row) == 2:
