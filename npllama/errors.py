@@ -33,3 +33,8 @@ class DownloadError(NpllamaError, RuntimeError):
 
 class UsageError(NpllamaError, ValueError):
     """An argument out of range or inconsistent with the model (names the argument)."""
+
+
+class StageError(NpllamaError, RuntimeError):
+    """A pipeline stage (npllama.distributed) that could not start, did not answer or died:
+    the message names the stage, its layers and its node."""
