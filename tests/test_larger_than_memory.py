@@ -106,3 +106,24 @@ def test_a_model_larger_than_its_memory_cap_runs_tiled(tmp_path, dtype):
     want = np.concatenate([ref.forward(tokens), ref.forward(tokens[-1:], start_pos=8, last_only=True)[None]])
     got = np.load(out)
     assert np.abs(got - want).max() < FP32_TOL * np.abs(want).max()
+
+
+SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_scale.py")
+
+
+def test_scale_tool_measures_and_plans(tmp_path):
+    """tools/bench_scale.py runs end to end on the tiny shape (its figures are for the README,
+    not for pass/fail)."""
+    def run(*argv):
+        r = subprocess.run([sys.executable, SCALE, *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = run("stream", "--shape", "tiny", "--store", "float32", "--tokens", "2", "--workdir", str(tmp_path))
+    assert "weights tiled" in out and "s/token, reading" in out and "peak RSS" in out
+    out = run("layer", "--shape", "tiny", "--reps", "2", "--workdir", str(tmp_path))
+    assert "layer   0:" in out and "layer   1:" in out and "ms per GB" in out
+    # Llama 3.1 70B: 80 equal layers, and embeddings equal to the head, so 40 layers a stage; 80 x
+    # 855,654,400 + 2 x 1,050,673,152 + 8,192 (final norm) parameters, 2 bytes each: 141.1 GB
+    out = run("plan", "--model", "llama3.1-70b", "--stages", "2", "--ms-per-gb", "100")
+    assert "layers   0..39  (40)" in out and "layers  40..79  (40)" in out and "141.1 GB bf16" in out
