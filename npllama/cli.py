@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .errors import NpllamaError, UsageError
@@ -70,28 +71,31 @@ def print_model_summary(path: str, args, index: dict) -> None:
     print(f"trained context: {args.max_seq_len} tokens; runs at {runtime_context(args)} by default (--ctx)")
 
 
-def open_model(a):
+def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1):
     """The model directory named by -m (or the default model), loaded, with its tokenizer."""
     import npllama
     from .generate import Generator
     from .tokenizer import load as load_tokenizer
     from .checkpoint import read_checked
     from .hub import default_model, resolve_model
-    if a.ctx is not None and a.ctx <= 0:
-        raise UsageError(f"--ctx must be a positive number of tokens, got {a.ctx}")
+    ctx = max_seq_len or getattr(a, "ctx", None)
+    if ctx is not None and ctx <= 0:
+        raise UsageError(f"--ctx must be a positive number of tokens, got {ctx}")
     path = default_model() if a.model is None else resolve_model(a.model)
     trained = read_checked(path)[0].max_seq_len
-    if a.ctx is not None and a.ctx > trained and not a.force_ctx:
-        raise UsageError(f"--ctx {a.ctx} is longer than the {trained} tokens this model was trained for; "
+    if ctx is not None and ctx > trained and not a.force_ctx:
+        raise UsageError(f"a context of {ctx} tokens is longer than the {trained} tokens this model was trained for; "
                          "add --force-ctx to run it anyway (quality degrades past the trained context)")
     if a.stages is not None and a.ray is None:
         raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
     if a.ray is not None:
         from .distributed import load as load_pipeline
-        model = load_pipeline(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
+        model = load_pipeline(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                              weights_mode=a.weights_mode)
         print("\n".join(model.describe()), file=sys.stderr)
     else:
-        model = npllama.load(path, dtype=a.dtype, max_seq_len=a.ctx, weights_mode=a.weights_mode)
+        model = npllama.load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                             weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
 
 
@@ -103,6 +107,68 @@ def encode_prompt(tok, text: str) -> list[int]:
     return tokens
 
 
+# --- token ids on the command line (--tokens, --tokens-file) ------------------------------
+
+def parse_token_ids(text: str, where: str) -> list[int]:
+    """Ids separated by commas and/or whitespace."""
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not re.fullmatch(r"[+-]?\d+", p))
+        raise UsageError(f"{where}: {bad[:20]!r} is not a token id") from None
+    if not ids:
+        raise UsageError(f"{where}: no token ids")
+    return ids
+
+
+def read_token_ids(path: str) -> list[int]:
+    """A .npy of integers (1-D, no pickles), or a text file of ids."""
+    import numpy as np
+    try:
+        if path.endswith(".npy"):
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise UsageError(f"{path}: expected a 1-D array of integer ids, got {arr.dtype} {arr.shape}")
+            if arr.size == 0:
+                raise UsageError(f"{path}: no token ids")
+            return [int(t) for t in arr]
+        with open(path, encoding="utf-8") as f:
+            return parse_token_ids(f.read(), path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{path}: not a readable token-id file ({e})") from None
+
+
+def token_ids(a, gen) -> list[int] | None:
+    """--tokens / --tokens-file, checked against the model and tokenizer (None if not given)."""
+    if a.tokens is None and a.tokens_file is None:
+        return None
+    ids = parse_token_ids(a.tokens, "--tokens") if a.tokens is not None else read_token_ids(a.tokens_file)
+    limit = min(gen.model.args.vocab_size, gen.tokenizer.n_words)
+    bad = [t for t in ids if not 0 <= t < limit]
+    if bad:
+        raise UsageError(f"{'--tokens' if a.tokens is not None else a.tokens_file}: token id {bad[0]} is outside "
+                         f"the vocabulary (0..{limit - 1})")
+    return ids
+
+
+def piece(tok, token: int) -> str:
+    """One token's text; a token ending mid-character shows U+FFFD for the incomplete bytes."""
+    return tok.token_bytes(token).decode("utf-8", errors="replace")
+
+
+def prompt_or_tokens(a, gen) -> tuple[str | None, list[int] | None]:
+    """The positional prompt, or the ids of --tokens/--tokens-file: exactly one of them."""
+    ids = token_ids(a, gen)
+    if ids is not None and a.prompt is not None:
+        raise UsageError("give a prompt or --tokens/--tokens-file, not both")
+    if ids is None and a.prompt is None:
+        raise UsageError("give a prompt, or token ids with --tokens/--tokens-file")
+    return a.prompt, ids
+
+
 def sampling_params(a):
     from .generate import SamplingParams
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
@@ -112,23 +178,75 @@ def cmd_generate(a) -> int:
     from .tokenizer import chat_format
     gen = open_model(a)
     sampling = sampling_params(a)  # validated before any work
+    if a.logprobs < 0:
+        raise UsageError(f"--logprobs must be >= 0, got {a.logprobs}")
     tok = gen.tokenizer
+    text, ids = prompt_or_tokens(a, gen)
     if a.chat is False and a.system is not None:
         raise UsageError("--system fills the chat format's system message; it does not go with --raw")
-    use_chat = a.chat if a.chat is not None else tok.chat_default or a.system is not None
-    if use_chat:
+    if ids is not None:
+        if a.chat or a.system is not None:
+            raise UsageError("--chat (or --system) does not apply to --tokens/--tokens-file: the ids are the whole prompt")
+        prompt, echo = ids, tok.decode(ids)
+    elif a.chat if a.chat is not None else tok.chat_default or a.system is not None:
         system = [{"role": "system", "content": a.system}] if a.system is not None else []
         prompt = chat_format(tok, tok.default_system).encode_dialog_prompt(
-            system + [{"role": "user", "content": a.prompt}])
+            system + [{"role": "user", "content": text}])
+        echo = ""
     else:
-        prompt = encode_prompt(tok, a.prompt)
-        sys.stdout.write(a.prompt)
-    for piece, _, _ in gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or ()):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        prompt, echo = encode_prompt(tok, text), text
+    per_token = bool(a.json or a.show_ids or a.logprobs)
+    stream = gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or (), logprobs=per_token,
+                        top_logprobs=a.logprobs)
+    if per_token:
+        per_token_output(gen, prompt, stream, a.json)
+    else:
+        sys.stdout.write(echo)
+        for text_piece, _, _ in stream:
+            sys.stdout.write(text_piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     print(gen.timings.line(), file=sys.stderr)
     return 0
+
+
+def per_token_output(gen, prompt: list[int], stream, as_json: bool) -> None:
+    """One line per token. Text: the prompt's ids, `---`, then each generated id with its
+    piece and, with --logprobs K, its log-probability and the K most likely. --json: one
+    object per generated token, then one with the whole result."""
+    import json
+    tok, out = gen.tokenizer, sys.stdout
+    if not as_json:
+        for t in prompt:
+            print(f"{t:>7}  {json.dumps(piece(tok, t), ensure_ascii=False)}", file=out)
+        print("---", file=out)
+    shown = 0
+
+    def show_new():
+        nonlocal shown
+        r = gen.result
+        for i in range(shown, len(r.tokens)):
+            t, top = r.tokens[i], (r.top_logprobs[i] if r.top_logprobs else [])
+            if as_json:
+                line = {"id": t, "piece": piece(tok, t), "logprob": r.logprobs[i]}
+                if r.top_logprobs:
+                    line["top"] = [{"id": u, "piece": piece(tok, u), "logprob": lp} for u, lp in top]
+                print(json.dumps(line, ensure_ascii=False), file=out, flush=True)
+            else:
+                alts = ", ".join(f"{u} {json.dumps(piece(tok, u), ensure_ascii=False)} {lp:.4f}" for u, lp in top)
+                print(f"{t:>7}  {json.dumps(piece(tok, t), ensure_ascii=False):<20} {r.logprobs[i]:9.4f}"
+                      + (f"  | {alts}" if alts else ""), file=out, flush=True)
+        shown = len(r.tokens)
+
+    for _ in stream:
+        show_new()
+    show_new()
+    if as_json:
+        r, t = gen.result, gen.timings
+        print(json.dumps({"prompt_ids": list(prompt), "ids": r.tokens, "text": r.text, "stop_reason": r.stop_reason,
+                          "prompt_tokens": t.prompt_tokens, "prompt_seconds": t.prompt_seconds,
+                          "generated_tokens": t.generated_tokens, "generated_seconds": t.generated_seconds},
+                         ensure_ascii=False), file=out)
 
 
 def cmd_chat(a) -> int:
@@ -187,8 +305,12 @@ def cmd_trace(a) -> int:
     bad = [i for i in layers or [] if not 0 <= i < gen.model.args.n_layers]
     if bad:
         raise UsageError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
-    t = tr.trace(gen.model, encode_prompt(gen.tokenizer, a.prompt), layers)
-    t["__meta__"]["prompt"] = a.prompt
+    tok = gen.tokenizer
+    text, ids = prompt_or_tokens(a, gen)
+    ids = ids if ids is not None else encode_prompt(tok, text)
+    t = tr.trace(gen.model, ids, layers)
+    t["__meta__"]["prompt"] = text
+    t["__meta__"]["pieces"] = [piece(tok, i) for i in ids]   # token text, for `npllama plot`'s axes
     tr.save(a.output, t)
     print(f"wrote {a.output}: {len(t) - 1} tensors for {len(t['tokens'])} tokens", file=sys.stderr)
     return 0
@@ -196,16 +318,67 @@ def cmd_trace(a) -> int:
 
 def cmd_compare(a) -> int:
     from . import tracing as tr
-    ok, first, _ = tr.compare(tr.load(a.a), tr.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps, out=sys.stdout)
+    ok, first, rows = tr.compare(tr.load(a.a), tr.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps, out=sys.stdout)
+    if a.plot:
+        from .plot import comparison
+        comparison(rows, a.plot, title=f"{a.a} vs {a.b}", rtol=None if a.ulps is not None else a.rtol)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_plot(a) -> int:
+    from . import tracing as tr
+    from .plot import attention
+    attention(tr.load(a.trace), a.layer, a.output, head=a.head, what=a.what, source=a.trace)
+    print(f"wrote {a.output}", file=sys.stderr)
+    return 0
 
 
 def cmd_golden(a) -> int:
     from .golden import check_destination, write_golden
     check_destination(a.output, a.force)   # before the model runs
     gen = open_model(a)
-    write_golden(gen, a.output, a.prompt, a.max_new_tokens, force=a.force)
+    ids = token_ids(a, gen)
+    if ids is not None and a.prompt is not None:
+        raise UsageError("give --prompt or --tokens/--tokens-file, not both")
+    write_golden(gen, a.output, a.prompt, a.max_new_tokens, force=a.force, tokens=ids)
     print(f"wrote {a.output}", file=sys.stderr)
+    return 0
+
+
+def read_text(path: str) -> str:
+    """The file's text, byte for byte (no newline translation), less one trailing newline
+    as llama.cpp's -f reads it."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def cmd_perplexity(a) -> int:
+    from . import perplexity as pp
+    base = pp.BaseFile.open(a.kl_divergence) if a.kl_divergence else None
+    if base is not None and a.n_ctx is not None and a.n_ctx != base.n_ctx:
+        raise UsageError(f"-c {a.n_ctx}: {a.kl_divergence} was made with -c {base.n_ctx}")
+    n_ctx = base.n_ctx if base is not None else (a.n_ctx or 512)
+    gen = open_model(a, max_seq_len=n_ctx, max_batch_size=max(1, (a.batch or n_ctx) // n_ctx))
+    tok = gen.tokenizer
+    bos = tok.bos_id if tok.add_bos else None
+    ids = token_ids(a, gen)
+    if base is not None:
+        if a.file is not None or ids is not None:
+            raise UsageError("--kl-divergence scores the tokens stored in the base file: drop -f/--tokens")
+        pp.run_kl_divergence(gen.model, base, bos, a.batch, as_json=a.json)
+        return 0
+    if (a.file is None) == (ids is None):
+        raise UsageError("give the text to score with -f FILE, or its token ids with --tokens/--tokens-file")
+    tokens = ids if ids is not None else tok.encode(read_text(a.file), bos=tok.add_bos)
+    pp.run_perplexity(gen.model, tokens, n_ctx, bos, a.batch, a.chunks, base_path=a.kl_divergence_base,
+                      as_json=a.json)
     return 0
 
 
@@ -214,7 +387,7 @@ def cmd_bench(a) -> int:
     return bench_main(a)
 
 
-def add_model_args(p):
+def add_model_args(p, ctx: bool = True):
     p.add_argument("-m", "--model", metavar="PATH", help="a converted model directory, or an HF folder, .gguf file or "
                    "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
                    "~/.cache/npllama")
@@ -227,9 +400,21 @@ def add_model_args(p):
                    "starts Ray on this machine, an address (HOST:PORT of `ray start --head`, or auto) joins a "
                    "cluster; the checkpoint must be at the same path on every node (pip install npllama[ray])")
     p.add_argument("--stages", type=int, metavar="N", help="with --ray: how many stages (default: one per node)")
-    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
-                   "context the model was trained for, at most 8192)")
-    p.add_argument("--force-ctx", action="store_true", help="allow --ctx beyond the model's trained context")
+    if ctx:
+        p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
+                       "context the model was trained for, at most 8192)")
+    p.add_argument("--force-ctx", action="store_true", help="allow a context beyond the model's trained context")
+
+
+def add_token_args(p):
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--tokens", metavar="IDS", help="token ids instead of text, e.g. 128000,791,6864 (used as "
+                     "given: no bos or chat template is added)")
+    ids.add_argument("--tokens-file", metavar="FILE", help="token ids from a .npy (1-D integers) or a text file "
+                     "(separated by commas or whitespace)")
+
+
+def add_sampling_args(p):
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
@@ -267,8 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt (streams text)",
                        description="Generate text from a prompt, streaming it to stdout; a tokens/s line goes "
                        "to stderr.")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
     add_model_args(g)
+    add_sampling_args(g)
+    add_token_args(g)
+    g.add_argument("--show-ids", action="store_true", help="one line per token: the prompt's ids, then each "
+                   "generated id with its text and log-probability")
+    g.add_argument("--logprobs", type=int, default=0, metavar="K", help="also the K most likely tokens of every "
+                   "step, with their log-probabilities (implies one line per token)")
+    g.add_argument("--json", action="store_true", help="one JSON object per generated token, then one with the "
+                   "whole result")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="send the prompt as a user message in the model's chat format "
@@ -282,16 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Chat with the model: one user message per line of stdin (Ctrl-D or "
                         "Ctrl-C ends). The KV cache is kept across turns.")
     add_model_args(ch)
+    add_sampling_args(ch)
     ch.add_argument("--system", help="system prompt")
     ch.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("trace", help="record every intermediate of a forward pass",
                        description="Run the prompt through the model and save every intermediate (names in the "
                        "README's Trace format) to an .npz.")
-    t.add_argument("prompt")
+    t.add_argument("prompt", nargs="?")
     t.add_argument("-o", "--output", required=True, help="the .npz to write")
     t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
     add_model_args(t)
+    add_token_args(t)
     t.set_defaults(func=cmd_trace)
 
     cp = sub.add_parser("compare", help="compare two traces, tensor by tensor, in forward order",
@@ -302,17 +497,56 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
     cp.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
     cp.add_argument("--ulps", type=float, default=None, help="instead: tolerance in bf16 ulps at max |B|")
+    cp.add_argument("--plot", metavar="PNG", help="also draw the error of every tensor along the layers "
+                    "(needs matplotlib: pip install 'npllama[plot]')")
     cp.set_defaults(func=cmd_compare)
+
+    pl = sub.add_parser("plot", help="draw a trace's attention as heatmaps",
+                        description="Heatmaps of one layer's attention probabilities (or scores) from a trace: "
+                        "one head, or every head in a grid, with the tokens' text on the axes. Needs matplotlib "
+                        "(pip install 'npllama[plot]').")
+    pl.add_argument("trace", help="an .npz from npllama trace (or any trace in the same format)")
+    pl.add_argument("--layer", type=int, required=True)
+    pl.add_argument("--head", type=int, default=None, help="only this head (default: all, in a grid)")
+    pl.add_argument("--what", choices=["probs", "scores"], default="probs",
+                    help="softmax probabilities (default) or the masked scores before it")
+    pl.add_argument("-o", "--output", required=True, help="the image to write (.png, .svg, .pdf, ...)")
+    pl.set_defaults(func=cmd_plot)
 
     gd = sub.add_parser("golden", help="write a golden-vector bundle for other implementations' tests",
                         description="Write tokens, selected intermediates, logits and a greedy continuation as "
                         "plain .npy/.json files, with a README, into a directory.")
     gd.add_argument("-o", "--output", required=True, help="the bundle directory")
-    gd.add_argument("--prompt", default="The answer to the ultimate question of life, the universe, and everything is")
+    gd.add_argument("--prompt", default=None, help="the prompt (default: a fixed English sentence)")
     gd.add_argument("--force", action="store_true", help="replace an existing bundle npllama wrote (anything "
-                   "else is refused and left untouched)")
+                    "else is refused and left untouched)")
+    gd.add_argument("--max-new-tokens", type=int, default=32, help="length of the greedy continuation (default 32)")
     add_model_args(gd)
-    gd.set_defaults(func=cmd_golden, max_new_tokens=32)
+    add_token_args(gd)
+    gd.set_defaults(func=cmd_golden)
+
+    pp = sub.add_parser("perplexity", help="perplexity and KL divergence, exactly as llama.cpp's llama-perplexity",
+                        description="llama-perplexity's method: tokenize the text, cut it into chunks of -c tokens, "
+                        "score the second half of each. Prints the PPL after each chunk and the final estimate "
+                        "with its uncertainty; progress and tokens/s go to stderr. --kl-divergence-base writes "
+                        "the logits in llama.cpp's base-file format; --kl-divergence reads one (from llama.cpp or "
+                        "npllama) and prints llama.cpp's KL statistics.")
+    pp.add_argument("-f", "--file", help="the text to score (UTF-8)")
+    pp.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=None, metavar="N",
+                    help="tokens per chunk (default 512; with --kl-divergence, the base file's)")
+    pp.add_argument("-b", "--batch", type=int, default=None, metavar="N",
+                    help="tokens per forward pass (default: one chunk); below -c a chunk is fed in pieces, a "
+                    "multiple of -c runs that many chunks together")
+    pp.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N chunks")
+    kl = pp.add_mutually_exclusive_group()
+    kl.add_argument("--kl-divergence-base", metavar="FILE", help="also write the logits to FILE in "
+                    "llama-perplexity's --kl-divergence-base format")
+    kl.add_argument("--kl-divergence", metavar="FILE", help="compare against the base file FILE: llama.cpp's "
+                    "KL divergence, PPL ratio and top-token statistics")
+    pp.add_argument("--json", action="store_true", help="one JSON object per chunk, then one with the result")
+    add_model_args(pp, ctx=False)
+    add_token_args(pp)
+    pp.set_defaults(func=cmd_perplexity)
 
     b = sub.add_parser("bench", help="prefill/decode speed on random weights at real shapes",
                        description="Build (once, cached) a random-weight bf16 checkpoint at a real shape and "

@@ -38,3 +38,7 @@ class UsageError(NpllamaError, ValueError):
 class StageError(NpllamaError, RuntimeError):
     """A pipeline stage (npllama.distributed) that could not start, did not answer or died:
     the message names the stage, its layers and its node."""
+
+
+class MissingDependencyError(NpllamaError, ImportError):
+    """An optional extra (matplotlib, hypothesis) is not installed: the message names the pip command."""

@@ -32,6 +32,16 @@ def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
     return out / out.sum()
 
 
+def most_likely(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens and their log-probabilities (of the unfiltered distribution,
+    as `logprobs`), most likely first; equal ones in id order."""
+    logp = np.log(softmax64(logits))
+    k = min(k, len(logp))
+    top = np.argpartition(-logp, k - 1)[:k]
+    top = top[np.lexsort((top, -logp[top]))]
+    return [(int(t), float(logp[t])) for t in top]
+
+
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -72,6 +82,7 @@ class Result:
     stop_reason: str                       # "stop_token", "stop_string", "length"
     logprobs: list[float] | None = None
     prompt_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per token: the k most likely (id, logprob)
 
 
 @dataclass
@@ -119,10 +130,12 @@ class Generator:
         return logits
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop_strings: Sequence[str] = (), logprobs: bool = False) -> Iterator[tuple[str, int, float | None]]:
+               stop_strings: Sequence[str] = (), logprobs: bool = False,
+               top_logprobs: int = 0) -> Iterator[tuple[str, int, float | None]]:
         """Yields (text piece, token, logprob) as tokens are generated; the text pieces
         concatenate to the decoded output and never split a UTF-8 character. A stop token is
-        not yielded; text from a stop string on is not yielded."""
+        not yielded; text from a stop string on is not yielded. top_logprobs=k records the k
+        most likely tokens of every step in self.result.top_logprobs (filled before each yield)."""
         sampling = sampling or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -131,10 +144,13 @@ class Generator:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if any(not s for s in stop_strings):
             raise UsageError("stop strings must be non-empty")
+        if top_logprobs < 0:
+            raise UsageError(f"top_logprobs must be >= 0, got {top_logprobs}")
         limit = self.model.max_seq_len
         if len(prompt) > limit:
             raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
-        self.result = Result([], "", "length", [] if logprobs else None, len(prompt))
+        self.result = Result([], "", "length", [] if logprobs else None, len(prompt),
+                             [] if top_logprobs else None)
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(sampling.seed)
@@ -158,6 +174,8 @@ class Generator:
             self.result.tokens.append(token)
             if logprobs:
                 self.result.logprobs.append(lp)
+            if top_logprobs:
+                self.result.top_logprobs.append(most_likely(logits, top_logprobs))
             held += decoder.add(token)
             hit = [held.find(s) for s in stop_strings if s in held]
             if hit:
@@ -184,8 +202,8 @@ class Generator:
         self.result.text = text
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-                 stop_strings: Sequence[str] = (), logprobs: bool = False) -> Result:
-        for _ in self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs):
+                 stop_strings: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0) -> Result:
+        for _ in self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs, top_logprobs):
             pass
         return self.result
 

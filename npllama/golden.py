@@ -21,7 +21,7 @@ numerics `{dtype}`. Everything is plain `.npy` (`np.load`, no pickles) and JSON.
 - `<name>.npy` — intermediates, named and laid out as in npllama's README "Trace format":
   q/k in Meta's interleaved RoPE layout, `probs` shape (n_heads, T, T), `attention`
   (T, dim) with heads stacked in order.
-- `golden.json` — params, dtype, prompt, tokens, the greedy continuation
+- `golden.json` — params, dtype, prompt (null for a bundle made from token ids), tokens, the greedy continuation
   (`greedy.tokens`, `greedy.text`, {n_new} new tokens or up to a stop token), and the
   shape/dtype of every file.
 
@@ -53,10 +53,17 @@ def check_destination(out: str, force: bool) -> None:
     check_directory(os.path.abspath(out), force, is_bundle, "golden bundle")
 
 
-def write_golden(gen, out: str, prompt: str, max_new_tokens: int = 32, force: bool = False) -> dict:
+DEFAULT_PROMPT = "The answer to the ultimate question of life, the universe, and everything is"
+
+
+def write_golden(gen, out: str, prompt: str | None = None, max_new_tokens: int = 32, force: bool = False,
+                 tokens: list[int] | None = None) -> dict:
+    """The bundle for `prompt` (default DEFAULT_PROMPT), or for token ids given as they are."""
     check_destination(out, force)
     model, tok = gen.model, gen.tokenizer
-    tokens = tok.encode(prompt, bos=tok.add_bos)
+    if tokens is None:
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        tokens = tok.encode(prompt, bos=tok.add_bos)
     n = model.args.n_layers
     tr = trace(model, tokens, layers=sorted({0, n - 1}))
     result = gen.generate(tokens, max_new_tokens)

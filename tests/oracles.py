@@ -9,24 +9,7 @@ import types
 import numpy as np
 
 from npllama import ModelArgs
-from npllama.model import expected_shapes
-
-
-def random_weights(args: ModelArgs, seed: int = 0, tied: bool = False) -> dict[str, np.ndarray]:
-    """float32 weights scaled like a trained model (unit-variance activations), so every
-    layer matters to the logits."""
-    rng = np.random.default_rng(seed)
-    w = {}
-    for name, shape in expected_shapes(args).items():
-        if tied and name == "output.weight":
-            continue
-        if len(shape) == 1:
-            w[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        elif name == "tok_embeddings.weight":
-            w[name] = rng.standard_normal(shape).astype(np.float32)
-        else:
-            w[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
-    return w
+from npllama.testing import random_weights  # noqa: F401  (the strategies' weights, used by every test here)
 
 
 def small_args(**kw) -> ModelArgs:
@@ -40,7 +23,6 @@ def small_args(**kw) -> ModelArgs:
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 from trace_hf import hf_model, hf_trace  # noqa: E402,F401
-from npllama.formats.names import meta_to_hf_qk  # noqa: E402,F401
 
 
 def hf_logits(model, tokens) -> np.ndarray:
@@ -344,4 +326,22 @@ def llama31_instruct_tokenizer_dir(path: str) -> str:
                    "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": False}, f)
+    return path
+
+
+def write_byte_model(path: str, args: ModelArgs, add_bos: bool = True, seed: int = 0) -> str:
+    """A converted random model (vocab_size 260) whose tokenizer.json is byte_tokenizer()'s:
+    a whole npllama directory with a small vocabulary, for fast command-line tests."""
+    import base64
+    from npllama.tokenizer import spec_json
+    assert args.vocab_size == 260
+    write_random_model(path, args, seed=seed)
+    spec = {"tokens": [base64.b64encode(bytes([i])).decode() for i in range(256)] + [None] * 4,
+            "pre_tokenizer": "gpt2",
+            "special_tokens": {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258,
+                               "<|start_header_id|>": 259},
+            "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "stop": ["<|end_of_text|>", "<|eot_id|>"],
+            "chat_format": None, "add_bos": add_bos}
+    with open(os.path.join(path, "tokenizer.json"), "wb") as f:
+        f.write(spec_json(spec))
     return path

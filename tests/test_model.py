@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from npllama import ConfigError, ModelArgs, Transformer, WeightError, bf16, preset
+from npllama.testing import checkpoints, data_tokens
 from oracles import hf_logits, hf_model, meta_logits, meta_model, random_weights, small_args
 
 
@@ -116,12 +117,12 @@ def test_bfloat16_matches_meta_reference_run_in_bf16(shape):
 # --- properties -------------------------------------------------------------------------
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.integers(2, 20), st.data())
-def test_causality(seed, T, data):
-    args, w = build(SHAPES[1])
+@given(checkpoints(), data_tokens(min_len=2, max_len=20), st.data())
+def test_causality(checkpoint, tokens_for, data):
+    args, w = checkpoint
     m = Transformer(args, w)
-    toks = tokens_for(args, T, seed)
-    j = data.draw(st.integers(0, T - 1))
+    toks = tokens_for(args)
+    j = data.draw(st.integers(0, len(toks) - 1))
     changed = toks.copy()
     changed[j] = (changed[j] + 1) % args.vocab_size
     a, b = m.forward(toks), m.forward(changed)

@@ -19,36 +19,14 @@ import numpy as np
 
 
 def hf_model(args, weights: dict, torch_dtype=None):
-    """LlamaForCausalLM (eager attention) holding npllama/Meta-named float32 weights."""
+    """LlamaForCausalLM (eager attention) holding npllama/Meta-named weights (npllama.testing.to_hf)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npllama.formats.names import meta_to_hf, meta_to_hf_qk
-    from npllama.weights import as_float32  # bf16 checkpoints hold uint16 bits
-    weights = {k: as_float32(k, v) for k, v in weights.items()}
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
-                "original_max_position_embeddings": args.original_max_position_embeddings}
-    tied = "output.weight" not in weights
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
-                      max_position_embeddings=args.max_seq_len, rope_parameters=rope,
-                      tie_word_embeddings=tied, attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).eval()
-    sd = {}
-    for name, w in weights.items():
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            w = meta_to_hf_qk(w, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
-        sd[meta_to_hf(name)] = w
-    state = {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise RuntimeError(f"weights did not map onto HF's model: missing {missing}, unexpected {unexpected}")
-    if tied:
-        model.tie_weights()
+    from npllama.testing import to_hf
+    state, config = to_hf(args, weights)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager")).eval()
+    model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 

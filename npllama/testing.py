@@ -1,0 +1,215 @@
+"""Property-test another Llama 3 implementation against npllama.
+
+    from hypothesis import given, settings
+    from npllama.testing import check_against_reference, checkpoints, data_tokens
+
+    @settings(deadline=None)
+    @given(checkpoints(), data_tokens())
+    def test_my_llama(checkpoint, tokens_for):
+        args, weights = checkpoint                 # npllama.ModelArgs, Meta-named float32 arrays
+        check_against_reference(my_forward(args, weights), args, weights, tokens_for(args))
+
+The strategies need hypothesis (pip install 'npllama[testing]'); random_weights, to_hf and
+check_against_reference do not. The README's "Testing another implementation" has a
+complete example against HF transformers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import MissingDependencyError
+from .model import Transformer, as_float32, expected_shapes
+from .tracing import trace
+
+
+def _strategies():
+    try:
+        from hypothesis import strategies as st
+    except ImportError:
+        raise MissingDependencyError("npllama.testing's strategies need hypothesis: "
+                                     "pip install 'npllama[testing]'") from None
+    return st
+
+
+# --- weights ---------------------------------------------------------------------------
+
+def random_weights(args: ModelArgs, seed: int = 0, tied: bool = False,
+                   embedding_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """float32 weights under Meta's names, scaled like a trained model's (unit-variance
+    activations), so every layer matters to the logits. tied leaves out output.weight.
+    embedding_scale < 1 gives the small embeddings of real checkpoints (Llama 3's are
+    ~0.01): RMSNorm's eps then matters, so a wrong eps shows."""
+    rng = np.random.default_rng(seed)
+    w = {}
+    for name, shape in expected_shapes(args).items():
+        if tied and name == "output.weight":
+            continue
+        if len(shape) == 1:
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif name == "tok_embeddings.weight":
+            w[name] = (embedding_scale * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            w[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    return w
+
+
+# --- strategies ------------------------------------------------------------------------
+
+def model_args(max_layers: int = 2, max_dim: int = 256, max_vocab: int = 512, max_seq_len: int = 64,
+               rope_scaling: bool | None = None):
+    """ModelArgs of small models that still cover what differs between real ones: GQA ratios
+    1-8, head_dim 8-128, Meta's FFN width rule with and without ffn_dim_multiplier, both
+    norm eps, rope theta 1e4 and 5e5, and Llama 3.1 rope scaling (rope_scaling: None draws
+    it on or off) with factors and a pre-scaling context short enough to matter within
+    max_seq_len tokens."""
+    st = _strategies()
+
+    @st.composite
+    def build(draw):
+        head_dim = draw(st.sampled_from([h for h in (8, 16, 32, 64, 128) if h <= max_dim] or [8]))
+        n_kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if k * head_dim <= max_dim] or [1]))
+        n_heads = n_kv_heads * draw(st.sampled_from([r for r in (1, 2, 4, 8) if r * n_kv_heads * head_dim <= max_dim]
+                                                    or [1]))
+        scaled = draw(st.booleans()) if rope_scaling is None else rope_scaling
+        kw = dict(dim=n_heads * head_dim, n_layers=draw(st.integers(1, max_layers)), n_heads=n_heads,
+                  n_kv_heads=n_kv_heads, vocab_size=draw(st.integers(2, max_vocab)),
+                  multiple_of=draw(st.sampled_from([16, 32, 64])),
+                  ffn_dim_multiplier=draw(st.sampled_from([None, 1.3, 1.5])),
+                  norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+                  rope_theta=draw(st.sampled_from([10000.0, 500000.0])), max_seq_len=max_seq_len)
+        if scaled:
+            kw.update(use_scaled_rope=True, rope_scaling_factor=draw(st.sampled_from([8.0, 32.0])),
+                      low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=draw(st.sampled_from([16, 64, 8192])))
+        return ModelArgs(**kw)
+
+    return build()
+
+
+class Checkpoint(tuple):
+    """(args, weights), shown as how it was drawn (what hypothesis prints for a failing
+    example): random_weights(args, seed, tied, embedding_scale) rebuilds the weights."""
+
+    def __new__(cls, args: ModelArgs, seed: int, tied: bool, embedding_scale: float):
+        self = super().__new__(cls, (args, random_weights(args, seed, tied, embedding_scale)))
+        self.seed, self.tied, self.embedding_scale = seed, tied, embedding_scale
+        return self
+
+    def __repr__(self):
+        return f"Checkpoint({self[0]!r}, seed={self.seed}, tied={self.tied}, embedding_scale={self.embedding_scale})"
+
+
+def checkpoints(**model_args_kwargs):
+    """(args, weights): model_args() with random_weights(), tied and untied heads, trained-like
+    and small embeddings. Weights are float32 arrays under Meta's names, in Meta's
+    interleaved RoPE layout (to_hf gives HF's)."""
+    st = _strategies()
+    return st.builds(Checkpoint, model_args(**model_args_kwargs), st.integers(0, 2**32 - 1), st.booleans(),
+                     st.sampled_from([1.0, 0.01]))
+
+
+class TokensFor:
+    """args -> token ids (1-D int64): the drawn integers modulo args.vocab_size, at most
+    args.max_seq_len of them."""
+
+    def __init__(self, draws: list[int]):
+        self.draws = draws
+
+    def __call__(self, args: ModelArgs) -> np.ndarray:
+        return np.array(self.draws[:args.max_seq_len], dtype=np.int64) % args.vocab_size
+
+    def __repr__(self):
+        return f"TokensFor({self.draws})"
+
+
+def data_tokens(min_len: int = 1, max_len: int = 64):
+    """A function args -> token ids (a TokensFor). Draws shrink toward short sequences of
+    token 0."""
+    st = _strategies()
+    return st.lists(st.integers(0, 2**31 - 1), min_size=min_len, max_size=max_len).map(TokensFor)
+
+
+# --- HF transformers' layout -------------------------------------------------------------
+
+def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The same model for HF transformers: (state dict of float32 numpy arrays under
+    LlamaForCausalLM's names, keyword arguments for transformers.LlamaConfig). q/k are
+    permuted into HF's rotate-half layout; a tied head (no output.weight) is given as
+    lm_head.weight too, so a strict load_state_dict accepts the dict either way."""
+    from .formats.names import meta_to_hf, meta_to_hf_qk
+    w = {k: as_float32(k, v) for k, v in weights.items()}
+    tied = "output.weight" not in w
+    sd = {}
+    for name, x in w.items():
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            x = meta_to_hf_qk(x, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
+        sd[meta_to_hf(name)] = x
+    if tied:
+        sd["lm_head.weight"] = w["tok_embeddings.weight"]
+    sd = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+    rope_scaling, max_positions = None, args.max_seq_len
+    if args.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                        "low_freq_factor": args.low_freq_factor, "high_freq_factor": args.high_freq_factor,
+                        "original_max_position_embeddings": args.original_max_position_embeddings}
+        # HF checks that the scaled context exceeds the original one; it changes no number.
+        max_positions = max(max_positions, int(args.original_max_position_embeddings * args.rope_scaling_factor))
+    # rope_theta/rope_scaling: the names transformers 4 takes, and 5 converts to rope_parameters.
+    config = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+                  num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                  num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                  rope_scaling=rope_scaling, max_position_embeddings=max_positions, tie_word_embeddings=tied,
+                  bos_token_id=None, eos_token_id=None)   # HF's defaults (1, 2) may not exist in a small vocabulary
+    return sd, config
+
+
+# --- the check -----------------------------------------------------------------------------
+
+# float32: npllama agrees with HF transformers and Meta's reference to ~5e-7 of the logit
+# scale (tests/test_model.py); 1e-5 leaves room for summation order over a few layers and none
+# for a wrong operation (those show as 1e-3 or more). bfloat16: 2^-6 of the logit scale, two
+# bf16 ulps at that scale rounded down to a power of two (npllama is within 1.5 of Meta's own
+# bf16 run); a missing or extra rounding shows as many more.
+DEFAULT_RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -6}
+
+
+def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dtype: str = "float32",
+                            rtol: float | None = None) -> np.ndarray:
+    """Run `tokens` through npllama (numerics `dtype`) and through `forward(tokens) -> logits
+    (T, vocab)`, the implementation under test, from position 0. Raises AssertionError naming
+    the first position whose logits part: max |theirs - npllama| over the vocabulary above
+    rtol times that position's logit scale (logit_scale). Returns npllama's logits."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
+    model = Transformer(args, weights, dtype=dtype, max_seq_len=max(args.max_seq_len, len(tokens)))
+    tr = trace(model, tokens, layers=[])                        # tokens, embeddings, norm, logits
+    ours = tr["logits"].astype(np.float64)
+    theirs = forward(tokens)
+    if hasattr(theirs, "detach"):          # a torch tensor, without importing torch here
+        theirs = theirs.detach().float().cpu().numpy()
+    theirs = np.asarray(theirs, dtype=np.float64)
+    if theirs.shape != ours.shape:
+        raise AssertionError(f"logits have shape {theirs.shape}, expected {ours.shape} (tokens, vocab)")
+    err = np.abs(theirs - ours).max(axis=-1)
+    err = np.where(np.isnan(err), np.inf, err)                 # NaN anywhere is a failure
+    head = weights.get("output.weight", weights["tok_embeddings.weight"])
+    scale = logit_scale(ours, tr["norm"], as_float32("output.weight", head))
+    bad = np.nonzero(err > rtol * scale)[0]
+    if len(bad):
+        t = int(bad[0])
+        agree = f"positions 0..{t - 1} agree (max {float((err / scale)[:t].max()):.2e})" if t else "from the first"
+        raise AssertionError(
+            f"logits part at position {t} (token {int(tokens[t])}): max |yours - npllama| = {err[t]:.3e}, "
+            f"{err[t] / scale[t]:.2e} of the logit scale {scale[t]:.3g} (rtol {rtol:g}, {dtype}); {agree}; "
+            f"{len(bad)} of {len(tokens)} positions outside")
+    return ours.astype(np.float32)
+
+
+
+def logit_scale(logits: np.ndarray, h: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Per position, the size float32 errors in the logits are relative to: the largest
+    |logit|, or, where the logits cancel to near zero (a tiny vocabulary, small
+    embeddings), the size of a typical logit before cancelling, ||h|| * rms(head)."""
+    typical = np.linalg.norm(h.astype(np.float64), axis=-1) * np.sqrt(np.mean(np.square(head, dtype=np.float64)))
+    return np.maximum(np.maximum(np.abs(logits).max(axis=-1), typical), np.finfo(np.float32).tiny)
