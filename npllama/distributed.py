@@ -23,7 +23,7 @@ import numpy as np
 
 from .checkpoint import STORAGE, open_tensors, read_checked
 from .config import ModelArgs, runtime_context
-from .errors import CheckpointError, NpllamaError, StageError, UsageError
+from .errors import CheckpointError, MissingDependencyError, NpllamaError, StageError, UsageError
 from .formats.untrusted import numel
 from .model import DTYPES, Transformer
 from .tracing import IGNORE, Recorder
@@ -35,7 +35,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise UsageError("running on Ray needs the ray package: pip install npllama[ray]") from None
+        raise MissingDependencyError("running on Ray needs the ray package: pip install 'npllama[ray]'") from None
     return ray
 
 

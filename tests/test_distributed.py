@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 import npllama
 from npllama import checkpoint, distributed, hub
 from npllama.distributed import Pipeline, Stage, split_layers, tensor_bytes
-from npllama.errors import CheckpointError, StageError, UsageError
+from npllama.errors import CheckpointError, MissingDependencyError, StageError, UsageError
 from npllama.generate import Generator
 from npllama.model import Transformer
 from npllama.tokenizer import chat_format, load as load_tokenizer
@@ -160,7 +160,7 @@ def test_a_stage_refuses_another_checkpoint_than_the_drivers(untied, tied):
 
 def test_without_ray_the_message_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)     # import ray -> ImportError
-    with pytest.raises(UsageError, match=r"pip install npllama\[ray\]"):
+    with pytest.raises(MissingDependencyError, match=r"pip install .npllama\[ray\]."):
         distributed.connect("local")
 
 
