@@ -5,6 +5,7 @@ checkpoint, dies or does not answer is a one-line error naming it.
 One local Ray runtime serves the whole module (2 CPUs, a 150 MB object store, no dashboard);
 its processes are checked to be gone at the end."""
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -18,14 +19,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama import checkpoint, distributed, hub
+from npllama import checkpoint, distributed, hub, perplexity as pp
 from npllama.distributed import Pipeline, Stage, split_layers, tensor_bytes
 from npllama.errors import CheckpointError, MissingDependencyError, StageError, UsageError
 from npllama.generate import Generator
 from npllama.model import Transformer
 from npllama.tokenizer import chat_format, load as load_tokenizer
 from npllama.weights import expected_shapes, held_names
-from oracles import byte_tokenizer, llama3_tokenizer_path, random_weights, small_args, write_random_model
+from oracles import (byte_tokenizer, llama3_tokenizer_path, random_weights, small_args, write_byte_model,
+                     write_random_model)
 
 ARGS = small_args(n_layers=4, vocab_size=260, max_seq_len=64)   # byte_tokenizer's vocabulary
 MARK = "NPLLAMA_TEST_RAY"
@@ -251,6 +253,38 @@ def test_a_stage_that_does_not_answer_in_time_is_named(ray_runtime, untied):
             pipe.forward(TOKENS)
         with pytest.raises(StageError, match="did not answer"):
             pipe.forward(TOKENS)
+
+
+def test_perplexity_over_stages_is_one_process_perplexity(ray_runtime, untied):
+    chunks = pp.split_chunks(np.random.default_rng(5).integers(0, ARGS.vocab_size, 70), 16)   # 4 chunks of 16
+    one = npllama.load(untied, max_seq_len=16, max_batch_size=2)
+    with Pipeline(untied, 2, max_seq_len=16, max_batch_size=2) as pipe:
+        for n_batch in (None, 8, 32):      # a chunk a pass, a chunk in pieces, two chunks side by side as rows
+            ours, theirs = list(pp.evaluate(pipe, chunks, 256, n_batch)), list(pp.evaluate(one, chunks, 256, n_batch))
+            assert len(ours) == len(theirs) == 4
+            for (a, ta, _), (b, tb, _) in zip(ours, theirs):
+                assert a.shape == b.shape == (7, ARGS.vocab_size)
+                assert np.array_equal(a, b) and np.array_equal(ta, tb)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    return write_byte_model(str(tmp_path_factory.mktemp("bytes") / "m"), ARGS, seed=6)
+
+
+def test_cli_perplexity_over_stages_prints_one_process_figures(ray_runtime, byte_model, tmp_path, capsys):
+    from npllama import cli
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    run = ["perplexity", "-m", byte_model, "-f", str(tmp_path / "t.txt"), "-c", "16", "--batch", "32", "--json"]
+    figures = []
+    for extra in ([], ["--ray", "local", "--stages", "2"]):     # in this process: joins the module's runtime
+        assert cli.main(run + extra) == 0
+        out, err = capsys.readouterr()
+        lines = [json.loads(line) for line in out.splitlines()]
+        lines[-1].pop("tokens_per_second")                       # a timing, not a figure
+        figures.append(lines)
+    assert "stage 1 (layers" in err and len(figures[0]) == 9   # 8 chunks of 16 tokens and the final estimate
+    assert figures[1] == figures[0]                             # bitwise equal logits: equal figures
 
 
 # --- the default model (SmolLM2) ------------------------------------------------------------
