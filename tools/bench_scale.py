@@ -104,18 +104,27 @@ def stream(a) -> dict:
 
 
 def layer(a) -> dict:
+    from npllama.checkpoint import open_tensors, read_checked
+    from npllama.model import Transformer
+    from npllama.weights import held_names
     path = checkpoint(a)
-    model = npllama.load(path, dtype=a.dtype, weights_mode=a.weights, max_seq_len=a.pos + 1)
-    args = model.args
+    args, index = read_checked(path)
+    tied = "output.weight" not in index["tensors"]
     rng = np.random.default_rng(0)
-    model.forward(rng.integers(0, args.vocab_size, a.pos))          # the cache before --pos; weights ready
     x = rng.standard_normal((1, 1, args.dim)).astype(np.float32)
     per_layer = {}
     for i in sorted({0, args.n_layers // 2, args.n_layers - 1}):
-        model.forward_layers(x, a.pos, i, i + 1)                      # warm
-        per_layer[i] = median_time(lambda i=i: model.forward_layers(x, a.pos, i, i + 1), a.reps)
+        # A stage of this one layer (and the head, for the last): only its tensors are mapped,
+        # so the 8B shape stored float32 is measured a layer (0.9 GB) at a time.
+        held = range(i, i + 1)
+        model = Transformer(args, open_tensors(path, index, held_names(args, held, tied)), a.dtype,
+                            a.pos + 1, 1, a.weights, held)
+        model.forward_layers(rng.standard_normal((1, a.pos, args.dim)).astype(np.float32), 0, i, i + 1)   # its cache
+        model.forward_layers(x, a.pos, i, i + 1)                      # warm: weights read, compute forms made
+        per_layer[i] = median_time(lambda: model.forward_layers(x, a.pos, i, i + 1), a.reps)
+    model.head(x)
     head = median_time(lambda: model.head(x), a.reps)
-    layer_bytes = sum(model.weights[n].nbytes for n in model.weights if n.startswith("layers.0."))
+    layer_bytes = sum(model.weights[n].nbytes for n in model.weights if n.startswith(f"layers.{i}."))
     head_bytes = model.weights[model.output].nbytes
     s = statistics.median(per_layer.values())
     out = {"shape": a.shape, "store": a.store, "dtype": a.dtype, "weights_mode": model.weights_mode, "pos": a.pos,
