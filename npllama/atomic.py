@@ -80,17 +80,27 @@ def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: 
         raise
 
 
-def write_file(path: str, write: Callable[[str], None], what: str) -> None:
-    """write(tmp) fills a temporary file beside path, which is then fsynced and renamed to
-    path; on failure nothing is left."""
+@contextlib.contextmanager
+def staged_file(path: str, what: str) -> Iterator[str]:
+    """Yields a fresh temporary file beside path to fill (a name of its own: never a file
+    someone else has); on success it is fsynced and renamed to path, on failure removed."""
     check_file(path, what)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes it 0600; the file should have what open() gives
     try:
-        write(tmp)
+        yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_file(path: str, write: Callable[[str], None], what: str) -> None:
+    """write(tmp) fills a temporary file that becomes path (staged_file)."""
+    with staged_file(path, what) as tmp:
+        write(tmp)

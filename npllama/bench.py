@@ -64,8 +64,30 @@ def build(shape: str, root: str, quiet: bool = False, store: str = "bfloat16") -
     return out
 
 
+def proc_status(field: str) -> int | None:
+    """A byte count from /proc/self/status (Linux), e.g. VmRSS, VmHWM; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current RSS (Linux >= 4.0), so a peak can be measured for
+    one phase (a prompt) rather than since the process began (loading)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process's own peak; ru_maxrss also counts the parent's RSS at the fork
+    # (a peer started by a bench that holds a model would report at least that model).
+    return proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def summary(xs: list[float]) -> dict:

@@ -29,6 +29,10 @@ from .formats.untrusted import ZipReader, check_shape, describe, field, inside, 
 
 FORMAT = "npllama"
 FORMAT_VERSION = 1
+# What the converters write beside the tensors (tokenizer, chat template, stop ids, params)
+# changes as npllama learns more of a source; raised when it does, so that a conversion the
+# cache holds from an older npllama is made again (npllama.hub) instead of silently lacking it.
+CONVERTER = 2
 STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -112,7 +116,7 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     if dtype is not None and dtype not in STORAGE:
         raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
     with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
-        index = {"format": FORMAT, "version": FORMAT_VERSION, "tensors": {}, "shards": {}}
+        index = {"format": FORMAT, "version": FORMAT_VERSION, "converter": CONVERTER, "tensors": {}, "shards": {}}
         progress = Progress(total_bytes, n_tensors, quiet=quiet)
         shard_names: list[str] = []
         zf = None

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import STORAGE, open_tensors, read_checked
-from .config import ModelArgs, runtime_context
+from .config import ModelArgs
 from .errors import CheckpointError, MissingDependencyError, NpllamaError, StageError, UsageError
 from .formats.untrusted import numel
+from .memory import PREFILL_CHUNK
 from .model import DTYPES, Transformer
 from .tracing import IGNORE, Recorder
 from .version import __version__
@@ -83,10 +84,10 @@ class Stage:
         self.model: Transformer | None = None
 
     def load(self, params: dict, index: dict, dtype: str, max_seq_len: int, max_batch_size: int,
-             weights_mode: str, share: int = 1) -> dict:
+             weights_mode: str, share: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> dict:
         """Check the checkpoint here is the one the driver read (params and index, shard
         digests included), map this stage's tensors and make its model. share: how many
-        stages share this node's memory (for weights_mode "auto")."""
+        stages share this node's memory (for weights_mode "auto"). prefill_chunk: Transformer's."""
         try:
             args, here = read_checked(self.path)
             if args.to_dict() != params or here != index:
@@ -95,10 +96,12 @@ class Stage:
             names = held_names(args, self.layers, "output.weight" not in here["tensors"])
             tensors = open_tensors(self.path, here, names)
             mode = choose_mode(tensors, weights_mode, share)
-            self.model = Transformer(args, tensors, dtype, max_seq_len, max_batch_size, mode, self.layers)
+            self.model = Transformer(args, tensors, dtype, max_seq_len, max_batch_size, mode, prefill_chunk,
+                                     self.layers)
         except NpllamaError as e:
             raise type(e)(f"{self.where}: {e}") from None
         return {"pid": os.getpid(), "npllama": __version__, "weights_mode": self.model.weights_mode,
+                "max_seq_len": self.model.max_seq_len,
                 "bytes": sum(int(t.nbytes) for t in tensors.values())}
 
     def forward(self, x: np.ndarray, start_pos: int, trace: dict | None, last_only: bool) -> tuple[np.ndarray, dict]:
@@ -135,7 +138,9 @@ class Pipeline:
 
     stages: how many (default: one per node). timeout: seconds a forward pass may take
     (None: no limit; a stage that dies is reported at once whatever the limit).
-    start_timeout: seconds the stages may take to start and open the checkpoint. A stage
+    start_timeout: seconds the stages may take to start and open the checkpoint.
+    max_seq_len, max_batch_size, prefill_chunk, weights_mode: each stage's Transformer's (with
+    max_seq_len None each stage takes what fits its node, and the pipeline the least). A stage
     that fails leaves the pipeline unusable: its KV cache is gone (start a new Pipeline).
     """
 
@@ -146,7 +151,7 @@ class Pipeline:
 
     def __init__(self, path: str, stages: int | None = None, dtype: str = "float32", max_seq_len: int | None = None,
                  max_batch_size: int = 1, weights_mode: str = "auto", timeout: float | None = None,
-                 start_timeout: float = 300.0):
+                 start_timeout: float = 300.0, prefill_chunk: int = PREFILL_CHUNK):
         ray = import_ray()
         if not ray.is_initialized():
             raise UsageError("Ray is not running in this process: call npllama.distributed.connect() first")
@@ -158,7 +163,7 @@ class Pipeline:
             raise UsageError(f"the batch size must be a positive integer, got {max_batch_size!r}")
         args, index = read_checked(path)
         self.args, self.dtype, self.path, self.timeout = args, dtype, path, timeout
-        self.max_seq_len, self.max_batch_size = runtime_context(args, max_seq_len), max_batch_size
+        self.max_batch_size = max_batch_size
         self.held = range(args.n_layers)
         self.broken: str | None = None
         nodes = cluster_nodes(ray)
@@ -178,8 +183,8 @@ class Pipeline:
                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": str(node.cpus)}})
                        .remote(path, r, where) for r, node, where in zip(self.ranges, on, self.where)]
         try:
-            self.info = self._results([s.load.remote(args.to_dict(), index, dtype, self.max_seq_len, max_batch_size,
-                                                     weights_mode, on.count(node))
+            self.info = self._results([s.load.remote(args.to_dict(), index, dtype, max_seq_len, max_batch_size,
+                                                     weights_mode, on.count(node), prefill_chunk)
                                        for s, node in zip(self.stages, on)], start_timeout, "while starting")
             for where, info in zip(self.where, self.info):
                 if info["npllama"] != __version__:
@@ -189,6 +194,9 @@ class Pipeline:
             self.close()
             raise
         self.weights_mode = ",".join(sorted({info["weights_mode"] for info in self.info}))
+        # max_seq_len None: each stage takes the longest context that fits its node (npllama.memory);
+        # the pipeline runs at the shortest of them.
+        self.max_seq_len = min(info["max_seq_len"] for info in self.info)
 
     def forward_stage(self, x: np.ndarray, start_pos: int, record=IGNORE, last_only: bool = False) -> np.ndarray:
         """Tokens (B, T) through every stage -> logits (B, T or 1, vocab). Each stage's

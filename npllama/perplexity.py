@@ -21,14 +21,14 @@ The base file (`llama-perplexity --kl-divergence-base FILE`), native byte order 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -191,30 +191,22 @@ def dequantize_log_probs(rows: np.ndarray, n_vocab: int) -> np.ndarray:
     return head[:, :1] * rows[:, 4:4 + n_vocab].astype(np.float32) + head[:, 1:]
 
 
-class BaseWriter:
-    """Writes a base file as chunks are scored: to FILE.partial, renamed when complete."""
-
-    def __init__(self, path: str, chunks: np.ndarray, n_vocab: int):
-        self.path, self.tmp = path, path + ".partial"
-        n_chunk, n_ctx = chunks.shape
-        self.f = open(self.tmp, "wb")
-        self.f.write(HEADER.pack(MAGIC, n_ctx, n_vocab, n_chunk))
-        self.f.write(chunks.astype("<i4").tobytes())
-
-    def add(self, logits: np.ndarray) -> None:
-        self.f.write(quantize_log_probs(logits).tobytes())
-
-    def close(self, ok: bool) -> None:
-        self.f.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+@contextlib.contextmanager
+def base_writer(path: str, chunks: np.ndarray, n_vocab: int) -> Iterator[Callable[[np.ndarray], None]]:
+    """Yields add(logits), which appends a chunk's rows to the base file at path; the file
+    appears when the block ends without error, complete (atomic.staged_file)."""
+    from .atomic import staged_file
+    n_chunk, n_ctx = chunks.shape
+    with staged_file(path, "KL-divergence base file") as tmp, open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, n_ctx, n_vocab, n_chunk))
+        f.write(chunks.astype("<i4").tobytes())
+        yield lambda logits: f.write(quantize_log_probs(logits).tobytes())
 
 
 @dataclass
 class BaseFile:
-    """A base file, checked against its own header; the log-probabilities stay on disk."""
+    """A base file, checked against its own header; the log-probabilities stay on disk and
+    each chunk's rows are checked when read (chunk)."""
     path: str
     n_ctx: int
     n_vocab: int
@@ -223,30 +215,48 @@ class BaseFile:
 
     @classmethod
     def open(cls, path: str) -> "BaseFile":
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                header = f.read(HEADER.size)
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-        if len(header) < HEADER.size or header[:8] != MAGIC:
-            raise UsageError(f"{path}: not a KL-divergence base file (llama-perplexity --kl-divergence-base "
-                             "files start with _logits_)")
-        _, n_ctx, n_vocab, n_chunk = HEADER.unpack(header)
-        if n_ctx < 4 or n_vocab < 1 or n_chunk < 1:
-            raise UsageError(f"{path}: header says n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk}")
-        rows, nv = scored_rows(n_ctx), row_width(n_vocab)
-        tokens_at = HEADER.size
-        rows_at = tokens_at + 4 * n_chunk * n_ctx
-        expected = rows_at + 2 * n_chunk * rows * nv
-        if size != expected:
-            raise UsageError(f"{path}: {size} bytes, but n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk} make "
-                             f"{expected} (truncated or not a base file)")
-        tokens = np.fromfile(path, dtype="<i4", count=n_chunk * n_ctx, offset=tokens_at).reshape(n_chunk, n_ctx)
-        if tokens.min() < 0 or tokens.max() >= n_vocab:
-            raise UsageError(f"{path}: token ids {tokens.min()}..{tokens.max()} outside the vocabulary of {n_vocab}")
-        log_probs = np.memmap(path, dtype="<u2", mode="r", offset=rows_at, shape=(n_chunk, rows, nv))
+        """Untrusted input: a regular file whose size must be exactly what its header's counts
+        make before anything is read past the header; nothing is allocated from a count."""
+        from .formats.untrusted import file_size, open_regular
+        with open_regular(path, UsageError) as f:
+            size = file_size(f)
+            header = f.read(HEADER.size)
+            if len(header) < HEADER.size or header[:8] != MAGIC:
+                raise UsageError(f"{path}: not a KL-divergence base file (llama-perplexity --kl-divergence-base "
+                                 "files start with _logits_)")
+            _, n_ctx, n_vocab, n_chunk = HEADER.unpack(header)
+            if n_ctx < 4 or n_vocab < 1 or n_chunk < 1:
+                raise UsageError(f"{path}: header says n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk}")
+            rows, nv = scored_rows(n_ctx), row_width(n_vocab)
+            rows_at = HEADER.size + 4 * n_chunk * n_ctx
+            expected = rows_at + 2 * n_chunk * rows * nv
+            if size != expected:
+                raise UsageError(f"{path}: {size} bytes, but n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk} "
+                                 f"make {expected} (truncated or not a base file)")
+            tokens = np.frombuffer(f.read(rows_at - HEADER.size), dtype="<i4").reshape(n_chunk, n_ctx)
+            if tokens.min() < 0 or tokens.max() >= n_vocab:
+                raise UsageError(f"{path}: token ids {tokens.min()}..{tokens.max()} outside the vocabulary of "
+                                 f"{n_vocab}")
+            log_probs = np.memmap(f, dtype="<u2", mode="r", offset=rows_at, shape=(n_chunk, rows, nv))
         return cls(path, n_ctx, n_vocab, tokens, log_probs)
+
+    def chunk(self, i: int) -> np.ndarray:
+        """Chunk i's rows (scored rows, nv), each row's scale and minimum checked to be what
+        llama.cpp's quantization makes: finite, its 65536 levels spanning at most
+        LOG_PROB_RANGE nats, the lowest no further than that below the log-probability of a
+        uniform distribution, the highest at most log 1 = 0 (float32 rounding allowed). So
+        every log-probability a row gives is finite and every statistic of it too."""
+        rows = np.asarray(self.rows[i])
+        head = np.ascontiguousarray(rows[:, :4]).view("<f4").astype(np.float64)      # (R, 2)
+        scale, low = head[:, 0], head[:, 1]
+        with np.errstate(invalid="ignore", over="ignore"):
+            ok = np.isfinite(head).all(axis=1) & (scale >= 0) & (scale * 65535 <= LOG_PROB_RANGE * 1.001) & \
+                (low >= -LOG_PROB_RANGE - math.log(self.n_vocab) - 1) & (scale * 65535 + low <= 1e-3)
+        if not ok.all():
+            r = int(np.argmin(ok))
+            raise UsageError(f"{self.path}: chunk {i + 1}, row {r + 1}: scale {scale[r]:g} and minimum "
+                             f"log-probability {low[r]:g} are not what llama-perplexity writes (damaged file?)")
+        return rows
 
 
 # --- KL divergence against a base file ----------------------------------------------------
@@ -377,21 +387,16 @@ def run_perplexity(model, tokens, n_ctx: int = 512, bos_id: int | None = None, n
     batching(model, n_ctx, n_batch)                 # a bad --batch fails before anything is written
     print(f"perplexity: {len(tokens)} tokens, {len(chunks)} chunks of {n_ctx}, scoring the last "
           f"{scored_rows(n_ctx)} tokens of each", file=err, flush=True)
-    writer = BaseWriter(base_path, chunks, model.args.vocab_size) if base_path else None
-    result, ok = Perplexity(), False
-    try:
+    result = Perplexity()
+    with base_writer(base_path, chunks, model.args.vocab_size) if base_path else contextlib.nullcontext() as add:
         for i, (logits, targets, seconds) in enumerate(evaluate(model, chunks, bos_id, n_batch, progress=err)):
-            if writer is not None:
-                writer.add(logits)
+            if add is not None:
+                add(logits)
             result.add(token_nll(logits, targets), seconds, n_ctx)
             if as_json:
                 print(json.dumps({"chunk": i + 1, "ppl": result.ppl}), file=out, flush=True)
             else:
                 print(f"[{i + 1}]{result.ppl:.4f},", end="", file=out, flush=True)
-        ok = True
-    finally:
-        if writer is not None:
-            writer.close(ok)
     rate = result.tokens / result.seconds if result.seconds > 0 else float("inf")
     if as_json:
         print(json.dumps({"ppl": result.ppl, "ppl_err": result.ppl_err, "chunks": len(chunks), "n_ctx": n_ctx,
@@ -418,7 +423,7 @@ def run_kl_divergence(model, base: BaseFile, bos_id: int | None = None, n_batch:
         print(KL_HEADER, file=out)
     seconds = 0.0
     for i, (logits, targets, dt) in enumerate(evaluate(model, base.tokens, bos_id, n_batch, progress=err)):
-        kl.add(logits, base.rows[i], targets)
+        kl.add(logits, base.chunk(i), targets)
         seconds += dt
         if as_json:
             s = kl.summary()

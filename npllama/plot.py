@@ -26,13 +26,8 @@ def save(fig, path: str) -> None:
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise UsageError(f"{path}: cannot write .{fmt} images (one of: {', '.join(sorted(supported))})")
-    tmp = f"{path}.partial"
-    try:
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .atomic import write_file
+    write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"), "image")
 
 
 def token_labels(trace: dict) -> list[str]:

@@ -9,12 +9,13 @@ each with one contiguous vectorised operation. So x @ W.T = [x[:, 1::2] | x[:, 0
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .parallel import threads
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
@@ -50,10 +51,6 @@ def _rows(x_pairs: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
         np.bitwise_and(u[r:r + k], HIGH, out=buf[:k, :half])
         np.multiply(u[r:r + k], LOW_TO_HIGH, out=buf[:k, half:])  # == u << 16 (mod 2^32), faster
         np.matmul(x_pairs, f[:k].T, out=out[:, r:r + k])
-
-
-def threads() -> int:
-    return int(os.environ.get("NPLLAMA_THREADS", os.cpu_count() or 1))
 
 
 def matmul(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import codecs
 import hashlib
+import io
 import json
 import os
 from typing import Iterable, Iterator, Sequence
@@ -41,6 +42,7 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 
 from .chat_template import MAX_TEMPLATE_CHARS
 from .errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
+from .formats.untrusted import describe, inside, read_bounded, read_json
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
@@ -59,16 +61,12 @@ def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
     yield s[start:]
 
 
-def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
-    """`base64 rank` lines. Read here, not with tiktoken's loader, which copies the file into
-    a shared cache directory keyed by its path."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file") from None
+def parse_tiktoken_ranks(data: bytes, path: str) -> dict[bytes, int]:
+    """`base64 rank` lines (tiktoken's format; tiktoken's own loader would copy the file into
+    a shared cache directory keyed by its path). At most MAX_TOKENS of them, read a line at a
+    time: a file of empty lines is not a list of millions of empty strings."""
     ranks = {}
-    for n, line in enumerate(data.splitlines(), 1):
+    for n, line in enumerate(io.BytesIO(data), 1):
         if not line.strip():
             continue
         try:
@@ -76,38 +74,79 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise TokenizerError(f"{path}: line {n} is not `base64 rank` (a sentencepiece model from Llama 2?)") from None
+        if len(ranks) > MAX_TOKENS:
+            raise TokenizerError(f"{path}: more than {MAX_TOKENS:,} ranks")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps")
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:   # tiktoken would panic on text with that byte (found by the fuzzer)
+        raise TokenizerError(f"{path}: byte {missing:#04x} has no rank (a byte-level BPE ranks all 256 bytes)")
     return ranks
+
+
+# The classes of characters beyond ASCII that the pre-tokenizer regexes tell apart, each
+# with an ASCII stand-in of that class alone (no letter of a contraction, no space, no
+# newline); None: any other character.
+CHARACTER_CLASSES = ((r"\p{L}", "a"), (r"\p{N}", "0"), (r"\s", "\t"), (None, "#"))
+_class_probes: list = []
+
+
+def tiktoken_classes(chars: str) -> list[int]:
+    """Each character's class (an index into CHARACTER_CLASSES) as tiktoken's regex engine
+    sees it: a probe Encoding per class whose pattern matches that class alone drops, in
+    encode_ordinary, every character outside it."""
+    if not _class_probes:
+        bytes_only = {bytes([b]): b for b in range(256)}
+        _class_probes.extend(tiktoken.Encoding(f"npllama-probe-{i}", pat_str=cls, mergeable_ranks=bytes_only,
+                                               special_tokens={})
+                             for i, (cls, _) in enumerate(CHARACTER_CLASSES[:-1]))
+    members = [set(p.decode(p.encode_ordinary(chars))) for p in _class_probes]
+    return [next((k for k, m in enumerate(members) if c in m), len(members)) for c in chars]
+
+
+def as_tiktoken_encodes(s: str) -> str:
+    """s with lone surrogates made U+FFFD, as tiktoken's encode makes them (it cannot encode
+    them as UTF-8)."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def split_like_tiktoken(pat_str: str, s: str) -> list[str]:
+    """s cut into the pieces tiktoken's regex makes of it, with the `regex` module. The two
+    engines carry different Unicode versions: `regex` calls thousands of recently assigned
+    characters (U+323B0 among them) letters or numbers where tiktoken's Rust regex, and HF
+    tokenizers' Oniguruma, see neither. Such characters are replaced, for the split only, by
+    an ASCII stand-in of the class tiktoken gives them, so the pieces are tiktoken's."""
+    import regex
+    s = as_tiktoken_encodes(s)
+    beyond_ascii = "".join(sorted({c for c in s if c >= "\x80"}))
+    if not beyond_ascii:
+        return regex.findall(pat_str, s)
+    theirs = tiktoken_classes(beyond_ascii)
+    ours = [next(k for k, (cls, _) in enumerate(CHARACTER_CLASSES) if cls is None or regex.fullmatch(cls, c))
+            for c in beyond_ascii]
+    stand_ins = {ord(c): CHARACTER_CLASSES[t][1] for c, t, o in zip(beyond_ascii, theirs, ours) if t != o}
+    split = s.translate(stand_ins) if stand_ins else s   # one character for one: the offsets hold
+    return [s[m.start():m.end()] for m in regex.finditer(pat_str, split)]
 
 
 # npllama's tokenizer.json (see check_spec). Version 1 files (written before the table of
 # pre-tokenizers, e.g. the default model's in users' caches) carry the pre-tokenizer as its
 # regex, "pat_str": read by mapping the exact regexes they were written with to the names.
 SPEC_FORMAT, SPEC_VERSION = "npllama-tokenizer", 2
-MAX_SPEC_BYTES = 64 * 1024**2    # Llama 3's is ~2 MB; a 256k vocabulary ~6 MB
+MAX_SPEC_BYTES = 64 * 1024**2    # tokenizer.json or .model: Llama 3's are ~2 MB; a 256k vocabulary ~6 MB
 MAX_TOKENS = 1 << 21             # ids; Llama 3 has 128256
+MAX_CONTROL_TOKENS = 1 << 16     # Llama 3 has 256; tiktoken takes ~0.2 s per 10,000
 CHAT_FORMATS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                 "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
-def read_json(path: str, max_bytes: int, error=TokenizerError):
-    """A JSON file a user gave us: bounded in size, any failure one error naming the file."""
-    try:
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            raise error(f"{path}: {size:,} bytes, more than the {max_bytes:,} such a file may have")
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting or numbers
-        raise error(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-
-
 def read_spec(path: str) -> tuple[dict, list]:
     """npllama's tokenizer.json, checked (check_spec)."""
-    return check_spec(read_json(path, MAX_SPEC_BYTES), path)
+    return check_spec(read_json(path, TokenizerError, MAX_SPEC_BYTES), path)
 
 
 def check_spec(spec, path: str) -> tuple[dict, list]:
@@ -135,17 +174,21 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
         raise bad(f"version {spec['version']} is newer than this npllama reads ({SPEC_VERSION})")
     if "pre_tokenizer" not in spec and "pat_str" in spec:
         by_regex = {pat: name for name, pat in PRE_TOKENIZERS.items()}
-        if spec["pat_str"] not in by_regex:
+        if not isinstance(spec["pat_str"], str) or spec["pat_str"] not in by_regex:
             raise bad("its pat_str is not a regex npllama wrote; convert the checkpoint again")
         spec = {**spec, "pre_tokenizer": by_regex[spec["pat_str"]]}
         del spec["pat_str"]
-    if spec.get("pre_tokenizer") not in PRE_TOKENIZERS:
-        raise bad(f"pre_tokenizer {spec.get('pre_tokenizer')!r} is not one npllama knows ({', '.join(PRE_TOKENIZERS)})")
+    if not isinstance(spec.get("pre_tokenizer"), str) or spec["pre_tokenizer"] not in PRE_TOKENIZERS:
+        raise bad(f"pre_tokenizer {describe(spec.get('pre_tokenizer'))} is not one npllama knows "
+                  f"({', '.join(PRE_TOKENIZERS)})")
     tokens, special = spec.get("tokens"), spec.get("special_tokens")
     if not isinstance(tokens, list) or not 0 < len(tokens) <= MAX_TOKENS:
         raise bad(f"tokens must be a list of 1 to {MAX_TOKENS} entries")
-    if not isinstance(special, dict) or not all(isinstance(k, str) and type(v) is int for k, v in special.items()):
-        raise bad("special_tokens must map token strings to integer ids")
+    if not isinstance(special, dict) or not all(isinstance(k, str) and k and type(v) is int for k, v in special.items()):
+        # an empty name would make tiktoken's special-token regex match everywhere: it never ends
+        raise bad("special_tokens must map non-empty token strings to integer ids")
+    if len(special) > MAX_CONTROL_TOKENS:
+        raise bad(f"{len(special):,} control tokens, more than the {MAX_CONTROL_TOKENS:,} accepted")
     token_bytes: list = []
     seen: dict[bytes, int] = {}
     for i, t in enumerate(tokens):
@@ -165,18 +208,18 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
     named: dict[int, str] = {}
     for name, i in special.items():
         if not 0 <= i < len(tokens):
-            raise bad(f"control token {name!r} has id {i}, outside 0..{len(tokens) - 1}")
+            raise bad(f"control token {describe(name)} has id {i}, outside 0..{len(tokens) - 1}")
         if tokens[i] is not None:
-            raise bad(f"control token {name!r} has id {i}, which is an ordinary token")
+            raise bad(f"control token {describe(name)} has id {i}, which is an ordinary token")
         if i in named:
-            raise bad(f"control tokens {named[i]!r} and {name!r} share id {i}")
+            raise bad(f"control tokens {describe(named[i])} and {describe(name)} share id {i}")
         named[i] = name
     unnamed = [i for i, t in enumerate(tokens) if t is None and i not in named]
     if unnamed:
         raise bad(f"id {unnamed[0]} has neither bytes nor a control token name")
     for key in ("bos", "pad", "unk", "eos"):
-        if spec.get(key) is not None and spec[key] not in special:
-            raise bad(f"{key} {spec[key]!r} is not one of its control tokens")
+        if spec.get(key) is not None and (not isinstance(spec[key], str) or spec[key] not in special):
+            raise bad(f"{key} {describe(spec[key])} is not one of its control tokens")
     if spec.get("eos") is None:
         raise bad("no eos token")
     stop = spec.get("stop")
@@ -186,13 +229,14 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
         if not isinstance(spec.get(key, False), bool):
             raise bad(f"{key} must be true or false")
     for key in ("default_system", "chat_template"):
-        if not isinstance(spec.get(key) or "", str):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
             raise bad(f"{key} must be a string or null")
     if len(spec.get("chat_template") or "") > MAX_TEMPLATE_CHARS:
         raise bad(f"chat_template is longer than {MAX_TEMPLATE_CHARS:,} characters")
     fmt = spec.get("chat_format")
-    if fmt is not None and (fmt not in CHAT_FORMATS or not all(t in special for t in CHAT_FORMATS[fmt])):
-        raise bad(f"chat_format {fmt!r} is not one npllama has, or its control tokens are missing")
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in CHAT_FORMATS or
+                            not all(t in special for t in CHAT_FORMATS[fmt])):
+        raise bad(f"chat_format {describe(fmt)} is not one npllama has, or its control tokens are missing")
     return spec, token_bytes
 
 
@@ -243,16 +287,15 @@ class Tokenizer:
 
     @classmethod
     def llama3(cls, path: str) -> "Tokenizer":
-        ranks = read_tiktoken_ranks(path)
+        data = read_bounded(path, MAX_SPEC_BYTES, TokenizerError)
+        ranks = parse_tiktoken_ranks(data, path)
         if len(ranks) == LLAMA3_RANKS:
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
+            digest = hashlib.sha256(data).hexdigest()
             if digest != LLAMA3_SHA256:
                 raise TokenizerError(f"{path}: has Llama 3's 128000 ranks but not its contents (sha256 {digest})")
         special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
         tok = cls(ranks, "llama3", special, bos="<|begin_of_text|>", eos="<|end_of_text|>",
-                  stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], chat_format="llama3",
-                  name=os.path.basename(path))
+                  stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], chat_format="llama3", name=path)
         tok.kind = "Llama 3 tiktoken ranks (tokenizer.model)"
         return tok
 
@@ -262,7 +305,7 @@ class Tokenizer:
         its control tokens. Bytes the vocabulary lacks (HF drops them) get ranks past the
         vocabulary and are dropped from encode's output too."""
         spec, token_bytes = read_spec(path)
-        return cls.from_spec(spec, token_bytes, name=os.path.basename(path))
+        return cls.from_spec(spec, token_bytes, name=path)
 
     @classmethod
     def from_spec(cls, spec: dict, token_bytes: list, name: str = "tokenizer") -> "Tokenizer":
@@ -289,32 +332,31 @@ class Tokenizer:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        if self.absent_bytes and not allowed_special and self._has_absent_bytes(s):
-            ids.extend(self._encode_dropping_absent_bytes(s))
-        else:
-            for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
-                for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
-                                                                 MAX_NO_WHITESPACES_CHARS):
+        drop_absent = bool(self.absent_bytes) and not allowed_special
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                             MAX_NO_WHITESPACES_CHARS):
+                if drop_absent and self._has_absent_bytes(piece):
+                    ids.extend(self._encode_dropping_absent_bytes(piece))
+                else:
                     ids.extend(self.model.encode(piece, allowed_special=allowed_special, disallowed_special=()))
-            if self.absent_bytes:
-                ids = [t for t in ids if t < self.n_words]
+        if self.absent_bytes:
+            ids = [t for t in ids if t < self.n_words]
         if eos:
             ids.append(self.eos_id)
         return ids
 
     def _has_absent_bytes(self, s: str) -> bool:
-        data = s.encode("utf-8", "surrogatepass")
+        data = as_tiktoken_encodes(s).encode("utf-8")   # the bytes tiktoken would merge
         return len(data.translate(None, self.absent_bytes)) != len(data)
 
     def _encode_dropping_absent_bytes(self, s: str) -> list[int]:
         """HF's BPE drops bytes its vocabulary lacks inside each pre-tokenized piece, then
         merges what is left. tiktoken cannot skip a byte mid-merge, so such text is split
-        here (the `regex` module, as tiktoken's own pure-Python path does) and each piece is
-        merged without those bytes."""
-        import regex
+        here into tiktoken's pieces and each is merged without those bytes."""
         ids = []
-        for piece in regex.findall(self.model._pat_str, s):
-            data = piece.encode("utf-8", "surrogatepass").translate(None, self.absent_bytes)
+        for piece in split_like_tiktoken(self.model._pat_str, s):
+            data = piece.encode("utf-8").translate(None, self.absent_bytes)
             if data:
                 ids.extend(self.model._encode_single_piece(data))
         return ids
@@ -425,12 +467,9 @@ def chat_format(tokenizer: Tokenizer, default_system: str | None = None):
 def load(path: str) -> Tokenizer:
     """The tokenizer of a converted checkpoint directory (or a tokenizer file itself)."""
     if os.path.isdir(path):
-        from .formats.untrusted import inside, open_regular
         for name, loader in (("tokenizer.json", Tokenizer.from_json), ("tokenizer.model", Tokenizer.llama3)):
             if os.path.lexists(os.path.join(path, name)):
-                file = inside(path, name, "tokenizer", TokenizerError)  # no link leading out of the model
-                open_regular(file, TokenizerError).close()               # nor a FIFO that would block
-                return loader(file)
+                return loader(inside(path, name, "tokenizer", TokenizerError))  # no link leading out of the model
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model (the checkpoint it was converted "
                              "from had no tokenizer)")
     return Tokenizer.from_json(path) if path.endswith(".json") else Tokenizer.llama3(path)

@@ -10,11 +10,9 @@ import hashlib
 import os
 
 from .errors import TokenizerError
-from .tokenizer import LLAMA3_PAT_STR, LLAMA3_RANKS, LLAMA3_SHA256, chat_format_of, read_json
+from .formats.untrusted import inside, read_bounded, read_json
+from .tokenizer import LLAMA3_PAT_STR, LLAMA3_RANKS, LLAMA3_SHA256, chat_format_of
 
-# The files of an HF folder this module reads.
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
-                      "chat_template.jinja")
 MAX_HF_TOKENIZER_BYTES = 100 * 1024**2   # Llama 3's tokenizer.json is 9 MB
 MAX_CONFIG_BYTES = 16 * 1024**2          # Llama 3's tokenizer_config.json is 50 kB
 
@@ -184,21 +182,29 @@ def _token_name(value, path: str, key: str) -> str | None:
     return value
 
 
+def _hf_file(src: str, name: str) -> str | None:
+    """src/name if the folder has it: a name inside the folder (no link leading out); it is
+    then read as a regular file (a FIFO or directory in its place is an error, not absent)."""
+    if not os.path.lexists(os.path.join(src, name)):
+        return None
+    return inside(src, name, "tokenizer file", TokenizerError)
+
+
 def hf_tokenizer_spec(src: str) -> dict | None:
     """npllama's tokenizer spec from an HF folder's tokenizer.json (None if it has none),
     with tokenizer_config.json's control tokens and chat_template (or chat_template.jinja),
     and generation_config.json's eos ids (else config.json's). Plain prompts start with bos
     when tokenizer.json's post-processor adds it (transformers 5 ignores add_bos_token)."""
-    path = os.path.join(src, "tokenizer.json")
-    if not os.path.isfile(path):
+    path = _hf_file(src, "tokenizer.json")
+    if path is None:
         return None
-    tj = read_json(path, MAX_HF_TOKENIZER_BYTES)
+    tj = read_json(path, TokenizerError, MAX_HF_TOKENIZER_BYTES)
 
     def optional(name: str) -> dict:
-        p = os.path.join(src, name)
-        if not os.path.isfile(p):
+        p = _hf_file(src, name)
+        if p is None:
             return {}
-        d = read_json(p, MAX_CONFIG_BYTES)
+        d = read_json(p, TokenizerError, MAX_CONFIG_BYTES)
         if not isinstance(d, dict):
             raise TokenizerError(f"{p}: not a JSON object")
         return d
@@ -282,16 +288,14 @@ def hf_tokenizer_spec(src: str) -> dict | None:
 def _chat_template(src: str, cfg: dict, cfg_path: str) -> str | None:
     """The folder's chat template: chat_template.jinja (transformers >= 4.43 saves it so), else
     tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
-    from .tokenizer import MAX_TEMPLATE_CHARS
-    jinja = os.path.join(src, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        if os.path.getsize(jinja) > MAX_TEMPLATE_CHARS * 4:
-            raise TokenizerError(f"{jinja}: larger than {MAX_TEMPLATE_CHARS * 4:,} bytes")
+    from .chat_template import MAX_TEMPLATE_CHARS
+    jinja = _hf_file(src, "chat_template.jinja")
+    if jinja is not None:
         try:
-            with open(jinja, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{jinja}: cannot read ({e})") from None
+            text = read_bounded(jinja, MAX_TEMPLATE_CHARS * 4, TokenizerError).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return text.replace("\r\n", "\n").replace("\r", "\n")   # read in text mode, as transformers reads it
     t = cfg.get("chat_template")
     if isinstance(t, list):
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}

@@ -67,3 +67,21 @@ def test_limits_tool_compares_gemms_with_torch():
     assert m, out
     ours, theirs, ratio = map(float, m.groups())
     assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.005
+
+
+def test_long_bench_runs_end_to_end(tmp_path):
+    tool = os.path.join(os.path.dirname(LIMITS), "bench_long.py")
+    r = subprocess.run([sys.executable, tool, "--shape", "tiny", "--T", "40,70", "--chunk", "32", "--decode", "2",
+                        "--reps", "2", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["40"], ["70"])]
+    assert [(x[0], x[1]) for x in rows] == [("40", "npllama"), ("40", "torch"), ("40", "npllama"),
+                                            ("70", "npllama"), ("70", "torch"), ("70", "npllama")]
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [x["impl"].split()[0] for x in res] == ["npllama", "torch"] * 2
+    for x in res:
+        assert x["prefill_tps"] > 0 and x["decode_tps"] > 0 and x["peak"] >= x["base"] > 0
+        assert len(x["prefill_s"]) == 2 and len(x["decode_s"]) == 2
+    # npllama's KV cache is the memory model's, for the prompt and the decoded tokens
+    assert res[2]["kv_cache"] == 2 * 2 * 72 * 2 * 16 * 4      # tiny: 2 layers, 2 KV heads x 16

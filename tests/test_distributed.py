@@ -177,12 +177,15 @@ def steps(model, batch=None):
     return out
 
 
-@pytest.mark.parametrize("n_stages, dtype, head", [(2, "float32", "untied"), (3, "bfloat16", "tied"),
-                                                   (3, "float32", "tied")])
-def test_pipeline_logits_are_one_process_logits(ray_runtime, request, n_stages, dtype, head):
+# bfloat16 numerics hold the KV cache as bf16 bits; prefill_chunk 4 feeds the 6-token prefill
+# through each stage's cache in two chunks.
+@pytest.mark.parametrize("n_stages, dtype, head, chunk", [(2, "float32", "untied", 4), (3, "bfloat16", "tied", 4),
+                                                          (3, "float32", "tied", 512)])
+def test_pipeline_logits_are_one_process_logits(ray_runtime, request, n_stages, dtype, head, chunk):
     path = request.getfixturevalue(head)
-    one = npllama.load(path, dtype=dtype, max_batch_size=2)
-    with Pipeline(path, n_stages, dtype=dtype, max_batch_size=2) as pipe:
+    one = npllama.load(path, dtype=dtype, max_batch_size=2, prefill_chunk=chunk)
+    with Pipeline(path, n_stages, dtype=dtype, max_batch_size=2, prefill_chunk=chunk) as pipe:
+        assert pipe.max_seq_len == one.max_seq_len == ARGS.max_seq_len      # what fits: the trained context
         assert len(pipe.stages) == n_stages and [len(r) for r in pipe.ranges] != [] and pipe.ranges[-1].stop == 4
         for ours, theirs in zip(steps(pipe) + steps(pipe, batch=2), steps(one) + steps(one, batch=2)):
             assert ours.shape == theirs.shape and ours.dtype == np.float32

@@ -1,7 +1,7 @@
 """The mutation fuzzer (tools/fuzz.py) over every reader of untrusted files: hypothesis
 draws the mutations, each batch runs in a worker under an address-space limit, and every
 case must end in data that re-reads in bounds or in npllama's own error naming a file of
-the case. CI (derandomized) runs 5 targets x 2 batches x 30 cases, ~40 s on 2 cores."""
+the case. CI (derandomized) runs 10 targets x 2 batches x 30 cases, ~30 s on 2 cores."""
 import os
 import sys
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from npllama.tokenizer import Tokenizer, TokenizerError, check_spec, load, spec_json
 from npllama.tokenizer_import import hf_tokenizer_spec
 from oracles import LLAMA3_TOKENIZER_JSON, llama3_tokenizer_path, llama31_instruct_tokenizer_dir, pypi_member
-from test_tokenizer import TEXT
+from test_tokenizer import RECENT_TEXT, TEXT
 
 
 def converted(src: str, dst: Path) -> Tokenizer:
@@ -73,6 +73,13 @@ def test_ids_equal_meta_tokenizer(ours31, ours32, meta, s):
 def test_ids_equal_hf_tokenizers(ours31, hf_tokenizers, s):
     # add_special_tokens=False: this tokenizer.json (Llama 3.0's) has no bos post-processor anyway
     assert ours31.encode(s, allowed_special="all") == hf_tokenizers.encode(s, add_special_tokens=False).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(RECENT_TEXT)
+def test_recently_assigned_characters_equal_hf_tokenizers(ours31, hf_tokenizers, s):
+    # tiktoken's Unicode tables and HF's (Oniguruma) agree on these; the `regex` module's do not
+    assert ours31.encode(s) == hf_tokenizers.encode(s, add_special_tokens=False).ids
 
 
 def test_words_whose_merges_disagree_follow_meta(ours32, meta, llama32_dir):
@@ -194,6 +201,13 @@ SPEC_CASES = [
     (dict(chat_format="alpaca"), "chat_format 'alpaca'"),
     (dict(chat_format="chatml"), "chat_format 'chatml'"),  # no <|im_start|> among its tokens
     (dict(version=99), "version 99 is newer"),
+    # found by tools/fuzz.py: values of the wrong type raised TypeError; an empty control token hung tiktoken
+    (dict(pre_tokenizer=["gpt2"]), "pre_tokenizer ['gpt2'] is not one npllama knows"),
+    (dict(bos=["<|begin_of_text|>"]), "bos ['<|begin_of_text|>'] is not one of its control tokens"),
+    (dict(chat_format={"a": 1}), "chat_format {'a': 1} is not one npllama has"),
+    (dict(default_system=0), "default_system must be a string or null"),
+    (dict(special_tokens={"": 258, "<|end_of_text|>": 259, "<|eot_id|>": 260}, bos=None),
+     "special_tokens must map non-empty token strings"),
     (dict(format="something"), "not an npllama tokenizer.json"),
 ]
 
@@ -217,8 +231,11 @@ def test_malformed_token_bytes_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("content,msg", [(b"{", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
-                                         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON|not a JSON object"),
-                                         (b"[1, 2]", "not a JSON object"), (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON")])
+                                         (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+                                         (b"[1, 2]", "not a JSON object"), (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON"),
+                                         (b'{"tokens": [], "tokens": ["QQ=="]}', "not valid JSON .duplicate key 'tokens'"),
+                                         (b'{"version": NaN}', "not valid JSON .NaN is not a JSON number"),
+                                         (b'{"version": 1e999}', "not valid JSON .'1e999' is not a finite number")])
 def test_unreadable_json_is_a_clear_error(tmp_path, content, msg):
     (tmp_path / "tokenizer.json").write_bytes(content)
     with pytest.raises(TokenizerError, match=f"{re.escape(str(tmp_path / 'tokenizer.json'))}: ({msg})"):
@@ -323,6 +340,38 @@ def test_named_templates_and_chat_template_jinja(small_hf, tmp_path):
     assert hf_tokenizer_spec(str(src))["chat_template"] == "D"
     (src / "chat_template.jinja").write_text("J")  # what transformers' save_pretrained writes now
     assert hf_tokenizer_spec(str(src))["chat_template"] == "J"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "chat_template.jinja"])
+def test_hf_tokenizer_files_are_regular_files_inside_the_folder(small_hf, tmp_path, name):
+    src = tmp_path / "src"
+    shutil.copytree(small_hf, src)
+    if (src / name).exists():
+        os.remove(src / name)
+    os.mkfifo(src / name)   # a FIFO is an error, not an absent file, and is never waited on
+    with pytest.raises(TokenizerError, match=f"{re.escape(str(src / name))}: not a regular file"):
+        hf_tokenizer_spec(str(src))
+    os.remove(src / name)
+    (tmp_path / "secret").write_text("{}")
+    os.symlink(tmp_path / "secret", src / name)
+    with pytest.raises(TokenizerError, match="leads outside"):
+        hf_tokenizer_spec(str(src))
+
+
+def test_chat_template_jinja_is_bounded_utf8_text(small_hf, tmp_path, monkeypatch):
+    import npllama.chat_template
+    src = tmp_path / "src"
+    shutil.copytree(small_hf, src)
+    (src / "chat_template.jinja").write_bytes(b"a\r\nb\rc")   # transformers reads it in text mode
+    assert hf_tokenizer_spec(str(src))["chat_template"] == "a\nb\nc"
+    (src / "chat_template.jinja").write_bytes(b"\xff")
+    with pytest.raises(TokenizerError, match="chat_template.jinja: not UTF-8 text"):
+        hf_tokenizer_spec(str(src))
+    monkeypatch.setattr(npllama.chat_template, "MAX_TEMPLATE_CHARS", 10)
+    (src / "chat_template.jinja").write_text("x" * 41)
+    with pytest.raises(TokenizerError, match="chat_template.jinja: 41 bytes, more than the 40 accepted"):
+        hf_tokenizer_spec(str(src))
 
 
 def test_real_llama3_vocabulary_passes_the_rank_check_only_as_itself(tmp_path):

@@ -216,11 +216,37 @@ def test_errors_name_the_problem(tmp_path):
         bad.write_bytes(content)
         with pytest.raises(UsageError, match=msg):
             pp.BaseFile.open(str(bad))
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(UsageError, match="missing.kld: no such file"):
         pp.BaseFile.open(str(tmp_path / "missing.kld"))
     bigger = Transformer(small_args(vocab_size=98), random_weights(small_args(vocab_size=98)), max_seq_len=16)
     with pytest.raises(UsageError, match="a vocabulary of 97 tokens; this model has 98"):
         pp.run_kl_divergence(bigger, pp.BaseFile.open(path), out=io.StringIO(), err=io.StringIO())
+
+
+def test_base_file_is_untrusted(tmp_path):
+    """A header's counts are checked against the file size before anything is read, and each
+    row's scale and minimum against what llama.cpp's quantization can make (a real
+    llama-perplexity base file of SmolLM2, 8 chunks of 128, passes these checks: README)."""
+    model = Transformer(ARGS, W, max_seq_len=16)
+    path = str(tmp_path / "base.kld")
+    quiet_run(model, np.zeros(40, int), 16, base_path=path)
+    data = bytearray(open(path, "rb").read())
+    bad = tmp_path / "bad.kld"
+    bad.write_bytes(pp.HEADER.pack(pp.MAGIC, 16, 97, 2**31 - 1) + data[pp.HEADER.size:])   # claims ~3 TB
+    with pytest.raises(UsageError, match=r"3004 bytes, but .*n_chunk=2147483647 make \d{13} "):
+        pp.BaseFile.open(str(bad))
+    os.mkfifo(tmp_path / "fifo.kld")
+    with pytest.raises(UsageError, match="fifo.kld: not a regular file"):
+        pp.BaseFile.open(str(tmp_path / "fifo.kld"))
+    rows_at = pp.HEADER.size + 4 * 2 * 16
+    row = 2 * pp.row_width(97)
+    for r, scale, low in ((0, float("nan"), -5.0), (1, 1.0, -5.0), (3, 16 / 65535, -30.0), (2, 16 / 65535, 1.0)):
+        damaged = data.copy()
+        damaged[rows_at + r * row:rows_at + r * row + 8] = struct.pack("<ff", scale, low)
+        bad.write_bytes(damaged)
+        base = pp.BaseFile.open(str(bad))   # the header is right: rows are checked when read
+        with pytest.raises(UsageError, match=f"bad.kld: chunk 1, row {r + 1}: scale .* not what llama-perplexity"):
+            pp.run_kl_divergence(model, base, out=io.StringIO(), err=io.StringIO())
 
 
 def test_interrupted_run_leaves_no_base_file(tmp_path, monkeypatch):
@@ -233,9 +259,16 @@ def test_interrupted_run_leaves_no_base_file(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return Transformer.forward(model, *a, **k)
     monkeypatch.setattr(model, "forward", fail_on_third)
+    (tmp_path / "base.kld.partial").write_text("a user's file")   # not a name npllama stages under
     with pytest.raises(KeyboardInterrupt):
         quiet_run(model, np.zeros(48, int), 16, base_path=str(tmp_path / "base.kld"))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["base.kld.partial"] and "user" in (tmp_path / "base.kld.partial").read_text()
+    monkeypatch.undo()
+    quiet_run(model, np.zeros(48, int), 16, base_path=str(tmp_path / "base.kld"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "base.kld").st_mode & 0o777 == 0o666 & ~umask   # as open() makes it, not 0600
+    assert "user" in (tmp_path / "base.kld.partial").read_text()
 
 
 # --- the command line ---------------------------------------------------------------------

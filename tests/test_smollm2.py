@@ -16,6 +16,7 @@ from npllama import checkpoint, hub
 from npllama.generate import Generator
 from npllama.tokenizer import chat_format, load as load_tokenizer
 from oracles import hf_logits, hf_model
+from test_tokenizer import RECENT_TEXT
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,21 @@ TEXT = st.lists(st.one_of(st.text(st.characters(codec="utf-8"), max_size=6), WOR
 def test_tokenizer_equals_hf_tokenizers(tok, hf_tok, s):
     assert tok.encode(s) == hf_tok.encode(s, add_special_tokens=False).ids
     assert tok.decode(tok.encode(s)) == hf_tok.decode(tok.encode(s), skip_special_tokens=False)
+
+
+def test_recently_assigned_letter_splits_as_hf(tok, hf_tok):
+    # Found by the test above: U+40000's first byte is not in SmolLM2's vocabulary, so npllama
+    # split this text itself, with the `regex` module, whose newer Unicode tables call U+323B0
+    # (Unicode 17) a letter: "'s" became one piece where HF (and tiktoken) make "'" end the
+    # piece of symbols before it.
+    s = "\U00040000\U000323b0's"
+    assert tok.encode(s) == hf_tok.encode(s, add_special_tokens=False).ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(RECENT_TEXT)
+def test_recently_assigned_characters_equal_hf_tokenizers(tok, hf_tok, s):
+    assert tok.encode(s) == hf_tok.encode(s, add_special_tokens=False).ids
 
 
 def test_chat_template_equals_transformers(tok, reader):

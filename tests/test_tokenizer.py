@@ -63,6 +63,31 @@ PIECES = st.sampled_from([" ", "  ", "\t", "\r", "\n", "\n\n", "\r\n", "'", "'s"
 TEXT = st.lists(st.one_of(st.text(st.characters(codec="utf-8"), max_size=8), PIECES), max_size=30).map("".join)
 
 
+def recently_assigned() -> list[str]:
+    """Characters the `regex` module's Unicode tables assign and this Python's unicodedata does
+    not (Python 3.11 has Unicode 14.0; `regex` 2026 has 17.0): the characters on which Unicode
+    tables of different ages disagree."""
+    import regex
+    import unicodedata
+    text = "".join(chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000)
+    return [c for c in regex.findall(r"\p{Assigned}", text) if unicodedata.category(c) == "Cn"]
+
+
+RECENT = recently_assigned()
+# Recently assigned characters among contractions, letters, digits, spaces, and characters from
+# planes 4 to 8 and rare controls (bytes a vocabulary trained on text may lack: SmolLM2's does).
+RECENT_TEXT = st.lists(st.one_of(st.sampled_from(RECENT), st.characters(min_codepoint=0x40000, max_codepoint=0x8FFFF),
+                                 st.sampled_from(["'s", "'t", "'LL", " ", "  ", "\n", "a", "Zz", "7", "123", "!",
+                                                  "\x04", "\x1d", "é"])),
+                       max_size=12).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(RECENT_TEXT)
+def test_recently_assigned_characters_equal_meta(ours, meta, s):
+    assert ours.encode(s) == meta.encode(s, bos=False, eos=False)
+
+
 @settings(max_examples=400, deadline=None)
 @given(TEXT)
 def test_ids_equal_meta_and_round_trip(ours, meta, s):
@@ -126,6 +151,22 @@ def test_wrong_files_are_clear_errors(tmp_path, model_path):
         Tokenizer.llama3(str(tmp_path / "edited.model"))
     with pytest.raises(TokenizerError, match="no such file"):
         Tokenizer.llama3(str(tmp_path / "missing.model"))
+
+
+def test_tokenizer_files_are_read_bounded_regular_files(tmp_path, monkeypatch):
+    import base64
+    import npllama.tokenizer as T
+    os.mkfifo(tmp_path / "fifo")   # open() would wait for a writer forever
+    for loader in (Tokenizer.llama3, Tokenizer.from_json):
+        with pytest.raises(TokenizerError, match="fifo: not a regular file"):
+            loader(str(tmp_path / "fifo"))
+    ranks = [bytes([b]) for b in range(256) if b != 0x41]   # tiktoken would panic encoding "A"
+    (tmp_path / "no-a.model").write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(ranks)))
+    with pytest.raises(TokenizerError, match="no-a.model: byte 0x41 has no rank"):
+        Tokenizer.llama3(str(tmp_path / "no-a.model"))
+    monkeypatch.setattr(T, "MAX_SPEC_BYTES", 1000)
+    with pytest.raises(TokenizerError, match="no-a.model: 2,.* bytes, more than the 1,000 accepted"):
+        Tokenizer.llama3(str(tmp_path / "no-a.model"))
 
 
 def test_no_tiktoken_cache_copy(model_path, tmp_path, monkeypatch):

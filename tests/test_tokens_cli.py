@@ -2,6 +2,7 @@
 perplexity, in test_perplexity.py); generate --show-ids, --logprobs K and --json, checked
 against the model's own distribution computed here."""
 import json
+import os
 import subprocess
 import sys
 
@@ -110,13 +111,19 @@ def test_bad_token_ids_are_one_line_errors(model_dir, tmp_path):
     np.save(tmp_path / "2d.npy", np.zeros((2, 2), np.int64))
     np.save(tmp_path / "f.npy", np.zeros(3, np.float32))
     (tmp_path / "bad.txt").write_text("1 2 three")
+    with open(tmp_path / "huge.npy", "wb") as f:   # np.load would allocate the 8 TB this header claims
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
+        f.write(bytes(24))
+    os.mkfifo(tmp_path / "fifo.txt")
     for argv, msg in [(("--tokens", "1,x"), "--tokens: 'x' is not a token id"),
                       (("--tokens", "1,260"), "token id 260 is outside the vocabulary (0..259)"),
                       (("--tokens", ","), "--tokens: no token ids"),
                       (("--tokens-file", str(tmp_path / "2d.npy")), "expected a 1-D array of integer ids"),
                       (("--tokens-file", str(tmp_path / "f.npy")), "expected a 1-D array of integer ids"),
                       (("--tokens-file", str(tmp_path / "bad.txt")), "'three' is not a token id"),
-                      (("--tokens-file", str(tmp_path / "none.npy")), "not a readable token-id file"),
+                      (("--tokens-file", str(tmp_path / "none.npy")), "none.npy: no such file"),
+                      (("--tokens-file", str(tmp_path / "huge.npy")), "huge.npy: bytes 128..8796093022336 lie outside"),
+                      (("--tokens-file", str(tmp_path / "fifo.txt")), "fifo.txt: not a regular file"),
                       (("x", "--tokens", "1"), "not both"),
                       (("--tokens", "1", "--chat"), "--chat (or --system) does not apply"),
                       ((), "give a prompt, or token ids"),

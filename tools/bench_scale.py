@@ -118,7 +118,7 @@ def layer(a) -> dict:
         # so the 8B shape stored float32 is measured a layer (0.9 GB) at a time.
         held = range(i, i + 1)
         model = Transformer(args, open_tensors(path, index, held_names(args, held, tied)), a.dtype,
-                            a.pos + 1, 1, a.weights, held)
+                            a.pos + 1, 1, a.weights, layers=held)
         model.forward_layers(rng.standard_normal((1, a.pos, args.dim)).astype(np.float32), 0, i, i + 1)   # its cache
         model.forward_layers(x, a.pos, i, i + 1)                      # warm: weights read, compute forms made
         per_layer[i] = median_time(lambda: model.forward_layers(x, a.pos, i, i + 1), a.reps)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A mutation fuzzer for every reader of untrusted files.
 
-    python tools/fuzz.py --minutes 30 [--targets meta,hf,gguf,npllama,trace] [--keep DIR]
+    python tools/fuzz.py --minutes 30 [--targets meta,hf,gguf,npllama,trace,tokenizer,...] [--keep DIR]
 
 Each target starts from a small valid input it writes with the format's own writer
 (torch.save for Meta's .pth, safetensors' for HF, gguf's for GGUF, npllama's for its own
@@ -147,6 +147,70 @@ def seed_trace(d: str) -> None:
     tracing.save(os.path.join(d, "a.npz"), tr)
 
 
+def seed_hf_tokenizer(d: str) -> None:
+    """An HF tokenizer folder: tokenizer.json written by HF tokenizers (a byte-level BPE with
+    SmolLM's pre-tokenizer, three merges, two control tokens, and without the bytes 0xF5-0xFF,
+    as SmolLM2's vocabulary lacks some), tokenizer_config.json, generation_config.json and
+    chat_template.jinja as transformers saves them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from npllama.tokenizer_import import gpt2_byte_decoder
+    alphabet = [c for c in sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get) if gpt2_byte_decoder()[c] < 0xF5]
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({"ab": len(vocab), "Ġab": len(vocab) + 1, "abab": len(vocab) + 2})   # each from the last
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("Ġ", "ab"), ("ab", "ab")]))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    t.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": {"content": "<|im_end|>"}, "model_max_length": 64}, f)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [len(vocab) + 1]}, f)
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def seed_tokenizer(d: str) -> None:
+    """npllama's tokenizer.json, as the converter writes it from the HF folder above."""
+    from npllama.tokenizer import spec_json
+    from npllama.tokenizer_import import hf_tokenizer_spec
+    with tempfile.TemporaryDirectory() as hf:
+        seed_hf_tokenizer(hf)
+        data = spec_json(hf_tokenizer_spec(hf))
+    with open(os.path.join(d, "tokenizer.json"), "wb") as f:
+        f.write(data)
+
+
+def seed_tokenizer_model(d: str) -> None:
+    """A tokenizer.model of tiktoken ranks (256 bytes and four merges), in the lines tiktoken's
+    dump_tiktoken_bpe writes (`base64(token) rank`; that function needs blobfile)."""
+    import base64
+    ranks = [bytes([b]) for b in range(256)] + [b"ab", b" t", b" th", b"he"]
+    with open(os.path.join(d, "tokenizer.model"), "wb") as f:
+        f.writelines(base64.b64encode(t) + b" " + str(i).encode() + b"\n" for i, t in enumerate(ranks))
+
+
+def seed_kl_base(d: str) -> None:
+    """A KL-divergence base file (llama-perplexity's --kl-divergence-base format), written by
+    npllama's writer: three chunks of 8 tokens over a vocabulary of 11."""
+    import numpy as np
+    from npllama import perplexity as pp
+    rng = np.random.default_rng(0)
+    with pp.base_writer(os.path.join(d, "base.kld"), rng.integers(0, 11, (3, 8)), 11) as add:
+        for _ in range(3):
+            add((rng.standard_normal((pp.scored_rows(8), 11)) * 6).astype(np.float32))
+
+
+def seed_tokens(d: str) -> None:
+    """--tokens-file inputs: a .npy written by np.save and a text file of ids."""
+    import numpy as np
+    np.save(os.path.join(d, "tokens.npy"), np.array([1, 2, 3, 40000, 7], dtype=np.int32))
+    with open(os.path.join(d, "tokens.txt"), "w") as f:
+        f.write("128000, 9906 1917\n0,1\n")
+
+
 # --- readers: run in the worker, on a mutated copy ---------------------------------------
 
 def _touch(arrays) -> None:
@@ -206,6 +270,61 @@ def read_trace(case: str) -> None:
     tracing.compare(tr, tr)
 
 
+# Text for tokenizers: contractions, digits, a control token typed as text, characters whose
+# bytes the seed vocabulary lacks (U+40000, U+FFFF) and a recently assigned letter (U+323B0).
+TOKENIZER_TEXT = "it's 1234 <|im_end|> ab abab \U00040000\U000323b0's \uffff x\n\n y"
+
+
+def use_tokenizer(tok) -> None:
+    """Encode, decode and chat with a tokenizer; every id must be in its vocabulary."""
+    from npllama.tokenizer import chat_format
+    for ids in (tok.encode(TOKENIZER_TEXT, bos=True, eos=True), tok.encode(TOKENIZER_TEXT, allowed_special="all")):
+        assert all(0 <= t < tok.n_words for t in ids), "an id outside the vocabulary"
+        tok.decode(ids)
+    if tok.chat_template or tok.chat_format:
+        chat_format(tok, tok.default_system).encode_dialog_prompt([{"role": "user", "content": TOKENIZER_TEXT}])
+
+
+def read_tokenizer(case: str) -> None:
+    from npllama.tokenizer import load
+    use_tokenizer(load(case))
+
+
+def read_hf_tokenizer(case: str) -> None:
+    from npllama.tokenizer import load, spec_json
+    from npllama.tokenizer_import import hf_tokenizer_spec
+    spec = hf_tokenizer_spec(case)
+    if spec is None:
+        return
+    out = os.path.join(case, "out")
+    os.mkdir(out)
+    with open(os.path.join(out, "tokenizer.json"), "wb") as f:
+        f.write(spec_json(spec, os.path.join(case, "tokenizer.json")))
+    use_tokenizer(load(out))
+
+
+def read_kl_base(case: str) -> None:
+    import math
+    import numpy as np
+    from npllama import perplexity as pp
+    base = pp.BaseFile.open(os.path.join(case, "base.kld"))
+    kl, rng = pp.KLDivergence(), np.random.default_rng(1)
+    first = base.n_ctx // 2
+    for i in range(len(base.tokens)):
+        rows = base.chunk(i)
+        kl.add(rng.standard_normal((len(rows), base.n_vocab)).astype(np.float32), rows, base.tokens[i, first + 1:])
+    summary = kl.summary()
+    pp.format_kl_report(summary)
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float)), "a statistic is not finite"
+
+
+def read_tokens(case: str) -> None:
+    from npllama.cli import read_token_ids
+    for name in ("tokens.npy", "tokens.txt"):
+        ids = read_token_ids(os.path.join(case, name))
+        assert ids and all(type(t) is int for t in ids), "ids are not a list of integers"
+
+
 @dataclass
 class Target:
     seed: Callable[[str], None]
@@ -218,6 +337,11 @@ TARGETS = {
     "gguf": Target(seed_gguf, read_gguf),
     "npllama": Target(seed_npllama, read_npllama),
     "trace": Target(seed_trace, read_trace),
+    "tokenizer": Target(seed_tokenizer, read_tokenizer),
+    "hf-tokenizer": Target(seed_hf_tokenizer, read_hf_tokenizer),
+    "tokenizer-model": Target(seed_tokenizer_model, read_tokenizer),
+    "kl-base": Target(seed_kl_base, read_kl_base),
+    "tokens-file": Target(seed_tokens, read_tokens),
 }
 
 

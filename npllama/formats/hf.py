@@ -154,10 +154,7 @@ def read_hf(src: str) -> Source:
 
     nbytes = sum(numel(s) * min(d.itemsize, 4) for _, d, s, _ in where.values())
     from ..tokenizer import spec_json
-    from ..tokenizer_import import HF_TOKENIZER_FILES, hf_tokenizer_spec
-    for name in HF_TOKENIZER_FILES:   # no link leading out of the folder, no FIFO
-        if os.path.lexists(os.path.join(src, name)):
-            open_regular(inside(src, name)).close()
+    from ..tokenizer_import import hf_tokenizer_spec
     spec = hf_tokenizer_spec(src)     # tokenizer.json (+ tokenizer_config, generation_config), when there
     extra, data = {}, {}
     if spec is not None:

@@ -6,7 +6,7 @@ What is promised: a path named inside a file resolves inside the checkpoint fold
 regular files are opened (never a FIFO or a device); a byte extent lies inside its file;
 a shape has at most MAX_DIMS non-negative dims whose product cannot overflow; a strided
 view has positive strides, no overlapping elements and stays inside its storage; JSON
-has no duplicate keys, no NaN, a bounded size and a depth bounded by the recursion limit;
+has no duplicate keys, no NaN or infinity, a bounded size and a depth bounded by the recursion limit;
 a zip member is unique, stored (not compressed) and read no further than its declared
 size. Anything else raises the caller's NpllamaError subclass naming the file (and the
 tensor, when there is one).
@@ -60,6 +60,17 @@ def file_size(f) -> int:
     return os.fstat(f.fileno()).st_size
 
 
+def read_bounded(path: str, max_bytes: int, error=CheckpointError) -> bytes:
+    """A whole regular file of at most max_bytes, refused by its size before a byte is read
+    (and never read past max_bytes + 1, should it grow meanwhile)."""
+    with open_regular(path, error) as f:
+        size = file_size(f)
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(data) > max_bytes:
+        raise error(f"{path}: {max(size, len(data)):,} bytes, more than the {max_bytes:,} accepted")
+    return data
+
+
 def _allowed_roots(root: str) -> list[str]:
     real = os.path.realpath(root)
     roots = [real]
@@ -105,21 +116,28 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(data: bytes, where: str, error=CheckpointError) -> Any:
-    if len(data) > MAX_JSON_BYTES:
-        raise error(f"{where}: {len(data)} bytes of JSON, more than the {MAX_JSON_BYTES} accepted")
+def _finite_float(text):
+    value = float(text)
+    if value != value or abs(value) == float("inf"):   # 1e999 would otherwise be infinity
+        raise ValueError(f"{describe(text)} is not a finite number")
+    return value
+
+
+def parse_json(data: bytes, where: str, error=CheckpointError, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    if len(data) > max_bytes:
+        raise error(f"{where}: {len(data):,} bytes, more than the {max_bytes:,} accepted")
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
     except RecursionError:  # json's C scanner stops at the interpreter's recursion limit
         raise error(f"{where}: JSON nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys, NaN
-        raise error(f"{where}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys, NaN, huge integers
+        raise error(f"{where}: not valid JSON ({str(e)[:200]})") from None
 
 
-def read_json(path: str, error=CheckpointError) -> Any:
-    with open_regular(path, error) as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    return parse_json(data, path, error)
+def read_json(path: str, error=CheckpointError, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file (regular, at most max_bytes) parsed by parse_json's rules."""
+    return parse_json(read_bounded(path, max_bytes, error), path, error, max_bytes)
 
 
 def field(obj: Any, key: str, kind: type | tuple, where: str, error=CheckpointError, default=_MISSING) -> Any:
@@ -276,30 +294,35 @@ NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (
 MAX_NPY_HEADER = 10000   # numpy's own limit
 
 
-def npy_member(z: ZipReader, member: str) -> tuple:
-    """(dtype, shape, data offset in the file) of a stored .npy member: a plain dtype in C
-    order whose data lies inside the member. Nothing is allocated from the header."""
+def npy_header(f, start: int, size: int, where: str, error=CheckpointError) -> tuple:
+    """(dtype, shape, data offset in the file) of the .npy array in bytes [start, start + size)
+    of the open file f: a plain dtype in C order whose data lies inside those bytes. Nothing
+    is allocated from the header."""
     import numpy as np
-    where = f"{z.path}: {describe(member)}"
-    start, size = z.extent(member)
-    z.file.seek(start)
-    head = z.file.read(min(size, 12))
+    f.seek(start)
+    head = f.read(min(size, 12))
     if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6:8] not in (b"\x01\x00", b"\x02\x00"):
-        raise z.error(f"{where}: not a .npy member (version 1 or 2)")
+        raise error(f"{where}: not a .npy array (version 1 or 2)")
     n, at = (struct.unpack("<H", head[8:10])[0], 10) if head[6] == 1 else (struct.unpack("<I", head[8:12])[0], 12)
     if n > MAX_NPY_HEADER or at + n > size:
-        raise z.error(f"{where}: .npy header of {n} bytes does not fit the member")
-    z.file.seek(start + at)
-    m = NPY_HEADER.fullmatch(z.file.read(n))
+        raise error(f"{where}: .npy header of {n} bytes does not fit the file")
+    f.seek(start + at)
+    m = NPY_HEADER.fullmatch(f.read(n))
     if m is None:
-        raise z.error(f"{where}: not a .npy header numpy wrote")
+        raise error(f"{where}: not a .npy header numpy wrote")
     if m.group(2) == b"True":
-        raise z.error(f"{where}: Fortran order is not accepted")
+        raise error(f"{where}: Fortran order is not accepted")
     try:
         dtype = np.dtype(m.group(1).decode())
     except TypeError:
-        raise z.error(f"{where}: unknown dtype {m.group(1).decode()!r}") from None
-    shape = check_shape([int(x) for x in m.group(3).decode().replace(" ", "").split(",") if x], where, z.error)
+        raise error(f"{where}: unknown dtype {m.group(1).decode()!r}") from None
+    shape = check_shape([int(x) for x in m.group(3).decode().replace(" ", "").split(",") if x], where, error)
     data_start = start + at + n
-    check_extent(data_start, numel(shape) * dtype.itemsize, start + size, where, z.error)
+    check_extent(data_start, numel(shape) * dtype.itemsize, start + size, where, error)
     return dtype, shape, data_start
+
+
+def npy_member(z: ZipReader, member: str) -> tuple:
+    """npy_header of a stored .npy member of a zip."""
+    start, size = z.extent(member)
+    return npy_header(z.file, start, size, f"{z.path}: {describe(member)}", z.error)
