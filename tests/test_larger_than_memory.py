@@ -55,6 +55,23 @@ def test_auto_goes_tiled_when_float32_copies_would_not_fit(monkeypatch):
     assert weights.choose_mode(tensors, "resident") == "resident"      # asked for: as asked
 
 
+def test_tiled_weights_larger_than_memory_are_not_refused_a_context():
+    from npllama import memory
+    from npllama.config import preset
+    args = preset("llama3.1-70b")                                       # 141 GB bf16
+    available = 20 * 2**30                                             # a 24 GB machine's
+    assert memory.weight_bytes(args, "tiled") > 6 * available
+    need = memory.needed_bytes(args, 4096, weights_mode="tiled")
+    assert need["total"] - need["weights"] < available                 # all but the weights fits
+    # tiled: the page cache streams the weights, so the context needs only the rest to fit
+    assert memory.choose_context(args, 4096, available, weights_mode="tiled") == 4096
+    assert 0 < memory.choose_context(args, None, available, weights_mode="tiled") <= args.max_seq_len
+    with pytest.raises(npllama.errors.UsageError, match="positions"):   # resident copies must fit
+        memory.choose_context(args, 4096, available, weights_mode="resident")
+    with pytest.raises(npllama.errors.UsageError, match="positions"):   # and so must the KV cache
+        memory.choose_context(args, 131072, 2**30, weights_mode="tiled")
+
+
 # RLIMIT_DATA caps a process's private writable memory (heap, anonymous maps: every numpy
 # array) but not read-only maps of files, which is what the weights are: under it, a model
 # whose float32 copies exceed the cap runs only if no copy is made. (RLIMIT_AS would count
