@@ -37,24 +37,28 @@ def random_tensor(shape: tuple, rng_block: np.ndarray) -> np.ndarray:
     return np.tile(rng_block, reps)[:n].reshape(shape)
 
 
-def build(shape: str, root: str, quiet: bool = False) -> str:
-    """A bf16 checkpoint of random weights at `shape`, written tensor by tensor (an 8B model
-    is never held in memory), cached under root."""
+STORES = {"bfloat16": "bf16", "float32": "f32"}
+
+
+def build(shape: str, root: str, quiet: bool = False, store: str = "bfloat16") -> str:
+    """A checkpoint of random weights at `shape`, stored as `store` (bfloat16 or float32),
+    written tensor by tensor (an 8B model is never held in memory), cached under root."""
     from . import bf16
     from .checkpoint import write_checkpoint
-    out = os.path.join(root, f"{shape}-bf16")
+    out = os.path.join(root, f"{shape}-{STORES[store]}")
     if os.path.isfile(os.path.join(out, "index.json")):
         return out
     args = shape_args(shape)
     shapes = expected_shapes(args)
     block = (np.random.default_rng(0).standard_normal(1 << 20) * 0.02).astype(np.float32)
     ones = np.ones(1, np.float32)
+    stored = bf16.to_bits if store == "bfloat16" else (lambda w: w)
 
     def tensors():
         for name, s in shapes.items():
-            yield name, bf16.to_bits(random_tensor(s, block if len(s) > 1 else ones))
+            yield name, stored(random_tensor(s, block if len(s) > 1 else ones))
 
-    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    total = sum(int(np.prod(s)) * (2 if store == "bfloat16" else 4) for s in shapes.values())
     os.makedirs(root, exist_ok=True)   # the cache folder is ours to make
     write_checkpoint(out, args, tensors(), total, len(shapes), quiet=quiet)
     return out

@@ -228,12 +228,14 @@ def check_destination(dst: str, force: bool) -> None:
     check_directory(os.path.abspath(dst), force, is_checkpoint, "converted checkpoint")
 
 
-def open_tensors(path: str, index: dict | None = None) -> dict[str, np.ndarray]:
-    """Every tensor of a converted checkpoint, memory-mapped (bf16 as uint16 bits).
-    Checks files, sizes, members, dtypes and shapes against the index; reads no tensor data."""
+def open_tensors(path: str, index: dict | None = None, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Every tensor of a converted checkpoint (or those named), memory-mapped (bf16 as uint16
+    bits). Checks the files, sizes, members, dtypes and shapes they involve against the index;
+    reads no tensor data. A shard holding none of the named tensors is not opened."""
     index = index or read_index(path)
+    wanted = index["tensors"] if names is None else {n: index["tensors"][n] for n in names if n in index["tensors"]}
     by_shard: dict[str, list[str]] = {}
-    for name, t in index["tensors"].items():
+    for name, t in wanted.items():
         by_shard.setdefault(t["shard"], []).append(name)
     out = {}
     for shard, names in by_shard.items():

@@ -91,8 +91,16 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1):
     if ctx is not None and ctx > trained and not a.force_ctx:
         raise UsageError(f"a context of {ctx} tokens is longer than the {trained} tokens this model was trained for; "
                          "add --force-ctx to run it anyway (quality degrades past the trained context)")
-    model = npllama.load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
-                         weights_mode=a.weights_mode)
+    if a.stages is not None and a.ray is None:
+        raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
+    if a.ray is not None:
+        from .distributed import load as load_pipeline
+        model = load_pipeline(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                              weights_mode=a.weights_mode)
+        print("\n".join(model.describe()), file=sys.stderr)
+    else:
+        model = npllama.load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                             weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
 
 
@@ -425,12 +433,18 @@ def add_model_args(p, ctx: bool = True):
                    "~/.cache/npllama")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
     p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
-                   help="bf16 weights as resident float32 copies, or kept bf16 and widened tile by tile "
+                   help="weights as resident float32 copies, or left in the memory-mapped file as stored (tiled: "
+                   "bf16 widened tile by tile, float32 read in place; the page cache streams what does not fit) "
                    "(default auto: tiled when float32 copies would not fit in memory)")
+    p.add_argument("--ray", metavar="local|ADDRESS", help="run the layers as a pipeline of stages on Ray: local "
+                   "starts Ray on this machine, an address (HOST:PORT of `ray start --head`, or auto) joins a "
+                   "cluster; the checkpoint must be at the same path on every node (pip install npllama[ray])")
+    p.add_argument("--stages", type=int, metavar="N", help="with --ray: how many stages (default: one per node)")
     if ctx:
         p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
                        "longest that fits in memory, up to the model's trained context; see `npllama memory`)")
     p.add_argument("--force-ctx", action="store_true", help="allow a context beyond the model's trained context")
+
 
 def add_token_args(p):
     ids = p.add_mutually_exclusive_group()

@@ -35,5 +35,10 @@ class UsageError(NpllamaError, ValueError):
     """An argument out of range or inconsistent with the model (names the argument)."""
 
 
+class StageError(NpllamaError, RuntimeError):
+    """A pipeline stage (npllama.distributed) that could not start, did not answer or died:
+    the message names the stage, its layers and its node."""
+
+
 class MissingDependencyError(NpllamaError, ImportError):
     """An optional extra (matplotlib, hypothesis) is not installed: the message names the pip command."""

@@ -100,6 +100,11 @@ def choose_context(args: ModelArgs, requested: int | None, available: int, batch
     kw = dict(batch=batch, dtype=dtype, weights_mode=weights_mode, chunk=chunk)
     ctx = requested if requested is not None else args.max_seq_len
     fit = longest_context(args, available, ctx, **kw)
+    if weights_mode == "tiled" and (fit == 0 or (requested is not None and fit != ctx)):
+        # Tiled weights are the checkpoint's own pages, mapped: what does not fit in memory the
+        # page cache streams from disk (a model larger than memory runs, slowly). Only the rest
+        # has to fit.
+        fit = longest_context(args, available + weight_bytes(args, weights_mode), ctx, **kw)
     if fit == ctx or (requested is None and fit):
         return fit
     need = needed_bytes(args, ctx, **kw)

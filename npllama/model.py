@@ -7,6 +7,7 @@ the blocks report every intermediate to `record` and do not know whether anyone 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -101,16 +102,17 @@ class Transformer:
 
     weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
     "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
-    weights_mode: how bf16 weights are held (weights.choose_mode); the numerics are the same.
+    weights_mode: how weights are held (weights.choose_mode); the numerics are the same.
     max_seq_len: the context; by default the longest that fits in memory, up to the trained
     context (npllama.memory). prefill_chunk: longer prompts go through the KV cache this
     many tokens at a time.
-    A pipeline stage runs embed, forward_layers over its layers, and (the last) head.
+    layers: a pipeline stage holds only these layers' weights and KV cache (with the
+    embeddings if it holds the first, the head if it holds the last); forward_stage runs it.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
                  max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto",
-                 prefill_chunk: int = memory.PREFILL_CHUNK):
+                 prefill_chunk: int = memory.PREFILL_CHUNK, layers: range | None = None):
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.args, self.dtype = args, dtype
@@ -119,13 +121,20 @@ class Transformer:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
                 raise UsageError(f"{name} must be a positive integer, got {n!r}")
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.held = range(args.n_layers) if layers is None else layers
+        if not (isinstance(self.held, range) and self.held.step == 1
+                and 0 <= self.held.start < self.held.stop <= args.n_layers):
+            raise UsageError(f"layers must be a range of at least one of the {args.n_layers} layers, got {layers!r}")
         self.rnd = bf16.round if dtype == "bfloat16" else identity
-        self.weights = Weights(args, weights, self.rnd, weights_mode)
+        self.weights = Weights(args, weights, self.rnd, weights_mode, self.held)
         self.weights_mode = self.weights.mode
         self.output = "output.weight" if "output.weight" in self.weights else "tok_embeddings.weight"  # tied head
         # Checked before anything is allocated: a context that cannot fit is an error now,
         # not the OOM killer later.
-        self.max_seq_len = memory.choose_context(args, max_seq_len, available_memory(), max_batch_size, dtype,
+        # A pipeline stage needs memory for its own layers only (and embeddings and head, counted
+        # in every stage: an overestimate by at most those).
+        held_args = args if len(self.held) == args.n_layers else replace(args, n_layers=len(self.held))
+        self.max_seq_len = memory.choose_context(held_args, max_seq_len, available_memory(), max_batch_size, dtype,
                                                  self.weights_mode, prefill_chunk)
         scaling = None
         if args.use_scaled_rope:
@@ -133,14 +142,14 @@ class Transformer:
                            high_freq_factor=args.high_freq_factor,
                            original_max_position_embeddings=args.original_max_position_embeddings)
         self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta, scaling)
-        cache_shape = (args.n_layers, self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        cache_shape = (len(self.held), self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
         # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
         # bfloat16 numerics hold it as bf16 bits, as Meta's bf16 model holds it.
         cache_dtype = np.uint16 if dtype == "bfloat16" else np.float32
         self.cache_k = np.zeros(cache_shape, dtype=cache_dtype)
         self.cache_v = np.zeros(cache_shape, dtype=cache_dtype)
-        self.layers = [TransformerBlock(i, args, self.weights, self.cache_k[i], self.cache_v[i])
-                       for i in range(args.n_layers)]
+        self.layers = [TransformerBlock(i, args, self.weights, self.cache_k[j], self.cache_v[j])
+                       for j, i in enumerate(self.held)]
 
     @property
     def _ready(self) -> dict:
@@ -160,6 +169,10 @@ class Transformer:
         start_pos+T-1, filling their part of the KV cache -> hidden states (B, T, dim)."""
         B, T, _ = h.shape
         self.check_positions(B, T, start_pos)
+        stop = self.args.n_layers if stop is None else stop
+        if not self.held.start <= start <= stop <= self.held.stop:
+            raise UsageError(f"layers {start}..{stop - 1} asked of a model holding layers "
+                             f"{self.held.start}..{self.held.stop - 1}")
         if T > self.prefill_chunk and not record.whole_pass:
             # A long prompt goes through the KV cache a chunk at a time: each chunk attends to
             # every position before it, and the activations stay (chunk, ffn_dim).
@@ -167,7 +180,7 @@ class Transformer:
             return np.concatenate([self.forward_layers(h[:, s:s + n], start_pos + s, start, stop)
                                    for s in range(0, T, n)], axis=1)
         freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
-        for layer in self.layers[start:stop]:
+        for layer in self.layers[start - self.held.start:stop - self.held.start]:
             h = layer(h, start_pos, freqs_cis, record.layer(layer.layer_id))
         return h
 
@@ -191,18 +204,31 @@ class Transformer:
         """
         tokens = np.asarray(tokens)
         self.check_tokens(tokens, start_pos)
+        if len(self.held) != self.args.n_layers:
+            raise UsageError(f"this model holds layers {self.held.start}..{self.held.stop - 1} of "
+                             f"{self.args.n_layers}: a pipeline stage runs with forward_stage")
         single = tokens.ndim == 1
         tokens = tokens.reshape(-1, tokens.shape[-1])                  # (B, T)
-        record = recorder(trace, squeeze=single)
-        h = self.embed(tokens)                                        # (B, T, dim)
-        record(tokens=tokens, token_embeddings=h)
-        h = self.forward_layers(h, start_pos, record=record)
-        logits = self.head(h[:, -1:] if last_only else h, record)    # (B, T or 1, vocab)
+        logits = self.forward_stage(tokens, start_pos, recorder(trace, squeeze=single), last_only)
         if last_only:
-            logits = logits[:, 0]
+            logits = logits[:, 0]                                     # (B, vocab)
         return logits[0] if single else logits
 
     __call__ = forward
+
+    def forward_stage(self, x: np.ndarray, start_pos: int, record=IGNORE, last_only: bool = False) -> np.ndarray:
+        """The part of the forward pass this model holds: x is tokens (B, T) if it holds the
+        first layer (they are embedded), else hidden states (B, T, dim); then its layers; then,
+        if it holds the last layer, the head -> logits (B, T, vocab), or (B, 1, vocab) with
+        last_only; else hidden states (B, T, dim) for the next stage. A whole model is one stage."""
+        h = x
+        if self.held.start == 0:
+            h = self.embed(x)                                         # (B, T, dim)
+            record(tokens=x, token_embeddings=h)
+        h = self.forward_layers(h, start_pos, self.held.start, self.held.stop, record)
+        if self.held.stop < self.args.n_layers:
+            return h
+        return self.head(h[:, -1:] if last_only else h, record)      # (B, T or 1, vocab)
 
     def check_tokens(self, tokens: np.ndarray, start_pos: int) -> None:
         """tokens (T,) or (B, T): integer ids in the vocabulary, positions within the cache."""

@@ -3,9 +3,10 @@
 The model asks for `weights.linear(x, name)`, `weights.fused(x, names)`, `weights.rows(name,
 index)` and `weights.weight(name)`; how the tensors are held is decided here: their names,
 shapes and dtypes checked against the params, bf16 bit patterns widened exactly, weights that
-read the same input fused into one matmul, resident float32 copies kept transposed, or bf16
-weights left bf16 and widened a tile at a time (npllama/tiled.py). The numerics do not depend
-on the choice, only the float32 summation order inside the matmuls does.
+read the same input fused into one matmul, resident float32 copies kept transposed, or the
+weights left where they are (bf16 widened a tile at a time, npllama/tiled.py; float32 read in
+place). The numerics do not depend on the choice, only the float32 summation order inside the
+matmuls does.
 """
 from __future__ import annotations
 
@@ -52,20 +53,31 @@ def check_dtype(name: str, w: np.ndarray) -> None:
         raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
 
 
-def check(args: ModelArgs, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors the params call for, by Meta's names, after checking names, shapes and
-    dtypes only: no weight data is read, so a memory-mapped checkpoint stays on disk until a
-    forward pass touches it."""
+def held_names(args: ModelArgs, layers: range, tied: bool) -> list[str]:
+    """The tensors a model holding `layers` uses, in forward order: the embeddings if it holds
+    the first layer, its layers', and the final norm and output head (the embeddings, when
+    tied) if it holds the last. A pipeline stage maps these and no others."""
+    names = ["tok_embeddings.weight"] if layers.start == 0 else []
+    names += [n for n in expected_shapes(args) if n.startswith("layers.") and int(n.split(".")[1]) in layers]
+    if layers.stop == args.n_layers:
+        names += ["norm.weight", "tok_embeddings.weight" if tied else "output.weight"]
+    return list(dict.fromkeys(names))   # a tied model held whole names its embeddings once
+
+
+def check(args: ModelArgs, tensors: Mapping[str, np.ndarray], layers: range | None = None) -> dict[str, np.ndarray]:
+    """The tensors a model holding `layers` (default all) uses, by Meta's names, after
+    checking names, shapes and dtypes only: no weight data is read, so a memory-mapped
+    checkpoint stays on disk until a forward pass touches it. Tensors of the params' other
+    layers are allowed and left out; names the params do not have are an error."""
     shapes = expected_shapes(args)
     unknown = sorted(set(tensors) - set(shapes) - set(IGNORED_WEIGHTS))
     if unknown:
         raise WeightError(f"unexpected tensors for these params: {', '.join(unknown[:5])}"
                           + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
     out = {}
-    for name, shape in shapes.items():
+    for name in held_names(args, range(args.n_layers) if layers is None else layers, "output.weight" not in tensors):
+        shape = shapes[name]
         if name not in tensors:
-            if name == "output.weight":
-                continue
             raise WeightError(f"missing tensor {name} (expected shape {shape})")
         w = tensors[name]
         if tuple(w.shape) != shape:
@@ -96,27 +108,31 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def choose_mode(tensors: Mapping[str, np.ndarray], requested: str) -> str:
-    """"resident": float32 copies made on first use (fastest, 4 bytes a weight).
-    "tiled": bf16 weights stay bf16 and are widened a tile at a time (2 bytes a weight).
-    "auto": tiled only when the float32 copies would not fit comfortably in memory."""
+def choose_mode(tensors: Mapping[str, np.ndarray], requested: str, share: int = 1) -> str:
+    """"resident": float32 copies made on first use (fastest, 4 bytes a weight in memory).
+    "tiled": weights stay as stored, where they are (a memory map: the page cache streams
+    them from disk when they do not fit in memory): bf16 widened a tile at a time, float32
+    read in place by the matmuls; no copy of a weight is kept.
+    "auto": tiled only when the float32 copies would not fit comfortably in memory, of
+    which this model gets 1/share (pipeline stages sharing a machine)."""
     if requested not in WEIGHT_MODES:
         raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
-    has_bf16 = any(tiled.supported(w) for w in tensors.values())
     if requested != "auto":
-        return "tiled" if requested == "tiled" and has_bf16 else "resident"
+        return requested
     resident_bytes = sum(int(np.prod(w.shape)) * 4 for w in tensors.values())
-    return "tiled" if has_bf16 and resident_bytes > 0.6 * available_memory() else "resident"
+    return "tiled" if resident_bytes > 0.6 * available_memory() / share else "resident"
 
 
 class Weights(Mapping):
     """Meta's tensor names -> the tensors as given (memory maps stay maps), checked against
     `args`; the operations the model needs, in the numerics of `rnd` (identity for float32,
     bf16.round for bfloat16: bf16 numerics hold bf16 weights and store bf16 outputs, as a
-    torch model in bf16 would). mode: see choose_mode."""
+    torch model in bf16 would). mode: see choose_mode. layers: the layers held (a pipeline
+    stage's; default all), see held_names."""
 
-    def __init__(self, args: ModelArgs, tensors: Mapping[str, np.ndarray], rnd=identity, mode: str = "auto"):
-        self.tensors = check(args, tensors)
+    def __init__(self, args: ModelArgs, tensors: Mapping[str, np.ndarray], rnd=identity, mode: str = "auto",
+                 layers: range | None = None):
+        self.tensors = check(args, tensors, layers)
         self.rnd = rnd
         self.mode = choose_mode(self.tensors, mode)
         # What was made from the tensors, kept: compute forms by name, transposed fused
@@ -161,6 +177,11 @@ class Weights(Mapping):
         raw = [self.tensors[n] for n in names]
         if self.mode == "tiled" and all(tiled.supported(w) for w in raw):
             y = tiled.matmul(x2, raw)
+        elif self.mode == "tiled":
+            # Each weight where it is: a float32 memory map goes to the matmul as it is (w.T is
+            # a view), so nothing model-sized is copied; joining them would copy them.
+            return [self.rnd((x2 @ self._compute_form(n).T).reshape(*x.shape[:-1], w.shape[0]))
+                    for n, w in zip(names, raw)]
         else:
             y = x2 @ self._transposed(names)
         out, col = [], 0

@@ -295,8 +295,15 @@ def test_tiled_weights_give_the_resident_results(dtype):
     else:
         assert bf16_scale_ulps(b, a) <= 2.0
     assert not any(v.dtype == np.float32 and v.ndim == 2 for v in tiled_model._ready.values())  # nothing widened
-    # float32 weights have nothing to tile; auto keeps small models resident
-    assert Transformer(args, w, weights_mode="tiled").weights_mode == "resident"
+    # float32 weights, tiled, are read where they are: same results, no copies kept
+    in_place = Transformer(args, w, dtype=dtype, weights_mode="tiled")
+    a, b = Transformer(args, w, dtype=dtype, weights_mode="resident").forward(toks), in_place.forward(toks)
+    if dtype == "float32":
+        assert rel_err(b, a) < FP32_TOL
+    else:
+        assert bf16_scale_ulps(b, a) <= 2.0
+    assert not any(v.ndim == 2 for v in in_place._ready.values())
+    # auto keeps small models resident
     assert Transformer(args, bits).weights_mode == "resident"
     with pytest.raises(ValueError, match="weights mode"):
         Transformer(args, bits, weights_mode="fast")
