@@ -211,10 +211,14 @@ class LlamaBench:
     (a warm-up run, KV cache f16, flash attention auto); its tg runs from an empty cache,
     npllama's after the 128-token prompt (a few MB more KV cache read per token)."""
 
-    def __init__(self, binary: str, gguf: str, gguf_type: str, threads: int, prompt_len: int = 128, gen_len: int = 32):
+    @staticmethod
+    def check(binary: str) -> None:
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             raise UsageError(f"--llama-bench {binary}: not an executable file (the llama-bench program of a "
                              "llama.cpp build; see the README's Performance section)")
+
+    def __init__(self, binary: str, gguf: str, gguf_type: str, threads: int, prompt_len: int = 128, gen_len: int = 32):
+        self.check(binary)
         self.cmd = [binary, "-m", gguf, "-p", str(prompt_len), "-n", str(gen_len), "-t", str(threads), "-r", "1",
                     "-o", "json"]
         self.gguf_type, self.threads = gguf_type, threads
@@ -252,6 +256,8 @@ def main(a) -> int:
             raise UsageError(f"--vs: bench runs torch only (got {peer!r}); --llama-bench PATH runs llama.cpp")
     if a.json:
         check_file(a.json, "results")
+    if a.llama_bench:
+        LlamaBench.check(a.llama_bench)      # before minutes of building and exporting
     root = a.workdir or os.path.join(cache_dir(), "bench")
     path = build(a.shape, root, quiet=a.quiet)
     args = shape_args(a.shape)

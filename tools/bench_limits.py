@@ -21,9 +21,11 @@ line, one thread's pipeline times the core count, is the most threads could give
 
 budget: decodes --tokens tokens after a 128-token prompt on the bench weights (`npllama
 bench` builds them) and splits each token's time between the matrix products (by weight,
-with the rate each streams its bytes at), attention, RMSNorm, RoPE, SwiGLU and the rest
-(residual adds, KV-cache writes, reshapes, Python). The parts are timed by wrapping the
-functions the blocks call; the model's code is not changed.
+with the rate each streams its bytes at; lm_head is the output projection), attention (with
+the KV-cache bytes it reads), RMSNorm, RoPE, SwiGLU, the KV-cache writes and the rest
+(residual adds, reshapes, Python). The parts are timed by wrapping the functions the blocks
+call (the KV-cache writes, inline in the model, by repeating them alone); the model's code
+is not changed. Each part's figure is its median over the tokens.
 """
 import argparse
 import os
@@ -159,8 +161,15 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
         nbytes[part] = nbytes.get(part, 0) + sum(self.tensors[n].size for n in names) * (
             2 if self.mode == "tiled" else 4)
         return timed(part, fused)(self, x, names)
+    attention = timed("attention (reads the KV cache)", model.attention)
+
+    def attention_timed(xq, keys, values, *a, **k):
+        # keys and values are views of the KV cache: what attention reads of it this token
+        nbytes["attention (reads the KV cache)"] = nbytes.get("attention (reads the KV cache)", 0) + \
+            keys.nbytes + values.nbytes
+        return attention(xq, keys, values, *a, **k)
     patches = {(weights_mod.Weights, "fused"): fused_timed,
-               (model, "attention"): timed("attention", model.attention),
+               (model, "attention"): attention_timed,
                (model, "rms_norm"): timed("RMSNorm", model.rms_norm),
                (model, "apply_rotary_emb"): timed("RoPE", model.apply_rotary_emb),
                (model, "swiglu"): timed("SwiGLU", model.swiglu)}
@@ -184,8 +193,18 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
             setattr(obj, name, fn)
     parts = {p: [statistics.median(s[0].get(p, 0.0) for s in per_step), per_step[0][1].get(p, 0)]
              for p in per_step[0][0]}
+    # The KV-cache writes are two slice assignments inline in Attention (nothing to wrap):
+    # timed alone, the same assignments at the next free position, for every layer.
+    pos = 128 + n_tokens
+    xk = np.zeros((1, 1, m.args.n_kv_heads, m.args.head_dim), np.float32)
+
+    def write_kv():
+        for layer in m.layers:
+            layer.attention.cache_k[:1, pos:pos + 1] = xk
+            layer.attention.cache_v[:1, pos:pos + 1] = xk
+    parts["KV-cache writes"] = [median_time(write_kv, 21), 2 * xk.nbytes * len(m.layers)]
     total = statistics.median(totals)
-    parts["rest (residuals, KV cache, reshapes, Python)"] = [total - sum(t for t, _ in parts.values()), 0]
+    parts["rest (residual adds, reshapes, Python)"] = [total - sum(t for t, _ in parts.values()), 0]
     return m.weights_mode, parts, total
 
 
