@@ -62,8 +62,30 @@ def build(shape: str, root: str, quiet: bool = False) -> str:
     return out
 
 
+def proc_status(field: str) -> int | None:
+    """A byte count from /proc/self/status (Linux), e.g. VmRSS, VmHWM; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current RSS (Linux >= 4.0), so a peak can be measured for
+    one phase (a prompt) rather than since the process began (loading)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process's own peak; ru_maxrss also counts the parent's RSS at the fork
+    # (a peer started by a bench that holds a model would report at least that model).
+    return proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def summary(xs: list[float]) -> dict:
@@ -104,17 +126,17 @@ def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
     once, each through its own large block (llama.cpp's threads each take rows of a matrix).
     A float32 GEMV far larger than the caches is timed both as one BLAS call (BLAS's
     threads) and split between npllama's threads (BLAS on one thread each); the faster wins."""
-    from . import threads
+    from . import parallel
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8192, 8192), dtype=np.float32)        # 256 MB, 8x the largest L3 here
     x = rng.standard_normal((1, 8192), dtype=np.float32)
     xs = rng.standard_normal((128, 8192), dtype=np.float32)
     y = np.empty((1, 8192), np.float32)
-    step = -(-w.shape[1] // threads.count())
-    blocks = [(x, w[:, c:c + step], y[:, c:c + step]) for c in range(0, w.shape[1], step)]
+    step = -(-w.shape[1] // parallel.threads())
+    blocks = [lambda c=c: np.matmul(x, w[:, c:c + step], out=y[:, c:c + step]) for c in range(0, w.shape[1], step)]
     # w as (in, out), the layout npllama keeps resident weights in
     ways = {"one BLAS call": lambda: np.matmul(x, w, out=y),
-            f"{threads.count()} threads": lambda: threads.run(lambda a, b, o: np.matmul(a, b, out=o), blocks)}
+            f"{parallel.threads()} threads": lambda: parallel.run(blocks)}
     best = dict.fromkeys(ways, float("inf"))
     best_gemm = float("inf")
     t_end = time.perf_counter() + seconds
@@ -246,7 +268,7 @@ class LlamaBench:
 
 
 def main(a) -> int:
-    from . import threads
+    from . import parallel
     from .atomic import check_file, write_file
     from .checkpoint import open_tensors
     from .weights import choose_mode
@@ -266,7 +288,7 @@ def main(a) -> int:
     if a.llama_bench:
         # The format npllama's own weights are in: float32 copies, or bf16 when held tiled.
         gguf_type = a.gguf_type or ("bf16" if mode == "tiled" else "f32")
-        llama = LlamaBench(a.llama_bench, export_gguf(path, root, a.shape, gguf_type), gguf_type, threads.count())
+        llama = LlamaBench(a.llama_bench, export_gguf(path, root, a.shape, gguf_type), gguf_type, parallel.threads())
     results = [run_npllama(path, a.dtype, a.reps, mode, between=llama or (lambda: None))]
     results[0].update(name="npllama", bytes_per_weight=2 if mode == "tiled" else 4)
     if llama:

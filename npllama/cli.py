@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -67,8 +68,12 @@ def print_model_summary(path: str, args, index: dict) -> None:
         print(f"stops on: {', '.join(f'{name[i]} ({i})' for i in tok.stop_ids)}")
         if tok.n_words > args.vocab_size:
             print(f"warning: the tokenizer has {tok.n_words} ids, the model's embedding {args.vocab_size}")
-    from .config import runtime_context
-    print(f"trained context: {args.max_seq_len} tokens; runs at {runtime_context(args)} by default (--ctx)")
+    from .memory import choose_context
+    from .weights import available_memory
+    ctx = choose_context(args, None, available_memory())
+    print(f"trained context: {args.max_seq_len} tokens; runs at {ctx} by default (what fits in memory here, "
+          "float32; --ctx, see `npllama memory`)" if ctx else
+          f"trained context: {args.max_seq_len} tokens; float32 weights do not fit in memory here (`npllama memory`)")
 
 
 def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1):
@@ -300,7 +305,7 @@ def cmd_trace(a) -> int:
     tok = gen.tokenizer
     text, ids = prompt_or_tokens(a, gen)
     ids = ids if ids is not None else encode_prompt(tok, text)
-    t = tr.trace(gen.model, ids, layers)
+    t = tr.trace(gen.model, ids, layers, scores=not a.no_scores)
     t["__meta__"]["prompt"] = text
     t["__meta__"]["pieces"] = [piece(tok, i) for i in ids]   # token text, for `npllama plot`'s axes
     tr.save(a.output, t)
@@ -323,6 +328,33 @@ def cmd_plot(a) -> int:
     from .plot import attention
     attention(tr.load(a.trace), a.layer, a.output, head=a.head, what=a.what, source=a.trace)
     print(f"wrote {a.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_memory(a) -> int:
+    from . import memory
+    from .config import ModelArgs, preset
+    from .weights import available_memory
+    if a.model:
+        args, name = ModelArgs.from_json(os.path.join(a.model, "params.json")), a.model
+    else:
+        args, name = preset(a.shape), a.shape
+    try:
+        contexts = [int(c) for c in a.ctx.split(",")]
+    except ValueError:
+        raise UsageError(f"--ctx takes comma-separated context lengths, got {a.ctx!r}") from None
+    if min(contexts) <= 0:
+        raise UsageError(f"--ctx: context lengths must be positive, got {a.ctx!r}")
+    print(f"{name}: {args.n_layers} layers, {args.n_kv_heads} KV heads x {args.head_dim}, {a.dtype} numerics "
+          f"(KV cache {'bf16' if a.dtype == 'bfloat16' else 'float32'}), {a.weights} weights, batch {a.batch}, "
+          f"prefill chunks of {memory.PREFILL_CHUNK}; total includes {memory.gib(memory.RESERVE)} reserve")
+    print(memory.table(args, contexts, a.dtype, a.weights, a.batch))
+    available, trained = available_memory(), args.max_seq_len
+    fit = memory.longest_context(args, available, max(trained, *contexts), batch=a.batch, dtype=a.dtype,
+                                 weights_mode=a.weights)
+    print(f"this machine: {memory.gib(available)} available: " + (
+        f"up to {fit:,} positions fit; the default context is {min(fit, trained):,} (trained: {trained:,})" if fit
+        else "the weights alone do not fit"))
     return 0
 
 
@@ -389,7 +421,7 @@ def add_model_args(p, ctx: bool = True):
                    "(default auto: tiled when float32 copies would not fit in memory)")
     if ctx:
         p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
-                       "context the model was trained for, at most 8192)")
+                       "longest that fits in memory, up to the model's trained context; see `npllama memory`)")
     p.add_argument("--force-ctx", action="store_true", help="allow a context beyond the model's trained context")
 
 def add_token_args(p):
@@ -471,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("prompt", nargs="?")
     t.add_argument("-o", "--output", required=True, help="the .npz to write")
     t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
+    t.add_argument("--no-scores", action="store_true", help="leave out the (n_heads, T, T) scores and probs "
+                   "(kept, they may take at most 2 GiB)")
     add_model_args(t)
     add_token_args(t)
     t.set_defaults(func=cmd_trace)
@@ -533,6 +567,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(pp, ctx=False)
     add_token_args(pp)
     pp.set_defaults(func=cmd_perplexity)
+
+    mm = sub.add_parser("memory", help="what a model needs in memory at given contexts",
+                        description="Print the memory model (weights, KV cache, scratch of a forward pass) at "
+                        "several contexts, and the default context that fits in this machine's available memory.")
+    src = mm.add_mutually_exclusive_group()
+    src.add_argument("-m", "--model", metavar="DIR", help="a converted model directory (its params.json)")
+    src.add_argument("--shape", default="llama3.2-1b", help="a released shape instead (default llama3.2-1b; "
+                     "llama3-8b, llama3.1-8b, llama3.1-70b, ...)")
+    mm.add_argument("--ctx", default="8192,32768,131072", help="context lengths, comma-separated")
+    mm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    mm.add_argument("--weights", choices=["resident", "tiled"], default="resident")
+    mm.add_argument("--batch", type=int, default=1)
+    mm.set_defaults(func=cmd_memory)
 
     b = sub.add_parser("bench", help="prefill/decode speed on random weights at real shapes",
                        description="Build (once, cached) a random-weight bf16 checkpoint at a real shape and "

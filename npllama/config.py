@@ -37,7 +37,7 @@ class ModelArgs:
     # Checkpoints converted from HF/GGUF state their FFN width instead of deriving it.
     hidden_dim: Optional[int] = None
     # The context the model was trained for (HF max_position_embeddings, GGUF
-    # context_length); the runtime context is chosen separately (runtime_context).
+    # context_length); the runtime context is chosen separately (npllama.memory.choose_context).
     max_seq_len: int = 2048
 
     def __post_init__(self):
@@ -163,16 +163,3 @@ def preset(name: str, **overrides) -> ModelArgs:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return ModelArgs(**{**PRESETS[name], **overrides})
 
-
-DEFAULT_CONTEXT = 8192
-
-
-def runtime_context(args: ModelArgs, requested: int | None = None) -> int:
-    """The context a model runs with: `requested`, else the trained context capped at
-    DEFAULT_CONTEXT (the KV cache and RoPE table are sized by it)."""
-    from .errors import UsageError
-    if requested is None:
-        return min(args.max_seq_len, DEFAULT_CONTEXT)
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
-        raise UsageError(f"the context length must be a positive number of tokens, got {requested!r}")
-    return requested

@@ -11,13 +11,13 @@ from typing import Mapping
 
 import numpy as np
 
-from . import bf16
-from .config import ModelArgs, runtime_context
+from . import bf16, memory
+from .config import ModelArgs
 from .errors import UsageError, WeightError  # noqa: F401  (WeightError: re-exported, as before)
-from .ops import apply_rotary_emb, attention, identity, precompute_freqs_cis, rms_norm, swiglu
+from .ops import apply_rotary_emb, blocked_attention, identity, precompute_freqs_cis, rms_norm, swiglu
 from .tracing import IGNORE, recorder
 # expected_shapes is documented as npllama.model.expected_shapes; as_float32 was here before.
-from .weights import Weights, as_float32, expected_shapes  # noqa: F401
+from .weights import Weights, as_float32, available_memory, expected_shapes  # noqa: F401
 
 DTYPES = ("float32", "bfloat16")
 
@@ -32,6 +32,9 @@ class Attention:
         self.wqkv = (p + "wq.weight", p + "wk.weight", p + "wv.weight")
         self.wo = p + "wo.weight"
         self.cache_k, self.cache_v = cache_k, cache_v      # (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        # A bf16 cache (bfloat16 numerics) holds bit patterns: the keys and values are bf16 already.
+        self.to_cache, self.from_cache = ((bf16.to_bits, bf16.from_bits) if cache_k.dtype == np.uint16
+                                          else (identity, identity))
 
     def __call__(self, x: np.ndarray, start_pos: int, freqs_cis: np.ndarray, record=IGNORE) -> np.ndarray:
         B, T, _ = x.shape
@@ -43,12 +46,12 @@ class Attention:
         xq = apply_rotary_emb(xq, freqs_cis, self.rnd)
         xk = apply_rotary_emb(xk, freqs_cis, self.rnd)
         record(q_rotated=xq, k_rotated=xk)
-        self.cache_k[:B, start_pos:start_pos + T] = xk
-        self.cache_v[:B, start_pos:start_pos + T] = xv
-        keys = self.cache_k[:B, :start_pos + T]                # (B, S, n_kv_heads, head_dim)
-        values = self.cache_v[:B, :start_pos + T]
+        self.cache_k[:B, start_pos:start_pos + T] = self.to_cache(xk)
+        self.cache_v[:B, start_pos:start_pos + T] = self.to_cache(xv)
+        keys = self.from_cache(self.cache_k[:B, :start_pos + T])  # (B, S, n_kv_heads, head_dim)
+        values = self.from_cache(self.cache_v[:B, :start_pos + T])
         # record.sink is None unless tracing: attention then keeps no (T, S) tensors for it.
-        output = attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
+        output = blocked_attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
         out = self.weights.linear(output, self.wo)
         record(attention=output, attention_out=out)
         return out
@@ -99,22 +102,31 @@ class Transformer:
     weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
     "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
     weights_mode: how bf16 weights are held (weights.choose_mode); the numerics are the same.
+    max_seq_len: the context; by default the longest that fits in memory, up to the trained
+    context (npllama.memory). prefill_chunk: longer prompts go through the KV cache this
+    many tokens at a time.
     A pipeline stage runs embed, forward_layers over its layers, and (the last) head.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], dtype: str = "float32",
-                 max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto"):
+                 max_seq_len: int | None = None, max_batch_size: int = 1, weights_mode: str = "auto",
+                 prefill_chunk: int = memory.PREFILL_CHUNK):
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.args, self.dtype = args, dtype
-        self.max_seq_len = runtime_context(args, max_seq_len)   # default: the trained context, capped
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size <= 0:
-            raise UsageError(f"the batch size must be a positive integer, got {max_batch_size!r}")
-        self.max_batch_size = max_batch_size
+        for name, n in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size),
+                        ("prefill_chunk", prefill_chunk)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+                raise UsageError(f"{name} must be a positive integer, got {n!r}")
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.rnd = bf16.round if dtype == "bfloat16" else identity
         self.weights = Weights(args, weights, self.rnd, weights_mode)
         self.weights_mode = self.weights.mode
         self.output = "output.weight" if "output.weight" in self.weights else "tok_embeddings.weight"  # tied head
+        # Checked before anything is allocated: a context that cannot fit is an error now,
+        # not the OOM killer later.
+        self.max_seq_len = memory.choose_context(args, max_seq_len, available_memory(), max_batch_size, dtype,
+                                                 self.weights_mode, prefill_chunk)
         scaling = None
         if args.use_scaled_rope:
             scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
@@ -123,8 +135,10 @@ class Transformer:
         self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta, scaling)
         cache_shape = (args.n_layers, self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
         # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
-        self.cache_k = np.zeros(cache_shape, dtype=np.float32)
-        self.cache_v = np.zeros(cache_shape, dtype=np.float32)
+        # bfloat16 numerics hold it as bf16 bits, as Meta's bf16 model holds it.
+        cache_dtype = np.uint16 if dtype == "bfloat16" else np.float32
+        self.cache_k = np.zeros(cache_shape, dtype=cache_dtype)
+        self.cache_v = np.zeros(cache_shape, dtype=cache_dtype)
         self.layers = [TransformerBlock(i, args, self.weights, self.cache_k[i], self.cache_v[i])
                        for i in range(args.n_layers)]
 
@@ -146,6 +160,12 @@ class Transformer:
         start_pos+T-1, filling their part of the KV cache -> hidden states (B, T, dim)."""
         B, T, _ = h.shape
         self.check_positions(B, T, start_pos)
+        if T > self.prefill_chunk and not record.whole_pass:
+            # A long prompt goes through the KV cache a chunk at a time: each chunk attends to
+            # every position before it, and the activations stay (chunk, ffn_dim).
+            n = self.prefill_chunk
+            return np.concatenate([self.forward_layers(h[:, s:s + n], start_pos + s, start, stop)
+                                   for s in range(0, T, n)], axis=1)
         freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
         for layer in self.layers[start:stop]:
             h = layer(h, start_pos, freqs_cis, record.layer(layer.layer_id))
@@ -164,6 +184,8 @@ class Transformer:
 
         Positions start_pos .. start_pos+T-1; the cache must hold positions < start_pos from
         earlier calls. last_only returns only the last position's logits, (vocab,) or (B, vocab).
+        More than prefill_chunk tokens go through the cache in chunks of that many (a traced
+        pass runs as one: a trace records whole tensors).
         trace, when a dict, receives every intermediate under the names of the Trace format
         (or give a tracing.Recorder).
         """

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import parallel
+
 
 def identity(x: np.ndarray) -> np.ndarray:
     return x
@@ -100,12 +102,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def causal_mask(T: int, start_pos: int) -> np.ndarray:
-    # (T, start_pos + T): row i is the token at position start_pos + i; it may see every
-    # cached position and itself, and -inf hides the later ones.
-    mask = np.zeros((T, start_pos + T), dtype=np.float32)
-    mask[:, start_pos:] = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
-    return mask
+def causal_mask(T: int, start_pos: int, c0: int = 0, c1: int | None = None) -> np.ndarray:
+    # (T, c1 - c0), keys c0..c1-1 (default: all start_pos + T): row i is the token at
+    # position start_pos + i; it may see every cached position and itself, and -inf hides
+    # the later ones.
+    c1 = start_pos + T if c1 is None else c1
+    later = np.arange(c0, c1)[None, :] > start_pos + np.arange(T)[:, None]
+    return np.where(later, np.float32(-np.inf), np.float32(0))
 
 
 def attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int,
@@ -135,6 +138,130 @@ def attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: i
         trace["probs"] = probs.reshape(B, n_heads, T, S)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, n_heads * head_dim)
 
+
+
+# --- attention in bounded memory ----------------------------------------------------------
+# `attention` holds the (B, n_heads, T, S) scores several times over: ~24 GiB for an
+# 8,192-token prompt on a 32-head model. The functions below compute the same attention a
+# block at a time, so that its scratch is O(block * S) however long the prompt.
+
+ROWS_SCRATCH_BYTES = 64 << 20  # one block of the reference's intermediates (attention_rows)
+FLASH_BLOCK_Q = 64             # query rows per tile (times n_rep: the rows of each GEMM)
+FLASH_BLOCK_BYTES = 8 << 20    # float32 scores of one tile, all heads (split between threads)
+PARALLEL_SCORES = 1 << 20      # below this many scores, threads cost more than they save
+
+
+def attention_rows(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int, rnd=identity,
+                   trace: dict | None = None, scratch_bytes: int = ROWS_SCRATCH_BYTES) -> np.ndarray:
+    """`attention` a block of query rows at a time, and exactly `attention`: every row of
+    the scores is masked, normalised and rounded on its own. A block sees only the keys up
+    to its last row's position (later ones are masked for all its rows). trace receives
+    the whole (B, n_heads, T, S) scores and probs, filled block by block."""
+    B, T, n_heads, head_dim = xq.shape
+    S = keys.shape[1]
+    # `attention` keeps up to ~4 float32 (B, n_heads, rows, S) arrays alive at once.
+    rows = max(1, scratch_bytes // (16 * B * n_heads * S))
+    out = np.empty((B, T, n_heads * head_dim), np.float32)
+    if trace is not None:
+        scores = np.full((B, n_heads, T, S), -np.inf, np.float32)
+        probs = np.zeros((B, n_heads, T, S), np.float32)
+    for r0 in range(0, T, rows):
+        r1 = min(T, r0 + rows)
+        end = start_pos + r1
+        inner = {} if trace is not None else None
+        out[:, r0:r1] = attention(xq[:, r0:r1], keys[:, :end], values[:, :end], start_pos + r0, rnd, inner)
+        if trace is not None:
+            scores[:, :, r0:r1, :end] = inner["scores"]
+            probs[:, :, r0:r1, :end] = inner["probs"]
+    if trace is not None:
+        trace["scores"], trace["probs"] = scores, probs
+    return out
+
+
+def flash_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int, block_q: int,
+                    block_k: int) -> np.ndarray:
+    """float32 `attention` a tile (block of queries x block of keys) at a time, with
+    FlashAttention's online softmax (Milakov & Gimelshein 2018; Dao et al. 2022): each query
+    row keeps the largest score m seen so far, the sum l of exp(score - m) and the output o
+    weighted the same way; a key block that raises m rescales l and o by exp(m_old - m_new).
+    The result is the exact softmax-weighted sum; only the float32 rounding differs from
+    `attention` (tests/test_long.py says by how much). Key blocks wholly after a query
+    block's last position are skipped: the causal mask would zero them."""
+    B, T, n_heads, head_dim = xq.shape
+    n_kv_heads = keys.shape[2]
+    n_rep = n_heads // n_kv_heads
+    q = xq.reshape(B, T, n_kv_heads, n_rep, head_dim)
+    sqrt_hd = math.sqrt(head_dim)
+    # Dividing every tile of scores by sqrt(head_dim) is a pass over them; when it is a
+    # power of two (head_dim 16, 64, 256) dividing q instead gives the same scores exactly.
+    fold = sqrt_hd == 2.0 ** round(math.log2(sqrt_hd))
+    if fold:
+        q = q / np.float32(sqrt_hd)
+    k = keys.transpose(0, 2, 3, 1)                                  # (B, n_kv, hd, S)
+    v = values.transpose(0, 2, 1, 3)                                # (B, n_kv, S, hd)
+    out = np.empty((B, T, n_kv_heads, n_rep, head_dim), np.float32)
+    for r0 in range(0, T, block_q):
+        r1 = min(T, r0 + block_q)
+        n = r1 - r0
+        # The block's query heads grouped by the KV head they read: one GEMM per KV head.
+        qb = q[:, r0:r1].transpose(0, 2, 3, 1, 4).reshape(B, n_kv_heads, n_rep * n, head_dim)
+        m = l = o = None
+        # Key 0 comes first and every row sees it, so m is finite from the first block on.
+        for c0 in range(0, start_pos + r1, block_k):
+            c1 = min(start_pos + r1, c0 + block_k)
+            s = qb @ k[..., c0:c1]                                  # (B, n_kv, n_rep * n, c1 - c0)
+            if not fold:
+                s /= np.float32(sqrt_hd)                            # as `attention` (and Meta) divide
+            if c1 - 1 > start_pos + r0:                             # a key after the first row's position
+                s5 = s.reshape(B, n_kv_heads, n_rep, n, c1 - c0)
+                s5 += causal_mask(n, start_pos + r0, c0, c1)
+            m_new = s.max(axis=-1, keepdims=True)                   # (B, n_kv, n_rep * n, 1)
+            if m is not None:
+                m_new = np.maximum(m, m_new)
+            p = np.exp(np.subtract(s, m_new, out=s), out=s)
+            if m is None:
+                l, o = p.sum(axis=-1, keepdims=True), p @ v[:, :, c0:c1]
+            else:
+                alpha = np.exp(m - m_new)
+                l = l * alpha + p.sum(axis=-1, keepdims=True)
+                o = o * alpha + p @ v[:, :, c0:c1]
+            m = m_new
+        out[:, r0:r1] = (o / l).reshape(B, n_kv_heads, n_rep, n, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(B, T, n_heads * head_dim)
+
+
+def blocked_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_pos: int, rnd=identity,
+                      trace: dict | None = None) -> np.ndarray:
+    """`attention` in O(block * S) memory. float32: FlashAttention tiles. bfloat16 numerics:
+    blocks of query rows, keeping every rounding point of the reference (the probabilities
+    are rounded once normalised, so each row's softmax sees its whole row at once).
+    The KV heads (each with its query heads) are independent: they are split between
+    threads (npllama.parallel) when there is enough work.
+    trace: as `attention`'s. In float32 the scores and probs are the reference's, computed
+    beside the tiles, whose output is returned either way: tracing changes no result."""
+    if trace is not None:
+        traced = attention_rows(xq, keys, values, start_pos, rnd, trace)
+        if rnd is not identity:
+            return traced
+    B, T, n_heads, head_dim = xq.shape
+    S, n_kv_heads = keys.shape[1], keys.shape[2]
+    n_rep = n_heads // n_kv_heads
+    groups = min(parallel.threads(), n_kv_heads) if B * n_heads * T * S >= PARALLEL_SCORES else 1
+    if rnd is identity:
+        block_q = min(T, FLASH_BLOCK_Q)
+        block_k = max(64, FLASH_BLOCK_BYTES // (4 * B * n_heads * block_q))
+        part = lambda q, k, v: flash_attention(q, k, v, start_pos, block_q, block_k)  # noqa: E731
+    else:
+        part = lambda q, k, v: attention_rows(q, k, v, start_pos, rnd,  # noqa: E731
+                                              scratch_bytes=ROWS_SCRATCH_BYTES // groups)
+    out = np.empty((B, T, n_heads * head_dim), np.float32)
+    bounds = [n_kv_heads * g // groups for g in range(groups + 1)]
+
+    def job(h0, h1):  # KV heads h0..h1-1 and their query heads
+        out[..., h0 * n_rep * head_dim:h1 * n_rep * head_dim] = part(
+            xq[:, :, h0 * n_rep:h1 * n_rep], keys[:, :, h0:h1], values[:, :, h0:h1])
+    parallel.run([lambda h0=h0, h1=h1: job(h0, h1) for h0, h1 in zip(bounds, bounds[1:])])
+    return out
 
 def silu(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88: silu -> -0

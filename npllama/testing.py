@@ -137,17 +137,24 @@ def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
     LlamaForCausalLM's names, keyword arguments for transformers.LlamaConfig). q/k are
     permuted into HF's rotate-half layout; a tied head (no output.weight) is given as
     lm_head.weight too, so a strict load_state_dict accepts the dict either way."""
+    return dict(hf_tensors(args, weights)), hf_config(args, tied="output.weight" not in weights)
+
+
+def hf_tensors(args: ModelArgs, weights: dict):
+    """to_hf's state dict one (name, float32 array) at a time, so that a large model can be
+    copied into torch without a second whole copy of it in numpy."""
     from .formats.names import meta_to_hf, meta_to_hf_qk
-    w = {k: as_float32(k, v) for k, v in weights.items()}
-    tied = "output.weight" not in w
-    sd = {}
-    for name, x in w.items():
+    for name, x in weights.items():
+        x = as_float32(name, x)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             x = meta_to_hf_qk(x, args.n_heads if name.endswith("wq.weight") else args.n_kv_heads)
-        sd[meta_to_hf(name)] = x
-    if tied:
-        sd["lm_head.weight"] = w["tok_embeddings.weight"]
-    sd = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+        yield meta_to_hf(name), np.ascontiguousarray(x, dtype=np.float32)
+        if name == "tok_embeddings.weight" and "output.weight" not in weights:
+            yield "lm_head.weight", np.ascontiguousarray(x, dtype=np.float32)
+
+
+def hf_config(args: ModelArgs, tied: bool) -> dict:
+    """to_hf's keyword arguments for transformers.LlamaConfig."""
     rope_scaling, max_positions = None, args.max_seq_len
     if args.use_scaled_rope:
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
@@ -156,12 +163,11 @@ def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
         # HF checks that the scaled context exceeds the original one; it changes no number.
         max_positions = max(max_positions, int(args.original_max_position_embeddings * args.rope_scaling_factor))
     # rope_theta/rope_scaling: the names transformers 4 takes, and 5 converts to rope_parameters.
-    config = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                  num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                  num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                  rope_scaling=rope_scaling, max_position_embeddings=max_positions, tie_word_embeddings=tied,
-                  bos_token_id=None, eos_token_id=None)   # HF's defaults (1, 2) may not exist in a small vocabulary
-    return sd, config
+    return dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+                num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                rope_scaling=rope_scaling, max_position_embeddings=max_positions, tie_word_embeddings=tied,
+                bos_token_id=None, eos_token_id=None)   # HF's defaults (1, 2) may not exist in a small vocabulary
 
 
 # --- the check -----------------------------------------------------------------------------

@@ -36,14 +36,22 @@ def forward_key(name: str) -> tuple | None:
     return (fixed[name],) if name in fixed else None
 
 
+SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
+
+
 class Recorder:
     """The observer a forward pass reports to. The blocks call `record(q=xq, k=xk)` and each
     tensor is copied into `out` under its Trace format name (a layer's recorder, from
     `layer(i)`, adds the "layers.{i}." prefix). layers: record only these layers (the others
-    get IGNORE, so they keep nothing). squeeze: drop the batch axis (one sequence)."""
+    get IGNORE, so they keep nothing). squeeze: drop the batch axis (one sequence).
+    scores=False: attention gets no sink, so the (n_heads, T, S) scores and probs are
+    neither computed nor kept. A recorder holds whole tensors, so a forward pass that
+    records runs its tokens as one pass (whole_pass), not in prefill chunks."""
+    whole_pass = True
 
-    def __init__(self, out: dict, layers: Iterable[int] | None = None, squeeze: bool = False, prefix: str = ""):
-        self.out, self.squeeze, self.prefix = out, squeeze, prefix
+    def __init__(self, out: dict, layers: Iterable[int] | None = None, squeeze: bool = False, prefix: str = "",
+                 scores: bool = True):
+        self.out, self.squeeze, self.prefix, self.scores = out, squeeze, prefix, scores
         self.layers = None if layers is None else set(layers)
 
     def __call__(self, **tensors: np.ndarray) -> None:
@@ -54,21 +62,22 @@ class Recorder:
         self(**{name: x})
 
     @property
-    def sink(self) -> "Recorder":
+    def sink(self) -> "Recorder | None":
         """What an ops function's `trace=` argument gets (ops.attention records its scores
-        and probs into it)."""
-        return self
+        and probs into it); None when they are left out."""
+        return self if self.scores else None
 
     def layer(self, i: int) -> "Recorder | Ignore":
         if self.layers is not None and i not in self.layers:
             return IGNORE
-        return Recorder(self.out, self.layers, self.squeeze, f"layers.{i}.")
+        return Recorder(self.out, self.layers, self.squeeze, f"layers.{i}.", self.scores)
 
 
 class Ignore:
     """No observer: everything reported is dropped, and ops functions get `trace=None`, so
     they keep no intermediate for it (a forward pass without a trace)."""
     sink = None
+    whole_pass = False
 
     def __call__(self, **tensors: np.ndarray) -> None:
         pass
@@ -89,11 +98,23 @@ def recorder(trace: dict | Recorder | None, squeeze: bool) -> Recorder | Ignore:
     return trace if isinstance(trace, Recorder) else Recorder(trace, squeeze=squeeze)
 
 
-def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None) -> dict:
+def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, scores: bool = True,
+          scores_budget: int = SCORES_BUDGET) -> dict:
     """Run `tokens` (T,) from position 0 and return {name: array} plus "__meta__"
-    (params, dtype, npllama version, layout)."""
+    (params, dtype, npllama version, layout). layers: only these layers' tensors.
+    scores=False leaves out the (n_heads, T, T) scores and probs; kept, they may take at
+    most scores_budget bytes (a UsageError says how much they would need). The prompt
+    runs as one forward pass (not in prefill chunks)."""
+    T, n_layers = len(tokens), model.args.n_layers
+    if scores:
+        n = n_layers if layers is None else len({i for i in layers if 0 <= i < n_layers})
+        size = 2 * n * model.args.n_heads * T * T * 4
+        if size > scores_budget:
+            raise UsageError(f"trace: the scores and probs of {n} layer(s) ({model.args.n_heads} heads x {T:,} x "
+                             f"{T:,} float32, twice) need {size / 2**30:.2f} GiB, over the {scores_budget / 2**30:.2f}"
+                             f" GiB limit: trace fewer layers (--layers) or leave them out (--no-scores)")
     out: dict = {}
-    model.forward(np.asarray(tokens), start_pos=0, trace=Recorder(out, layers, squeeze=True))
+    model.forward(np.asarray(tokens), start_pos=0, trace=Recorder(out, layers, squeeze=True, scores=scores))
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,
                        "qk_layout": "interleaved", "source": "npllama"}
     return out

@@ -136,16 +136,37 @@ def test_budget_splits_a_decode_token_between_every_part(tmp_path, monkeypatch):
     from bench_limits import decode_budget
     a = bench.shape_args("tiny")
     hd, kv, d, f, L = a.head_dim, a.n_kv_heads, a.dim, a.ffn_dim, a.n_layers
-    for weights, nbytes in [("resident", 4), ("tiled", 2)]:
-        mode, parts, total = decode_budget("tiny", "float32", weights, 3)
+    for dtype, weights, nbytes in [("float32", "resident", 4), ("float32", "tiled", 2), ("bfloat16", "resident", 4)]:
+        mode, parts, total = decode_budget("tiny", dtype, weights, 3)
+        cache = 2 if dtype == "bfloat16" else 4       # bf16 numerics keep a bf16 KV cache
         assert mode == weights
         # bytes each part reads per token, from the shapes (the first measured token is at
         # position 129: 130 cached positions)
         want = {"wq|wk|wv products": L * d * (a.n_heads + 2 * kv) * hd * nbytes, "wo products": L * a.n_heads * hd * d * nbytes,
                 "w1|w3 products": L * d * 2 * f * nbytes, "w2 products": L * f * d * nbytes,
                 "lm_head products": a.vocab_size * d * nbytes, "attention (reads the KV cache)": L * 2 * 130 * kv * hd * 4,
-                "KV-cache writes": L * 2 * kv * hd * 4, "RMSNorm": 0, "RoPE": 0, "SwiGLU": 0,
+                "KV-cache writes": L * 2 * kv * hd * cache, "RMSNorm": 0, "RoPE": 0, "SwiGLU": 0,
                 "rest (residual adds, reshapes, Python)": 0}
+        if dtype == "bfloat16":
+            want["KV-cache bf16 conversions"] = 0
         assert {p: b for p, (_, b) in parts.items()} == want
         assert all(t > 0 for p, (t, _) in parts.items() if not p.startswith("rest"))
         assert sum(t for t, _ in parts.values()) == pytest.approx(total, rel=1e-9)
+
+
+def test_long_bench_runs_end_to_end(tmp_path):
+    tool = os.path.join(os.path.dirname(LIMITS), "bench_long.py")
+    r = subprocess.run([sys.executable, tool, "--shape", "tiny", "--T", "40,70", "--chunk", "32", "--decode", "2",
+                        "--reps", "2", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["40"], ["70"])]
+    assert [(x[0], x[1]) for x in rows] == [("40", "npllama"), ("40", "torch"), ("40", "npllama"),
+                                            ("70", "npllama"), ("70", "torch"), ("70", "npllama")]
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [x["impl"].split()[0] for x in res] == ["npllama", "torch"] * 2
+    for x in res:
+        assert x["prefill_tps"] > 0 and x["decode_tps"] > 0 and x["peak"] >= x["base"] > 0
+        assert len(x["prefill_s"]) == 2 and len(x["decode_s"]) == 2
+    # npllama's KV cache is the memory model's, for the prompt and the decoded tokens
+    assert res[2]["kv_cache"] == 2 * 2 * 72 * 2 * 16 * 4      # tiny: 2 layers, 2 KV heads x 16

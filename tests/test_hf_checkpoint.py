@@ -105,7 +105,7 @@ def test_info_on_the_hf_folder(hf_dir, env, hf_reference):
     assert "tokenizer: byte-level BPE, 128256 tokens, pre-tokenizer llama3" in r.stdout
     assert "chat format: the checkpoint's chat template" in r.stdout
     assert "(128009)" in r.stdout and "(128001)" in r.stdout and "(128008)" in r.stdout
-    assert "trained context: 131072 tokens; runs at 8192 by default" in r.stdout
+    assert "trained context: 131072 tokens; runs at 131072 by default" in r.stdout
 
 
 def test_an_edited_source_converts_again(hf_dir, env, tmp_path):

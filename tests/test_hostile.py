@@ -596,6 +596,6 @@ def test_trained_context_is_recorded_uncapped(tmp_path):
     assert npllama.ModelArgs.from_dict(PARAMS).max_seq_len == 8192
     args = npllama.ModelArgs.from_dict(dict(PARAMS, use_scaled_rope=True))
     model = npllama.Transformer(args, random_weights(args))
-    assert model.max_seq_len == 8192   # the runtime default: the trained context, capped
+    assert model.max_seq_len == 131072   # the runtime default: the trained context, as it fits in memory
     with pytest.raises(UsageError, match="positive"):
         npllama.Transformer(args, random_weights(args), max_seq_len=0)

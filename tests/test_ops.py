@@ -97,6 +97,11 @@ SCALINGS = st.builds(lambda factor, low, gap, old: dict(factor=factor, low_freq_
                      st.one_of(st.just(8192), st.integers(64, 65536)))
 
 
+def bf16_spacing(mag):
+    """The gap between adjacent bf16 values at |mag| (8 significant bits)."""
+    return np.spacing(mag.astype(np.float32)) * np.float32(2 ** 16)
+
+
 def float32_ulps(a, b):
     """Elementwise distance in float32 steps (+0 and -0 are the same point)."""
     ordered = lambda x: np.where(x < 0, -(x & 0x7FFFFFFF), x)  # noqa: E731
@@ -234,7 +239,17 @@ def test_rope_matches_metas_apply_rotary_emb(seed, head_dim, T, n_heads, start, 
     if head_dim % 16 == 0:
         assert np.array_equal(ours, ref)
     else:
-        assert (bf16_ulp_diff(ours, ref) if dtype == "bfloat16" else float32_ulps(ours, ref)).max() <= 1
+        # A fused multiply-add rounds a*c - b*d once where the plain product rounds a*c and b*d
+        # first: the two differ by at most an ulp of the larger product, |a*c| <= |a| as |freqs_cis|
+        # = 1, so by an ulp of the pair's larger input, plus the result's own rounding (one
+        # float32 ulp, or in bf16 one bf16 ulp). Counting ulps of the result alone is wrong where
+        # the pair's products cancel (a tiny result: 12 ulps of it were seen at head_dim 46).
+        pairs = np.abs(x).reshape(*x.shape[:-1], head_dim // 2, 2).max(axis=-1, keepdims=True)
+        scale = np.broadcast_to(pairs, (*x.shape[:-1], head_dim // 2, 2)).reshape(x.shape).astype(np.float32)
+        mag = np.abs(ref).astype(np.float32)
+        own = bf16_spacing(mag) if dtype == "bfloat16" else np.spacing(mag)
+        assert np.all(np.abs(ours - ref) <= np.spacing(scale) + own)
+        assert np.mean(ours == ref) > 0.9   # only a row's last pairs go through the scalar loop
 
 
 @settings(max_examples=50, deadline=None)

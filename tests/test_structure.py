@@ -179,15 +179,15 @@ def test_forward_layers_checks_positions(weights):
 
 
 def test_attention_keeps_intermediates_only_for_recorded_layers(weights, monkeypatch):
-    # ops.attention gets trace=None unless its layer is recorded, so it can keep no (T, S)
+    # The attention gets trace=None unless its layer is recorded, so it can keep no (T, S)
     # tensors; the recorded layer's scores and probs arrive under their trace names.
     seen = []
 
     def spy(xq, keys, values, start_pos, rnd, trace):
         seen.append(trace)
-        return ops.attention(xq, keys, values, start_pos, rnd, trace)
+        return ops.blocked_attention(xq, keys, values, start_pos, rnd, trace)
 
-    monkeypatch.setattr(model_module, "attention", spy)
+    monkeypatch.setattr(model_module, "blocked_attention", spy)
     Transformer(ARGS, weights).forward(TOKENS)
     assert seen == [None] * ARGS.n_layers
     seen.clear()

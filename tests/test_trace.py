@@ -75,10 +75,10 @@ def tiled_gqa_attention(xq, keys, values, start_pos, rnd=ops.identity, trace=Non
 
 
 @pytest.mark.parametrize("patch,first", [("apply_rotary_emb", "layers.0.q_rotated"),
-                                         ("attention", "layers.0.probs")])
+                                         ("blocked_attention", "layers.0.probs")])
 def test_broken_implementations_are_flagged_at_the_first_wrong_tensor(weights, hf, monkeypatch, patch, first):
     monkeypatch.setattr(model_module, patch, {"apply_rotary_emb": rotate_half_rope,
-                                               "attention": tiled_gqa_attention}[patch])
+                                               "blocked_attention": tiled_gqa_attention}[patch])
     broken = npllama.trace(Transformer(ARGS, weights), TOKENS)
     ok, got, _ = tracing.compare(broken, hf)
     assert not ok and got == first

@@ -161,18 +161,22 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
         nbytes[part] = nbytes.get(part, 0) + sum(self.tensors[n].size for n in names) * (
             2 if self.mode == "tiled" else 4)
         return timed(part, fused)(self, x, names)
-    attention = timed("attention (reads the KV cache)", model.attention)
+    attention = timed("attention (reads the KV cache)", model.blocked_attention)
 
     def attention_timed(xq, keys, values, *a, **k):
-        # keys and values are views of the KV cache: what attention reads of it this token
+        # keys and values: the KV cache's positions so far (float32), what attention reads
         nbytes["attention (reads the KV cache)"] = nbytes.get("attention (reads the KV cache)", 0) + \
             keys.nbytes + values.nbytes
         return attention(xq, keys, values, *a, **k)
     patches = {(weights_mod.Weights, "fused"): fused_timed,
-               (model, "attention"): attention_timed,
+               (model, "blocked_attention"): attention_timed,
                (model, "rms_norm"): timed("RMSNorm", model.rms_norm),
                (model, "apply_rotary_emb"): timed("RoPE", model.apply_rotary_emb),
                (model, "swiglu"): timed("SwiGLU", model.swiglu)}
+    for layer in m.layers:       # a bf16 cache (bfloat16 numerics): its conversions, each token
+        if layer.attention.to_cache is not model.identity:
+            patches[layer.attention, "to_cache"] = timed("KV-cache bf16 conversions", layer.attention.to_cache)
+            patches[layer.attention, "from_cache"] = timed("KV-cache bf16 conversions", layer.attention.from_cache)
     saved = {k: getattr(*k) for k in patches}
     rng = np.random.default_rng(0)
     m.forward(rng.integers(0, m.args.vocab_size, 128), last_only=True)
@@ -196,7 +200,7 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
     # The KV-cache writes are two slice assignments inline in Attention (nothing to wrap):
     # timed alone, the same assignments at the next free position, for every layer.
     pos = 128 + n_tokens
-    xk = np.zeros((1, 1, m.args.n_kv_heads, m.args.head_dim), np.float32)
+    xk = np.zeros((1, 1, m.args.n_kv_heads, m.args.head_dim), m.cache_k.dtype)
 
     def write_kv():
         for layer in m.layers:

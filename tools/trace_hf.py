@@ -18,15 +18,27 @@ import sys
 import numpy as np
 
 
-def hf_model(args, weights: dict, torch_dtype=None):
-    """LlamaForCausalLM (eager attention) holding npllama/Meta-named weights (npllama.testing.to_hf)."""
+def hf_model(args, weights: dict, torch_dtype=None, attn_implementation: str = "eager"):
+    """LlamaForCausalLM holding npllama/Meta-named weights (npllama.testing's HF layout),
+    copied in a tensor at a time: building it takes the model's own size plus one tensor (a
+    1B model: ~5 GB, not three copies). eager attention records the probabilities a trace
+    needs; "sdpa" is HF's fast path (tools/bench_long.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from npllama.testing import to_hf
-    state, config = to_hf(args, weights)
-    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager")).eval()
-    model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
+    from npllama.testing import hf_config, hf_tensors
+    config = hf_config(args, tied="output.weight" not in weights)
+    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation=attn_implementation)).eval()
+    state, loaded = model.state_dict(), set()
+    with torch.no_grad():
+        for name, x in hf_tensors(args, weights):
+            if name not in state or tuple(state[name].shape) != x.shape:
+                raise RuntimeError(f"weights did not map onto HF's model: {name} {x.shape}")
+            # a memory-mapped float32 weight is read-only: copied (one tensor) for torch
+            state[name].copy_(torch.from_numpy(np.require(x, requirements=["W"])))
+            loaded.add(name)
+    if set(state) - loaded:
+        raise RuntimeError(f"weights did not map onto HF's model: missing {sorted(set(state) - loaded)}")
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
