@@ -612,7 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", choices=["auto", "resident", "tiled"], default="auto")
     b.add_argument("--reps", type=int, default=3)
     b.add_argument("--vs", action="append", metavar="PEER", help="also run PEER on the same weights: torch")
-    b.add_argument("--bound", action="store_true", help="measure bandwidth and GEMM rate; print the limits")
+    b.add_argument("--llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench program PATH on a GGUF "
+                   "export of the same weights, its repetitions interleaved with npllama's")
+    b.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], help="the GGUF llama-bench runs on "
+                   "(default: f32, or bf16 when npllama holds the weights tiled)")
+    b.add_argument("--bound", action="store_true", help="measure bandwidth (every core streaming) and GEMM "
+                   "rate; print the limits and each implementation's share")
     b.add_argument("--workdir", help="where the checkpoints are cached (default: the npllama cache /bench)")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--quiet", action="store_true")

@@ -1,87 +1,114 @@
 """Independent pieces of numpy work run on threads of our own, one per core.
 
 numpy releases the GIL inside its loops and inside BLAS, so a few Python threads keep every
-core busy with numpy's elementwise passes, which are single-threaded otherwise. BLAS must
+core busy with numpy's elementwise passes, which are single-threaded otherwise: the tiled bf16
+widening (npllama/tiled.py) and attention's KV-head groups (ops.blocked_attention). BLAS must
 then run each call on one thread: a call that splits itself between BLAS's own threads
 waits for all of them at its end, and on a machine where other processes want the cores,
 one descheduled thread stalls the call. Attention makes thousands of ~1 ms GEMMs a layer;
 with OpenBLAS's two threads on the shared 2-core development machine they ran 5-10x slower
 than on one thread each (tools/bench_long.py's machine, see README, Long prompts).
 
-numpy's OpenBLAS (under whatever prefix its wheel gives it) is found among the libraries
-this process has loaded (/proc/self/maps) and told openblas_set_num_threads(1) for the
-duration; where it cannot be (another BLAS, another OS), the work runs on one thread.
+numpy's OpenBLAS keeps one process-wide thread count, which `openblas_set_num_threads` sets:
+the library is found among the files mapped into this process (/proc/self/maps), its
+symbols under whatever prefix and suffix its wheel gives them, and called through ctypes (no
+compiled code of ours), set to 1 while our threads run and restored after. Only a pthreads
+(or sequential) build is taken: an OpenMP build keeps a count per calling thread, which our
+threads would not see. Where it cannot be done (another BLAS, another OS), `run` does the
+work in turn on the calling thread, BLAS threading each call as it will.
+
+NPLLAMA_THREADS=n sets how many threads (default: the cores); 1 turns splitting off.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
+from .errors import UsageError
+
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _blas: tuple | None = None       # (get_num_threads, set_num_threads) of numpy's OpenBLAS, or ()
+_lock = threading.Lock()
 
 
 def threads() -> int:
     """How many threads npllama runs numpy work on: $NPLLAMA_THREADS, or one per core."""
-    return int(os.environ.get("NPLLAMA_THREADS", os.cpu_count() or 1))
+    value = os.environ.get("NPLLAMA_THREADS", "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"NPLLAMA_THREADS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def openblas() -> tuple:
     """(get_num_threads, set_num_threads) of the OpenBLAS numpy uses, or () if there is none
-    this can find."""
+    this can find and hold (see the module's docstring)."""
     global _blas
-    if _blas is None:
-        _blas = ()
+    if _blas is not None:
+        return _blas
+    _blas = ()
+    try:
+        with open("/proc/self/maps") as f:   # address perms offset dev inode [path]
+            paths = {fields[5].strip() for fields in (line.split(None, 5) for line in f) if len(fields) == 6}
+    except OSError:
+        return _blas
+    for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
         try:
-            with open("/proc/self/maps") as f:
-                paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+            lib = ctypes.CDLL(path)
         except OSError:
-            paths = []
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
-                                   ("openblas", "")):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    set_.argtypes = [ctypes.c_int]
-                    _blas = (get, set_)
+            continue
+        for prefix in ("", "scipy_"):
+            for suffix in ("", "64_", "_64"):
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                layer = getattr(lib, f"{prefix}openblas_get_parallel{suffix}", None)
+                if get and put and layer:
+                    get.restype = layer.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    put.restype = None
+                    if layer() in (0, 1):              # 0 sequential, 1 pthreads (2: OpenMP)
+                        _blas = (get, put)
                     return _blas
     return _blas
 
 
 @contextmanager
 def single_threaded_blas():
+    """BLAS runs each call on its calling thread while inside. The count is process-wide:
+    a BLAS call made meanwhile by another thread of the program also runs on one core."""
     get_set = openblas()
     if not get_set:
         yield
         return
-    get, set_ = get_set
-    before = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
+    get, put = get_set
+    with _lock:
+        before = get()
+        put(1)
+        try:
+            yield
+        finally:
+            put(before)
 
 
 def run(jobs: Sequence[Callable[[], None]]) -> None:
     """Run the jobs (independent of each other) on threads(), BLAS on one thread meanwhile;
-    in order on this thread if there is one job, one thread, or no OpenBLAS to tell."""
-    global _pool
-    n = min(threads(), len(jobs))
-    if n <= 1 or not openblas():
+    in order on this thread if there is one job, one thread, or no OpenBLAS to hold."""
+    global _pool, _pool_size
+    n = threads()
+    if min(n, len(jobs)) <= 1 or not openblas():
         for job in jobs:
             job()
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="npllama")
+    if _pool_size != n:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="npllama"), n
     with single_threaded_blas():
         for f in [_pool.submit(job) for job in jobs]:
             f.result()

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .parallel import threads
+from . import parallel
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
@@ -23,7 +22,6 @@ DECODE_ROWS = 8                  # up to this many rows of x, a matmul is a GEMV
 HIGH = np.uint32(0xFFFF0000)
 LOW_TO_HIGH = np.uint32(0x10000)
 _local = threading.local()
-_pool: ThreadPoolExecutor | None = None
 
 
 def supported(w: np.ndarray) -> bool:
@@ -57,28 +55,27 @@ def matmul(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     """x (M, K) float32 @ concat(weights).T for bf16-bits weights (N_i, K) -> (M, sum N_i).
 
     Decoding (M <= DECODE_ROWS), the widening is most of the work and each numpy call runs on
-    one core, so the weight rows are split between threads (numpy and BLAS release the GIL).
-    Prefilling, the GEMMs are most of it and BLAS already runs them on every core: threads of
-    ours on top would oversubscribe the cores (the 8B prefill runs 1.15-1.27x faster without)."""
-    global _pool
+    one core, so the weight rows are split between threads (npllama.parallel: BLAS on one
+    thread each). Prefilling, the GEMMs are most of it and BLAS already runs them on every
+    core: threads of ours on top would oversubscribe the cores (the 8B prefill runs
+    1.15-1.27x faster without)."""
     x = np.asarray(x, dtype=np.float32)
     x_pairs = np.concatenate([x[:, 1::2], x[:, 0::2]], axis=1)
     total = sum(w.shape[0] for w in weights)
     out = np.empty((x.shape[0], total), np.float32)
     jobs, col = [], 0
-    n_threads = threads() if x.shape[0] <= DECODE_ROWS else 1
+    decoding = x.shape[0] <= DECODE_ROWS
+    n_threads = parallel.threads() if decoding else 1
     for w in weights:
         u = w.view(np.uint32)                                   # (N, K/2)
         step = -(-w.shape[0] // n_threads)
         for r in range(0, w.shape[0], step):
-            jobs.append((u[r:r + step], out[:, col + r:col + min(r + step, w.shape[0])]))
+            o = out[:, col + r:col + min(r + step, w.shape[0])]
+            jobs.append(lambda u=u[r:r + step], o=o: _rows(x_pairs, u, o))
         col += w.shape[0]
-    if n_threads == 1:
-        for u, o in jobs:
-            _rows(x_pairs, u, o)
-        return out
-    if _pool is None:
-        _pool = ThreadPoolExecutor(n_threads, thread_name_prefix="npllama-tiled")
-    for f in [_pool.submit(_rows, x_pairs, u, o) for u, o in jobs]:
-        f.result()
+    if decoding:
+        parallel.run(jobs)
+    else:
+        for job in jobs:       # on this thread, BLAS threading each GEMM as it will
+            job()
     return out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from npllama import bench, checkpoint
 
@@ -67,6 +68,90 @@ def test_limits_tool_compares_gemms_with_torch():
     assert m, out
     ours, theirs, ratio = map(float, m.groups())
     assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.005
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# Stands in for llama.cpp's llama-bench: logs its argv, answers in its -o json form.
+import json, sys
+with open({log!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if {fail!r}:
+    sys.exit("error: failed to load model")
+n = sum(1 for _ in open({log!r}))
+row = dict(build_commit="0c1e570", n_prompt=128, n_gen=0, samples_ts=[100.0 + n])
+print(json.dumps([row, dict(row, n_prompt=0, n_gen=32, samples_ts=[10.0 * n])]))
+"""
+
+
+def fake_llama_bench(tmp_path, fail=False):
+    path, log = tmp_path / "llama-bench", tmp_path / "calls.log"
+    path.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log), fail=fail))
+    path.chmod(0o755)
+    return str(path), log
+
+
+def test_llama_bench_runs_on_a_gguf_of_the_same_weights_once_per_repetition(tmp_path):
+    import gguf
+    binary, log = fake_llama_bench(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "npllama", "bench", "--shape", "tiny", "--reps", "3", "--llama-bench",
+                        binary, "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 3                                  # one llama-bench repetition per npllama one
+    gguf_path = str(tmp_path / "tiny-f32.gguf")
+    assert calls[0] == ["-m", gguf_path, "-p", "128", "-n", "32", "-t", str(os.cpu_count()), "-r", "1", "-o", "json"]
+    # The GGUF holds the bench checkpoint's weights, as float32.
+    reader = gguf.GGUFReader(gguf_path)
+    t = {x.name: x for x in reader.tensors}
+    src = checkpoint.open_tensors(str(tmp_path / "tiny-bf16"))
+    from npllama import bf16
+    want = bf16.from_bits(np.asarray(src["layers.1.feed_forward.w2.weight"]))
+    got = np.asarray(t["blk.1.ffn_down.weight"].data).reshape(want.shape)
+    assert t["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(got, want)
+    res = json.loads((tmp_path / "r.json").read_text())
+    ours, theirs = res["results"]
+    assert theirs["name"] == "llama.cpp" and theirs["bytes_per_weight"] == 4
+    assert theirs["pp"] == {"median": 102.0, "min": 101.0, "max": 103.0}      # every sample the fake gave
+    assert theirs["tg"] == {"median": 20.0, "min": 10.0, "max": 30.0}
+    m = re.search(r"ratio npllama / llama\.cpp: pp128 ([\d.]+)x, tg32 ([\d.]+)x", r.stdout)
+    assert m, r.stdout
+    assert float(m[1]) == round(ours["pp"]["median"] / 102.0, 2) and float(m[2]) == round(ours["tg"]["median"] / 20.0, 2)
+    assert "llama.cpp 0c1e570 F32 GGUF" in r.stdout
+
+
+def test_llama_bench_failures_are_one_line_errors(tmp_path):
+    binary, _ = fake_llama_bench(tmp_path, fail=True)
+    for path, message in [(binary, "llama-bench did not give its JSON results (exit 1): error: failed to load model"),
+                          (str(tmp_path / "missing"), "not an executable file")]:
+        r = subprocess.run([sys.executable, "-m", "npllama", "bench", "--shape", "tiny", "--reps", "1",
+                            "--llama-bench", path, "--workdir", str(tmp_path), "--quiet"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_budget_splits_a_decode_token_between_every_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_CACHE", str(tmp_path))
+    sys.path.insert(0, os.path.dirname(LIMITS))
+    from bench_limits import decode_budget
+    a = bench.shape_args("tiny")
+    hd, kv, d, f, L = a.head_dim, a.n_kv_heads, a.dim, a.ffn_dim, a.n_layers
+    for dtype, weights, nbytes in [("float32", "resident", 4), ("float32", "tiled", 2), ("bfloat16", "resident", 4)]:
+        mode, parts, total = decode_budget("tiny", dtype, weights, 3)
+        cache = 2 if dtype == "bfloat16" else 4       # bf16 numerics keep a bf16 KV cache
+        assert mode == weights
+        # bytes each part reads per token, from the shapes (the first measured token is at
+        # position 129: 130 cached positions)
+        want = {"wq|wk|wv products": L * d * (a.n_heads + 2 * kv) * hd * nbytes, "wo products": L * a.n_heads * hd * d * nbytes,
+                "w1|w3 products": L * d * 2 * f * nbytes, "w2 products": L * f * d * nbytes,
+                "lm_head products": a.vocab_size * d * nbytes, "attention (reads the KV cache)": L * 2 * 130 * kv * hd * 4,
+                "KV-cache writes": L * 2 * kv * hd * cache, "RMSNorm": 0, "RoPE": 0, "SwiGLU": 0,
+                "rest (residual adds, reshapes, Python)": 0}
+        if dtype == "bfloat16":
+            want["KV-cache bf16 conversions"] = 0
+        assert {p: b for p, (_, b) in parts.items()} == want
+        assert all(t > 0 for p, (t, _) in parts.items() if not p.startswith("rest"))
+        assert sum(t for t, _ in parts.values()) == pytest.approx(total, rel=1e-9)
 
 
 def test_long_bench_runs_end_to_end(tmp_path):

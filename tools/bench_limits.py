@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Where npllama's speed stops: the two ceilings behind the benchmark's figures.
 
-    python tools/bench_limits.py gemm  --shape llama3.2-1b   # prefill: numpy's GEMM vs torch's (needs torch)
-    python tools/bench_limits.py tiled --shape llama3-8b     # tiled bf16 decode: each stage of the pipeline
+    python tools/bench_limits.py gemm   --shape llama3.2-1b  # prefill: numpy's GEMM vs torch's (needs torch)
+    python tools/bench_limits.py tiled  --shape llama3-8b    # tiled bf16 decode: each stage of the pipeline
+    python tools/bench_limits.py budget --shape llama3.2-1b  # decode: where each token's time goes
 
 gemm: times every matmul of a 128-token prefill at the shape's sizes, npllama's (fused
 wq|wk|wv and w1|w3, weights kept (in, out)) with numpy and HF's (separate projections) with
@@ -17,6 +18,14 @@ npllama.tiled's widening (mask from memory, shift in cache, GEMV in cache), and 
 pipeline on 1 and on all threads; then the decode rate the shape would get at each rate,
 as a fraction of the bf16 bandwidth limit that `npllama bench --bound` reports. The last
 line, one thread's pipeline times the core count, is the most threads could give.
+
+budget: decodes --tokens tokens after a 128-token prompt on the bench weights (`npllama
+bench` builds them) and splits each token's time between the matrix products (by weight,
+with the rate each streams its bytes at; lm_head is the output projection), attention (with
+the KV-cache bytes it reads), RMSNorm, RoPE, SwiGLU, the KV-cache writes and the rest
+(residual adds, reshapes, Python). The parts are timed by wrapping the functions the blocks
+call (the KV-cache writes, inline in the model, by repeating them alone); the model's code
+is not changed. Each part's figure is its median over the tokens.
 """
 import argparse
 import os
@@ -121,21 +130,115 @@ def tiled_stages(args, mb: int, reps: int) -> dict:
     return out
 
 
+def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[str, dict, float]:
+    """(weights mode, part -> [seconds per token, bytes read per token], seconds per token),
+    medians over n_tokens decode steps."""
+    import npllama
+    from npllama import bench, model, weights as weights_mod
+    from npllama.hub import cache_dir
+    path = bench.build(shape, os.path.join(cache_dir(), "bench"), quiet=True)
+    m = npllama.load(path, dtype=dtype, weights_mode=weights, max_seq_len=128 + n_tokens + 1)
+    step: dict[str, float] = {}
+    nbytes: dict[str, int] = {}
+
+    def timed(part, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                step[part] = step.get(part, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    def product_name(names) -> str:
+        short = [n.split(".")[-2] for n in names]     # layers.0.attention.wq.weight -> wq
+        return ("lm_head" if names[0] in ("output.weight", "tok_embeddings.weight") else "|".join(short)) + " products"
+
+    fused = weights_mod.Weights.fused
+
+    def fused_timed(self, x, names):
+        part = product_name(names)
+        nbytes[part] = nbytes.get(part, 0) + sum(self.tensors[n].size for n in names) * (
+            2 if self.mode == "tiled" else 4)
+        return timed(part, fused)(self, x, names)
+    attention = timed("attention (reads the KV cache)", model.blocked_attention)
+
+    def attention_timed(xq, keys, values, *a, **k):
+        # keys and values: the KV cache's positions so far (float32), what attention reads
+        nbytes["attention (reads the KV cache)"] = nbytes.get("attention (reads the KV cache)", 0) + \
+            keys.nbytes + values.nbytes
+        return attention(xq, keys, values, *a, **k)
+    patches = {(weights_mod.Weights, "fused"): fused_timed,
+               (model, "blocked_attention"): attention_timed,
+               (model, "rms_norm"): timed("RMSNorm", model.rms_norm),
+               (model, "apply_rotary_emb"): timed("RoPE", model.apply_rotary_emb),
+               (model, "swiglu"): timed("SwiGLU", model.swiglu)}
+    for layer in m.layers:       # a bf16 cache (bfloat16 numerics): its conversions, each token
+        if layer.attention.to_cache is not model.identity:
+            patches[layer.attention, "to_cache"] = timed("KV-cache bf16 conversions", layer.attention.to_cache)
+            patches[layer.attention, "from_cache"] = timed("KV-cache bf16 conversions", layer.attention.from_cache)
+    saved = {k: getattr(*k) for k in patches}
+    rng = np.random.default_rng(0)
+    m.forward(rng.integers(0, m.args.vocab_size, 128), last_only=True)
+    token, per_step, totals = 0, [], []
+    try:
+        for (obj, name), fn in patches.items():
+            setattr(obj, name, fn)
+        for i in range(n_tokens + 1):                  # the first step warms up, and is dropped
+            step.clear()
+            nbytes.clear()
+            t0 = time.perf_counter()
+            token = int(np.argmax(m.forward(np.array([token]), start_pos=128 + i, last_only=True)))
+            if i:
+                totals.append(time.perf_counter() - t0)
+                per_step.append((dict(step), dict(nbytes)))
+    finally:
+        for (obj, name), fn in saved.items():
+            setattr(obj, name, fn)
+    parts = {p: [statistics.median(s[0].get(p, 0.0) for s in per_step), per_step[0][1].get(p, 0)]
+             for p in per_step[0][0]}
+    # The KV-cache writes are two slice assignments inline in Attention (nothing to wrap):
+    # timed alone, the same assignments at the next free position, for every layer.
+    pos = 128 + n_tokens
+    xk = np.zeros((1, 1, m.args.n_kv_heads, m.args.head_dim), m.cache_k.dtype)
+
+    def write_kv():
+        for layer in m.layers:
+            layer.attention.cache_k[:1, pos:pos + 1] = xk
+            layer.attention.cache_v[:1, pos:pos + 1] = xk
+    parts["KV-cache writes"] = [median_time(write_kv, 21), 2 * xk.nbytes * len(m.layers)]
+    total = statistics.median(totals)
+    parts["rest (residual adds, reshapes, Python)"] = [total - sum(t for t, _ in parts.values()), 0]
+    return m.weights_mode, parts, total
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["gemm", "tiled", "gemm-worker"])
+    p.add_argument("what", choices=["gemm", "tiled", "budget", "gemm-worker"])
     p.add_argument("--impl", choices=["numpy", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--shape", default="llama3.2-1b")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--tokens", type=int, default=128, help="gemm: prompt length (default 128, as pp128)")
+    p.add_argument("--tokens", type=int, default=None, help="gemm: prompt length (default 128, as pp128); "
+                   "budget: tokens decoded (default 16)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="budget: the numerics")
+    p.add_argument("--weights", choices=["auto", "resident", "tiled"], default="auto", help="budget: weights mode")
     p.add_argument("--mb", type=int, default=1024, help="tiled: megabytes of bf16 weights (default 1024: past any cache)")
     a = p.parse_args(argv)
     args = shape_args(a.shape)
     if a.what == "gemm-worker":
-        print(layer_gemm_time(args, a.impl, a.tokens, a.reps))
+        print(layer_gemm_time(args, a.impl, a.tokens or 128, a.reps))
         return 0
     print(f"shape {a.shape}, {os.cpu_count()} cores, numpy {np.__version__}")
+    if a.what == "budget":
+        mode, parts, total = decode_budget(a.shape, a.dtype, a.weights, a.tokens or 16)
+        print(f"decode, {a.dtype} ({mode}): {total * 1e3:.1f} ms per token ({1 / total:.2f} tok/s), "
+              f"medians over {a.tokens or 16} tokens")
+        print(stage_row("part", "ms/token", "share", "GB/s"))
+        for part, (t, nbytes) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+            print(stage_row(part, f"{t * 1e3:.2f}", f"{t / total:.1%}", f"{nbytes / t / 1e9:.1f}" if nbytes else ""))
+        return 0
     if a.what == "gemm":
+        a.tokens = a.tokens or 128
         r = gemm(args, a.shape, a.tokens, a.reps)
         print(f"GEMMs of a {a.tokens}-token prefill: numpy {r['numpy_GFLOPs']:.0f} GFLOP/s, torch {r['torch_GFLOPs']:.0f} GFLOP/s")
         print(f"prefill allowed by the GEMMs alone: npllama <= {r['numpy_prefill_max']:.1f} tok/s, "

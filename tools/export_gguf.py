@@ -6,8 +6,9 @@ llama-bench on exactly the weights npllama's benchmark uses.
 
 q/k stay in Meta's interleaved layout, which is what GGUF stores; Llama 3.1 rope scaling
 becomes llama.cpp's rope_freqs tensor. The tokenizer is written only as "none" (llama.cpp
-then runs without a vocabulary, enough for llama-bench). The whole model passes through
-memory once (gguf's writer holds it): fine for 1B/3B, not for 8B in float32.
+then runs without a vocabulary, enough for llama-bench). Tensors are converted and written
+one at a time (the header first, from their shapes), so memory holds one tensor, not the
+model: an 8B model exports in the memory of its embedding table.
 """
 import argparse
 import os
@@ -16,11 +17,37 @@ import sys
 import numpy as np
 
 
+def converted(arr, out_type: str):
+    """A checkpoint tensor (bf16 bits as uint16, or float) as the GGUF stores it: (data, the
+    GGML type when the writer cannot tell it from the data's dtype). Weight matrices take
+    out_type; norms and other 1-D tensors stay F32."""
+    import gguf
+
+    from npllama import bf16
+    T = gguf.GGMLQuantizationType
+    t = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[out_type] if arr.ndim == 2 else T.F32
+    if t == T.BF16 and arr.dtype == np.uint16:
+        return np.ascontiguousarray(arr), t                # already bf16: the bits as they are
+    x = bf16.from_bits(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
+    if t == T.Q8_0:
+        return gguf.quants.quantize(x, t), t
+    if t == T.BF16:
+        return bf16.to_bits(x), t
+    return np.ascontiguousarray(x, dtype=np.float16 if t == T.F16 else np.float32), None
+
+
+def planned(arr, out_type: str):
+    """(shape, dtype, bytes, GGML type) that converted(arr) will write, from its first row:
+    every row of a tensor converts to the same size."""
+    row, raw = converted(arr[:1], out_type)
+    return (arr.shape[0], *row.shape[1:]), row.dtype, arr.shape[0] * row.nbytes, raw
+
+
 def export(src: str, dst: str, out_type: str = "f32") -> None:
     import gguf
 
     import npllama
-    from npllama import bf16, checkpoint
+    from npllama import checkpoint
     from npllama.formats.names import meta_to_gguf
     args = npllama.ModelArgs.from_json(os.path.join(src, "params.json"))
     tensors = checkpoint.open_tensors(src)
@@ -37,6 +64,7 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
     w.add_vocab_size(args.vocab_size)
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[out_type])
     w.add_tokenizer_model("none")
+    out = {}                                              # GGUF name -> the tensor to write
     if args.use_scaled_rope:
         # llama.cpp's form of Llama 3.1 scaling: a divisor per rotation frequency.
         from npllama.ops import rope_frequencies
@@ -44,22 +72,18 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
                        high_freq_factor=args.high_freq_factor,
                        original_max_position_embeddings=args.original_max_position_embeddings)
         plain = rope_frequencies(args.head_dim, args.rope_theta)
-        w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(args.head_dim, args.rope_theta, scaling))
-                     .astype(np.float32))
-    for name, arr in tensors.items():
-        x = bf16.from_bits(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
-        if out_type == "q8_0" and x.ndim == 2:
-            q = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(meta_to_gguf(name), gguf.quants.quantize(x, q), raw_dtype=q)
-        elif out_type == "bf16" and x.ndim == 2:
-            w.add_tensor(meta_to_gguf(name), bf16.to_bits(x), raw_dtype=gguf.GGMLQuantizationType.BF16)
-        elif out_type == "f16" and x.ndim == 2:
-            w.add_tensor(meta_to_gguf(name), x.astype(np.float16))
-        else:
-            w.add_tensor(meta_to_gguf(name), np.ascontiguousarray(x))
+        out["rope_freqs.weight"] = (plain / rope_frequencies(args.head_dim, args.rope_theta, scaling)).astype(np.float32)
+    out.update((meta_to_gguf(name), arr) for name, arr in tensors.items())
+    # The tensor table precedes the data, so it is written from the shapes alone, and each
+    # tensor is converted only when its own data is written.
+    for name, arr in out.items():
+        shape, dtype, nbytes, raw = planned(arr, out_type)
+        w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for arr in out.values():
+        w.write_tensor_data(converted(arr, out_type)[0])
     w.close()
     os.replace(dst + ".partial", dst)
 
