@@ -204,7 +204,6 @@ class Pipeline:
         intermediates."""
         if self.broken:
             raise StageError(self.broken)
-        ray = import_ray()
         trace = {"layers": record.layers, "squeeze": record.squeeze} if isinstance(record, Recorder) else None
         outputs, traces = [], []
         for stage in self.stages:
