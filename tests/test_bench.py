@@ -70,6 +70,22 @@ def test_limits_tool_compares_gemms_with_torch():
     assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.005
 
 
+def test_limits_tool_times_both_weight_layouts():
+    sys.path.insert(0, os.path.dirname(LIMITS))
+    from bench_limits import layouts
+    a = bench.shape_args("tiny")
+    hd, kv, d, f, L = a.head_dim, a.n_kv_heads, a.dim, a.ffn_dim, a.n_layers
+    r = layouts(a, T=8, mb=1, reps=1)
+    # every matmul of a token, as npllama issues them (wq|wk|wv and w1|w3 fused), and the head
+    assert list(r) == [(d, (a.n_heads + 2 * kv) * hd, L), (a.n_heads * hd, d, L), (d, 2 * f, L), (f, d, L),
+                       (d, a.vocab_size, 1)]
+    for forms in r.values():
+        assert list(forms) == ["(out, in), x @ w.T", "(in, out), x @ w"]
+        assert all(g > 0 and m > 0 for g, m in forms.values())
+    out = run_limits("layout", "--shape", "tiny", "--mb", "1", "--reps", "1", "--tokens", "8")
+    assert len(re.findall(r"the matmuls alone allow decode <= [\d.]+ tok/s, prefill <= [\d.]+ tok/s", out)) == 2, out
+
+
 FAKE_LLAMA_BENCH = """#!{python}
 # Stands in for llama.cpp's llama-bench: logs its argv, answers in its -o json form.
 import json, sys

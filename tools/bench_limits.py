@@ -4,6 +4,7 @@
     python tools/bench_limits.py gemm   --shape llama3.2-1b  # prefill: numpy's GEMM vs torch's (needs torch)
     python tools/bench_limits.py tiled  --shape llama3-8b    # tiled bf16 decode: each stage of the pipeline
     python tools/bench_limits.py budget --shape llama3.2-1b  # decode: where each token's time goes
+    python tools/bench_limits.py layout --shape llama3.2-1b  # GEMV and GEMM rates in either weight layout
 
 gemm: times every matmul of a 128-token prefill at the shape's sizes, npllama's (fused
 wq|wk|wv and w1|w3, weights kept (in, out)) with numpy and HF's (separate projections) with
@@ -26,6 +27,12 @@ the KV-cache bytes it reads), RMSNorm, RoPE, SwiGLU, the KV-cache writes and the
 (residual adds, reshapes, Python). The parts are timed by wrapping the functions the blocks
 call (the KV-cache writes, inline in the model, by repeating them alone); the model's code
 is not changed. Each part's figure is its median over the tokens.
+
+layout: every matmul of a token at the shape's sizes (npllama's fused ones and the output
+head), with the weights held (out, in) as Meta stores them and used as x @ w.T (what
+npllama does), or transposed to (in, out) and used as x @ w: the GEMV rate (decode,
+weights streamed from memory: --mb megabytes of copies of each matrix, cycled) and the
+GEMM rate of a --tokens prefill, the two layouts alternating over --reps rounds, medians.
 """
 import argparse
 import os
@@ -54,7 +61,7 @@ def median_time(fn, reps: int) -> float:
 def layer_matmuls(args, impl: str) -> list[tuple[int, int]]:
     """(in, out) of each matmul of one layer, as each implementation issues them."""
     hd, kv, d, f = args.head_dim, args.n_kv_heads, args.dim, args.ffn_dim
-    if impl == "numpy":  # npllama: wq|wk|wv and w1|w3 fused, weights kept (in, out)
+    if impl == "numpy":  # npllama: wq|wk|wv and w1|w3 fused
         return [(d, (args.n_heads + 2 * kv) * hd), (args.n_heads * hd, d), (d, 2 * f), (f, d)]
     return [(d, args.n_heads * hd), (d, kv * hd), (d, kv * hd), (args.n_heads * hd, d), (d, f), (d, f), (f, d)]
 
@@ -63,14 +70,15 @@ def layer_gemm_time(args, impl: str, T: int, reps: int) -> float:
     """Median seconds for one layer's matmuls of a T-token prefill."""
     rng = np.random.default_rng(0)
     shapes = layer_matmuls(args, impl)
-    pairs = [(rng.standard_normal((T, i), dtype=np.float32), rng.standard_normal((i, o), dtype=np.float32))
+    # Weights (out, in), as Meta stores them and npllama and torch hold them.
+    pairs = [(rng.standard_normal((T, i), dtype=np.float32), rng.standard_normal((o, i), dtype=np.float32))
              for i, o in shapes]
     if impl == "numpy":
-        run = lambda: [x @ w for x, w in pairs]  # noqa: E731
+        run = lambda: [x @ w.T for x, w in pairs]  # noqa: E731
     else:
         import torch
         torch.set_num_threads(os.cpu_count())
-        tpairs = [(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))) for x, w in pairs]
+        tpairs = [(torch.from_numpy(x), torch.from_numpy(w)) for x, w in pairs]
         run = lambda: [torch.nn.functional.linear(x, w) for x, w in tpairs]  # noqa: E731
     run()
     return median_time(run, reps)
@@ -90,6 +98,33 @@ def gemm(args, shape: str, T: int, reps: int, rounds: int = 3) -> dict:
     n, t = statistics.median(times["numpy"]), statistics.median(times["torch"])
     return {"numpy_GFLOPs": flops / n / 1e9, "torch_GFLOPs": flops / t / 1e9,
             "numpy_prefill_max": T / (n * args.n_layers), "torch_prefill_max": T / (t * args.n_layers)}
+
+
+def layouts(args, T: int, mb: int, reps: int) -> dict:
+    """For each of a token's matmuls, (in, out, times it runs per token) and per layout the
+    median seconds of one GEMV (weights from memory) and of one T-row GEMM."""
+    mats = [(i, o, args.n_layers) for i, o in layer_matmuls(args, "numpy")] + [(args.dim, args.vocab_size, 1)]
+    forms = {"(out, in), x @ w.T": lambda x, w: x @ w.T, "(in, out), x @ w": lambda x, w: x @ w}
+    out = {}
+    for i, o, n in mats:
+        copies = max(2, -(-mb * 2**20 // (4 * i * o)))
+        x1, xT = np.ones((1, i), np.float32), np.ones((T, i), np.float32)
+        held = {}
+        for form in forms:  # small values: no overflow, nothing denormal
+            held[form] = [np.full((o, i) if form.startswith("(out") else (i, o), 0.01, np.float32) for _ in range(copies)]
+        times = {form: ([], []) for form in forms}
+        for _ in range(reps):
+            for form, f in forms.items():
+                ws = held[form]
+                f(x1, ws[0])
+                t0 = time.perf_counter()
+                for w in ws:
+                    f(x1, w)
+                times[form][0].append((time.perf_counter() - t0) / copies)
+                times[form][1].append(median_time(lambda: f(xT, ws[0]), 1))
+        out[(i, o, n)] = {form: (statistics.median(g), statistics.median(m)) for form, (g, m) in times.items()}
+        del held
+    return out
 
 
 def tiled_stages(args, mb: int, reps: int) -> dict:
@@ -214,15 +249,16 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["gemm", "tiled", "budget", "gemm-worker"])
+    p.add_argument("what", choices=["gemm", "tiled", "budget", "layout", "gemm-worker"])
     p.add_argument("--impl", choices=["numpy", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--shape", default="llama3.2-1b")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--tokens", type=int, default=None, help="gemm: prompt length (default 128, as pp128); "
+    p.add_argument("--tokens", type=int, default=None, help="gemm, layout: prompt length (default 128, as pp128); "
                    "budget: tokens decoded (default 16)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="budget: the numerics")
     p.add_argument("--weights", choices=["auto", "resident", "tiled"], default="auto", help="budget: weights mode")
-    p.add_argument("--mb", type=int, default=1024, help="tiled: megabytes of bf16 weights (default 1024: past any cache)")
+    p.add_argument("--mb", type=int, default=1024, help="tiled: megabytes of bf16 weights; layout: of each "
+                   "matrix's copies (default 1024: past any cache)")
     a = p.parse_args(argv)
     args = shape_args(a.shape)
     if a.what == "gemm-worker":
@@ -236,6 +272,19 @@ def main(argv=None) -> int:
         print(stage_row("part", "ms/token", "share", "GB/s"))
         for part, (t, nbytes) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
             print(stage_row(part, f"{t * 1e3:.2f}", f"{t / total:.1%}", f"{nbytes / t / 1e9:.1f}" if nbytes else ""))
+        return 0
+    if a.what == "layout":
+        T = a.tokens or 128
+        r = layouts(args, T, a.mb, a.reps)
+        print(stage_row("matmul (in -> out) x per token, layout", "GEMV GB/s", f"GEMM {T} GFLOP/s"))
+        total = {}
+        for (i, o, n), forms in r.items():
+            for form, (g, m) in forms.items():
+                print(stage_row(f"{i} -> {o} x {n}, {form}", f"{4 * i * o / g / 1e9:.1f}", f"{2 * T * i * o / m / 1e9:.0f}"))
+                gt, mt = total.get(form, (0.0, 0.0))
+                total[form] = (gt + n * g, mt + n * m)
+        for form, (g, m) in total.items():
+            print(f"{form}: the matmuls alone allow decode <= {1 / g:.2f} tok/s, prefill <= {T / m:.1f} tok/s")
         return 0
     if a.what == "gemm":
         a.tokens = a.tokens or 128
