@@ -3,7 +3,7 @@
 The model asks for `weights.linear(x, name)`, `weights.fused(x, names)`, `weights.rows(name,
 index)` and `weights.weight(name)`; how the tensors are held is decided here: their names,
 shapes and dtypes checked against the params, bf16 bit patterns widened exactly, weights that
-read the same input fused into one matmul, resident float32 copies kept transposed, or the
+read the same input fused into one matmul, resident float32 copies in Meta's layout, or the
 weights left where they are (bf16 widened a tile at a time, npllama/tiled.py; float32 read in
 place). The numerics do not depend on the choice, only the float32 summation order inside the
 matmuls does.
@@ -135,8 +135,8 @@ class Weights(Mapping):
         self.tensors = check(args, tensors, layers)
         self.rnd = rnd
         self.mode = choose_mode(self.tensors, mode)
-        # What was made from the tensors, kept: compute forms by name, transposed fused
-        # copies by tuple of names.
+        # What was made from the tensors, kept: compute forms by name, fused copies by
+        # tuple of names.
         self._ready: dict = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -183,23 +183,29 @@ class Weights(Mapping):
             return [self.rnd((x2 @ self._compute_form(n).T).reshape(*x.shape[:-1], w.shape[0]))
                     for n, w in zip(names, raw)]
         else:
-            y = x2 @ self._transposed(names)
+            y = x2 @ self._joined(names).T
         out, col = [], 0
         for w in raw:
             out.append(self.rnd(y[:, col:col + w.shape[0]].reshape(*x.shape[:-1], w.shape[0])))
             col += w.shape[0]
         return out
 
-    def _transposed(self, names: tuple[str, ...]) -> np.ndarray:
-        # Kept transposed, (in, sum out), contiguous: OpenBLAS runs x @ w_t ~7% faster than
-        # x @ w.T, for GEMV (decode) and GEMM (prefill) alike.
-        w_t = self._ready.get(names)
-        if w_t is None:
+    def _joined(self, names: tuple[str, ...]) -> np.ndarray:
+        # Kept as Meta stores them, (out, in), the weights of a fused matmul one below the other:
+        # x @ w.T is then OpenBLAS's dot-product GEMV, each output a dot product along a
+        # contiguous row, which streams the weights 5-25% faster than x @ w on a transposed
+        # copy did on the development machine, while the prefill GEMMs run within a few
+        # percent in either layout (tools/bench_limits.py layout; README, Performance).
+        # A lone weight is kept under its name, so a tied head's embedding rows are gathered
+        # from the same copy.
+        key = names[0] if len(names) == 1 else names
+        w = self._ready.get(key)
+        if w is None:
             raw = [self.tensors[n] for n in names]
-            w_t = np.empty((raw[0].shape[1], sum(w.shape[0] for w in raw)), np.float32)
-            col = 0
-            for n, w in zip(names, raw):
-                w_t[:, col:col + w.shape[0]] = self._compute_form(n).T
-                col += w.shape[0]
-            self._ready[names] = w_t
-        return w_t
+            w = np.empty((sum(r.shape[0] for r in raw), raw[0].shape[1]), np.float32)
+            row = 0
+            for n, r in zip(names, raw):
+                w[row:row + r.shape[0]] = self._compute_form(n)
+                row += r.shape[0]
+            self._ready[key] = w
+        return w
