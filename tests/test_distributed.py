@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import npllama
 from npllama import checkpoint, distributed, hub, perplexity as pp
-from npllama.distributed import Pipeline, Stage, split_layers, tensor_bytes
+from npllama.distributed import Pipeline, Stage, split_layers
 from npllama.errors import CheckpointError, MissingDependencyError, StageError, UsageError
 from npllama.generate import Generator
 from npllama.model import Transformer

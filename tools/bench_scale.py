@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import npllama  # noqa: E402
-from npllama.bench import build, shape_args  # noqa: E402
+from npllama.bench import build  # noqa: E402
 from npllama.hub import cache_dir  # noqa: E402
 from tools.bench_limits import median_time  # noqa: E402
 
