@@ -136,10 +136,10 @@ def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
     x = rng.standard_normal((1, 8192), dtype=np.float32)
     xs = rng.standard_normal((128, 8192), dtype=np.float32)
     y = np.empty((1, 8192), np.float32)
-    step = -(-w.shape[1] // parallel.threads())
-    blocks = [lambda c=c: np.matmul(x, w[:, c:c + step], out=y[:, c:c + step]) for c in range(0, w.shape[1], step)]
-    # w as (in, out), the layout npllama keeps resident weights in
-    ways = {"one BLAS call": lambda: np.matmul(x, w, out=y),
+    step = -(-w.shape[0] // parallel.threads())
+    # w as (out, in), the layout npllama keeps resident weights in, used as x @ w.T
+    blocks = [lambda r=r: np.matmul(x, w[r:r + step].T, out=y[:, r:r + step]) for r in range(0, w.shape[0], step)]
+    ways = {"one BLAS call": lambda: np.matmul(x, w.T, out=y),
             f"{parallel.threads()} threads": lambda: parallel.run(blocks)}
     best = dict.fromkeys(ways, float("inf"))
     best_gemm = float("inf")
@@ -147,7 +147,7 @@ def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
     while time.perf_counter() < t_end:
         for way, gemv in ways.items():
             t0 = time.perf_counter(); gemv(); best[way] = min(best[way], time.perf_counter() - t0)  # noqa: E702
-        t0 = time.perf_counter(); xs @ w; best_gemm = min(best_gemm, time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); xs @ w.T; best_gemm = min(best_gemm, time.perf_counter() - t0)  # noqa: E702
     way = min(best, key=best.get)
     params = sum(int(np.prod(s)) for s in expected_shapes(args).values())
     per_token = params - args.vocab_size * args.dim      # the embedding table is gathered, not read

@@ -7,7 +7,7 @@
     python tools/bench_limits.py layout --shape llama3.2-1b  # GEMV and GEMM rates in either weight layout
 
 gemm: times every matmul of a 128-token prefill at the shape's sizes, npllama's (fused
-wq|wk|wv and w1|w3, weights kept (in, out)) with numpy and HF's (separate projections) with
+wq|wk|wv and w1|w3, weights (out, in) as x @ w.T) with numpy and HF's (separate projections) with
 torch, each in its own process, alternating, and prints the prefill rate each
 implementation's GEMMs alone would allow. Everything else in a forward pass only lowers
 that rate, so npllama's prefill / torch's cannot exceed the ratio printed (unless torch's
