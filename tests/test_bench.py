@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from npllama import bench, checkpoint
+from npllama.bench import peers as bench
+from npllama.io import checkpoint
 
 
 def test_bench_runs_end_to_end_with_torch_and_bounds(tmp_path):
@@ -56,8 +57,7 @@ def test_limits_tool_times_every_tiled_stage():
 
 def test_limits_table_splits_whatever_the_figures_width():
     # A fast machine on the tiny shape prints rates wider than their columns.
-    sys.path.insert(0, os.path.dirname(LIMITS))
-    from bench_limits import stage_row
+    from tools.bench_limits import stage_row
     row = stage_row("whole pipeline, 1 thread", "13.52", "102927.92 tok/s", "12345%")
     assert re.split(r"\s{2,}", row.strip()) == ["whole pipeline, 1 thread", "13.52", "102927.92 tok/s", "12345%"]
 
@@ -71,8 +71,7 @@ def test_limits_tool_compares_gemms_with_torch():
 
 
 def test_limits_tool_times_both_weight_layouts():
-    sys.path.insert(0, os.path.dirname(LIMITS))
-    from bench_limits import layouts
+    from tools.bench_limits import layouts
     a = bench.shape_args("tiny")
     hd, kv, d, f, L = a.head_dim, a.n_kv_heads, a.dim, a.ffn_dim, a.n_layers
     r = layouts(a, T=8, mb=1, reps=1)
@@ -121,7 +120,7 @@ def test_llama_bench_runs_on_a_gguf_of_the_same_weights_once_per_repetition(tmp_
     reader = gguf.GGUFReader(gguf_path)
     t = {x.name: x for x in reader.tensors}
     src = checkpoint.open_tensors(str(tmp_path / "tiny-bf16"))
-    from npllama import bf16
+    from npllama.model import bf16
     want = bf16.from_bits(np.asarray(src["layers.1.feed_forward.w2.weight"]))
     got = np.asarray(t["blk.1.ffn_down.weight"].data).reshape(want.shape)
     assert t["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(got, want)
@@ -148,8 +147,7 @@ def test_llama_bench_failures_are_one_line_errors(tmp_path):
 
 def test_budget_splits_a_decode_token_between_every_part(tmp_path, monkeypatch):
     monkeypatch.setenv("NPLLAMA_CACHE", str(tmp_path))
-    sys.path.insert(0, os.path.dirname(LIMITS))
-    from bench_limits import decode_budget
+    from tools.bench_limits import decode_budget
     a = bench.shape_args("tiny")
     hd, kv, d, f, L = a.head_dim, a.n_kv_heads, a.dim, a.ffn_dim, a.n_layers
     for dtype, weights, nbytes in [("float32", "resident", 4), ("float32", "tiled", 2), ("bfloat16", "resident", 4)]:

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from npllama import bf16
+from npllama.model import bf16
 
 
 def torch_bits(x: np.ndarray) -> np.ndarray:

@@ -8,10 +8,10 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import npllama.chat_template as chat_template
-from npllama.chat_template import ChatTemplate
+import npllama.text.chat_template as chat_template
+from npllama.text.chat_template import ChatTemplate
 from npllama.errors import TokenizerError, UsageError
-from npllama.tokenizer import chat_format, load
+from npllama.text.tokenizer import chat_format, load
 from oracles import llama31_instruct_tokenizer_dir
 from test_hf_tokenizer import converted
 from test_tokenizer import TEXT
@@ -154,8 +154,8 @@ def test_inputs_must_be_plain_data(finetune):
 
 
 def test_builtin_format_without_template(llama31_dir, tmp_path):
-    from npllama.tokenizer import ChatFormat, spec_json
-    from npllama.tokenizer_import import hf_tokenizer_spec
+    from npllama.text.tokenizer import ChatFormat, spec_json
+    from npllama.text.tokenizer_import import hf_tokenizer_spec
     spec = hf_tokenizer_spec(llama31_dir)
     spec.update(chat_template=None, chat_default=False)
     (tmp_path / "tokenizer.json").write_bytes(spec_json(spec))

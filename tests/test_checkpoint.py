@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import npllama
-from npllama import bf16, checkpoint
-from npllama.checkpoint import CheckpointError
-from npllama.convert import convert
+from npllama.model import bf16
+from npllama.io import checkpoint
+from npllama.io.checkpoint import CheckpointError
+from npllama.io.convert import convert
 from npllama.errors import UsageError
-from npllama.formats.meta_pth import PthFile, mp_axis
+from npllama.io.formats.meta_pth import PthFile, mp_axis
 from oracles import hf_logits, hf_model, random_weights, small_args
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
@@ -413,7 +414,7 @@ def test_loading_maps_instead_of_reading(tmp_path):
     # ~1.1 GB of float32 weights; loading must not read them.
     args = npllama.ModelArgs(dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, vocab_size=100_000,
                              multiple_of=256, ffn_dim_multiplier=1.5)
-    from npllama.model import expected_shapes
+    from npllama.model.model import expected_shapes
     shapes = expected_shapes(args)
     total = sum(int(np.prod(s)) * 4 for s in shapes.values())
     rng = np.random.default_rng(0)

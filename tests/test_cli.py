@@ -44,8 +44,8 @@ def test_chat_through_a_pipe_answers_and_exits(model_dir):
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-    from npllama.generate import Generator
-    from npllama.tokenizer import load as load_tokenizer
+    from npllama.run.generate import Generator
+    from npllama.text.tokenizer import load as load_tokenizer
     r = run("chat", "-m", model_dir, "--system", "Be brief.", "--max-new-tokens", "6",
             stdin="Hello there\nAnd a second question\n")
     assert r.returncode == 0, r.stderr

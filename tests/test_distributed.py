@@ -19,13 +19,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama import checkpoint, distributed, hub, perplexity as pp
-from npllama.distributed import Pipeline, Stage, split_layers
+from npllama.io import checkpoint, hub
+from npllama.run import distributed
+from npllama.inspect import perplexity as pp
+from npllama.run.distributed import Pipeline, Stage, split_layers
 from npllama.errors import CheckpointError, MissingDependencyError, StageError, UsageError
-from npllama.generate import Generator
-from npllama.model import Transformer
-from npllama.tokenizer import chat_format, load as load_tokenizer
-from npllama.weights import expected_shapes, held_names
+from npllama.run.generate import Generator
+from npllama.model.model import Transformer
+from npllama.text.tokenizer import chat_format, load as load_tokenizer
+from npllama.model.weights import expected_shapes, held_names
 from oracles import (byte_tokenizer, llama3_tokenizer_path, random_weights, small_args, write_byte_model,
                      write_random_model)
 
@@ -77,7 +79,7 @@ def untied(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    from npllama.checkpoint import write_checkpoint
+    from npllama.io.checkpoint import write_checkpoint
     w = random_weights(ARGS, seed=2, tied=True)
     path = str(tmp_path_factory.mktemp("tied") / "m")
     write_checkpoint(path, ARGS, iter(w.items()), 0, len(w), quiet=True)
@@ -237,7 +239,7 @@ def test_a_killed_stage_is_a_clear_error_not_a_hang(ray_runtime, untied):
 
 
 def test_a_stage_that_cannot_open_the_checkpoint_names_itself(ray_runtime, tmp_path):
-    from npllama.checkpoint import write_checkpoint
+    from npllama.io.checkpoint import write_checkpoint
     w = random_weights(ARGS, seed=4)
     path = str(tmp_path / "m")
     write_checkpoint(path, ARGS, iter(w.items()), 0, len(w), shard_bytes=20_000, quiet=True)

@@ -3,13 +3,11 @@ draws the mutations, each batch runs in a worker under an address-space limit, a
 case must end in data that re-reads in bounds or in npllama's own error naming a file of
 the case. CI (derandomized) runs 10 targets x 2 batches x 30 cases, ~30 s on 2 cores."""
 import os
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import fuzz  # noqa: E402
+from tools import fuzz
 
 BATCH = 30
 PLAN = st.lists(st.tuples(st.sampled_from(fuzz.KINDS), st.integers(0, 2**32 - 1)), min_size=1, max_size=3)

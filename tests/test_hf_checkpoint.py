@@ -11,9 +11,9 @@ import pytest
 from gguf import GGUFReader
 
 import npllama
-from npllama import hub
-from npllama.generate import Generator
-from npllama.tokenizer import chat_format, load as load_tokenizer
+from npllama.io import hub
+from npllama.run.generate import Generator
+from npllama.text.tokenizer import chat_format, load as load_tokenizer
 from oracles import llama31_instruct_tokenizer_dir
 
 PROMPT = "What is the capital of France?"

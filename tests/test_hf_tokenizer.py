@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 
-from npllama.tokenizer import Tokenizer, TokenizerError, check_spec, load, spec_json
-from npllama.tokenizer_import import hf_tokenizer_spec
+from npllama.text.tokenizer import Tokenizer, TokenizerError, check_spec, load, spec_json
+from npllama.text.tokenizer_import import hf_tokenizer_spec
 from oracles import LLAMA3_TOKENIZER_JSON, llama3_tokenizer_path, llama31_instruct_tokenizer_dir, pypi_member
 from test_tokenizer import RECENT_TEXT, TEXT
 
@@ -155,7 +155,7 @@ def test_old_tokenizer_json_with_pat_str_still_loads(tmp_path, name):
 
 def test_default_model_old_file_loads(tmp_path):
     """The default model's tokenizer.json as npllama wrote it before: loads, same ids."""
-    from npllama import hub
+    from npllama.io import hub
     new = load(hub.default_model())
     spec = json.loads(open(os.path.join(hub.default_model(), "tokenizer.json")).read())
     old = {k: v for k, v in spec.items() if k not in ("format", "version", "pre_tokenizer", "chat_template", "pad",
@@ -243,7 +243,7 @@ def test_unreadable_json_is_a_clear_error(tmp_path, content, msg):
 
 
 def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
-    import npllama.tokenizer as T
+    import npllama.text.tokenizer as T
     monkeypatch.setattr(T, "MAX_SPEC_BYTES", 1000)
     (tmp_path / "tokenizer.json").write_text(json.dumps(small_spec()))
     with pytest.raises(TokenizerError, match="bytes, more than the 1,000"):
@@ -256,8 +256,8 @@ def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
 def small_hf(tmp_path_factory):
     """A small HF byte-level BPE (Llama 3's pre-tokenizer) written by HF tokenizers itself."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, Regex
-    from npllama.tokenizer import LLAMA3_PAT_STR
-    from npllama.tokenizer_import import gpt2_byte_decoder
+    from npllama.text.tokenizer import LLAMA3_PAT_STR
+    from npllama.text.tokenizer_import import gpt2_byte_decoder
     alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({"ab": 256, "Ġab": 257, "abab": 258})  # as BPE training makes them: each from the last
@@ -360,7 +360,7 @@ def test_hf_tokenizer_files_are_regular_files_inside_the_folder(small_hf, tmp_pa
 
 
 def test_chat_template_jinja_is_bounded_utf8_text(small_hf, tmp_path, monkeypatch):
-    import npllama.chat_template
+    import npllama.text.chat_template
     src = tmp_path / "src"
     shutil.copytree(small_hf, src)
     (src / "chat_template.jinja").write_bytes(b"a\r\nb\rc")   # transformers reads it in text mode

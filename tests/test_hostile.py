@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import npllama
-from npllama import checkpoint
-from npllama.convert import convert
+from npllama.io import checkpoint
+from npllama.io.convert import convert
 from npllama.errors import CheckpointError, ConfigError, UsageError, WeightError
 from oracles import random_weights, small_args, write_random_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import fuzz  # noqa: E402
+from tools import fuzz
 
 ARGS = small_args(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, multiple_of=32)
 PARAMS = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 8, "multiple_of": 32}
@@ -103,7 +102,7 @@ def test_handwritten_pth_is_what_torch_reads(tmp_path):
     state = {"t": FakeTensor(s, 2, (6, 4), (1, 6)), "u": FakeTensor(s, 0, (5,), (8,))}
     write_pth(tmp_path / "x.pth", state, {"0": data})
     ref = torch.load(tmp_path / "x.pth", weights_only=True)
-    from npllama.formats.meta_pth import PthFile
+    from npllama.io.formats.meta_pth import PthFile
     f = PthFile(str(tmp_path / "x.pth"))
     for k in state:
         assert np.array_equal(f.array(k), ref[k].numpy()), k
@@ -216,7 +215,7 @@ def test_a_fifo_shard_is_refused_without_blocking(converted):
 
 def test_hf_weight_map_and_tokenizer_links_stay_inside(tmp_path):
     from safetensors.numpy import save_file
-    from npllama.formats.names import meta_to_hf
+    from npllama.io.formats.names import meta_to_hf
     src = tmp_path / "hf"
     src.mkdir()
     save_file({meta_to_hf(k): v for k, v in random_weights(ARGS).items()}, str(tmp_path / "secret.safetensors"))
@@ -239,7 +238,7 @@ def test_hf_weight_map_and_tokenizer_links_stay_inside(tmp_path):
 def test_hf_hub_cache_layout_is_accepted(tmp_path):
     # snapshots/<rev>/<file> -> ../../blobs/<hash>, as huggingface_hub stores downloads
     from safetensors.numpy import save_file
-    from npllama.formats.names import meta_to_hf
+    from npllama.io.formats.names import meta_to_hf
     repo = tmp_path / "models--meta-llama--tiny"
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "abc123"
@@ -429,7 +428,7 @@ def test_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path):
 def test_trace_headers_cannot_allocate_what_the_file_lacks(tmp_path):
     # Found by tools/fuzz.py: np.load allocated a member's claimed shape (16 GB) before
     # reading it. Traces are now memory-mapped from headers checked against the member.
-    from npllama import tracing
+    from npllama.inspect import tracefile as tracing
     tracing.save(str(tmp_path / "t.npz"), {"logits": np.zeros((2, 3), np.float32), "__meta__": {}})
     data = (tmp_path / "t.npz").read_bytes()
     old = b"'shape': (2, 3), }" + b" " * 10
@@ -497,7 +496,7 @@ def test_golden_force_replaces_only_a_bundle(tmp_path, converted):
 def test_zip64_members_stay_aligned():
     # zipfile adds a 20-byte zip64 field once size * 1.05 > ZIP64_LIMIT (members of
     # ~1.9-2.0 GiB): the data must still start on a 64-byte boundary.
-    from npllama.checkpoint import _aligned_zipinfo
+    from npllama.io.checkpoint import _aligned_zipinfo
     for size in (1000, int(1.95 * 2**30), zipfile.ZIP64_LIMIT + 10):
         buf = io.BytesIO()
         buf.write(b"\0" * 17)
@@ -516,7 +515,7 @@ def write_byte_tokenizer(path, add_bos=True):
     """npllama's tokenizer.json for a byte-level vocabulary of 8 tokens (ids 0..5 bytes,
     6 bos, 7 eos), so a random 8-token model can talk."""
     import base64
-    from npllama.tokenizer import spec_json
+    from npllama.text.tokenizer import spec_json
     spec = {"pre_tokenizer": "gpt2", "tokens": [base64.b64encode(b).decode() for b in
                                                          (b"a", b"b", b"c", b" ", b"d", b"e")] + [None, None],
             "special_tokens": {"<s>": 6, "</s>": 7}, "bos": "<s>" if add_bos else None, "eos": "</s>",
@@ -535,12 +534,12 @@ def test_nan_weights_stop_generation_and_verify_names_them(tmp_path):
                    f"npllama info {path} --verify")
     r = run_cli("info", path, "--verify")
     assert r.returncode == 1 and "NaN or infinity in layers.0.feed_forward.w2.weight" in r.stderr
-    from npllama.generate import Generator
-    from npllama.tokenizer import load as load_tokenizer
+    from npllama.run.generate import Generator
+    from npllama.text.tokenizer import load as load_tokenizer
     with pytest.raises(WeightError, match="non-finite logits"):
         Generator(npllama.load(path), load_tokenizer(path)).generate([6, 0, 1])
     # bf16 infinities are found too (uint16 bit patterns)
-    from npllama import bf16
+    from npllama.model import bf16
     w = random_weights(ARGS)
     w = {k: bf16.to_bits(v) for k, v in w.items()}
     w["norm.weight"][0] = 0x7F80
@@ -588,7 +587,7 @@ def test_params_beyond_any_llama_are_refused_before_listing_tensors(tmp_path):
 
 
 def test_trained_context_is_recorded_uncapped(tmp_path):
-    from npllama.formats.hf import hf_config_to_args
+    from npllama.io.formats.hf import hf_config_to_args
     cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8,
            "intermediate_size": 32, "max_position_embeddings": 131072}
     assert hf_config_to_args(cfg).max_seq_len == 131072

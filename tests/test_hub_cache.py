@@ -8,13 +8,12 @@ import shutil
 
 import pytest
 
-import npllama.checkpoint
-import npllama.convert
-from npllama import hub
+import npllama.io.checkpoint
+import npllama.io.convert
+from npllama.io import hub
 from npllama.errors import UsageError
-from npllama.tokenizer import load as load_tokenizer
-import oracles  # noqa: F401  (puts tools/ on sys.path)
-from fuzz import seed_gguf
+from npllama.text.tokenizer import load as load_tokenizer
+from tools.fuzz import seed_gguf
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import bf16, weights
-from npllama.checkpoint import write_checkpoint
+from npllama.model import bf16, weights
+from npllama.io.checkpoint import write_checkpoint
 from oracles import random_weights, small_args
 
 FP32_TOL = 1e-5   # float32, only the summation order inside the matmuls differs (as test_model's)
@@ -56,8 +56,8 @@ def test_auto_goes_tiled_when_float32_copies_would_not_fit(monkeypatch):
 
 
 def test_tiled_weights_larger_than_memory_are_not_refused_a_context():
-    from npllama import memory
-    from npllama.config import preset
+    from npllama.model import memory
+    from npllama.model.config import preset
     args = preset("llama3.1-70b")                                       # 141 GB bf16
     available = 20 * 2**30                                             # a 24 GB machine's
     assert memory.weight_bytes(args, "tiled") > 6 * available

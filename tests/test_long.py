@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama import bf16, memory, model as model_module, ops, tracing
+from npllama.model import bf16, memory, model as model_module, ops
+from npllama.inspect import tracefile as tracing
 from npllama.errors import UsageError
-from npllama.model import Transformer
+from npllama.model.model import Transformer
 from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
 
 SEEDS = st.integers(0, 2**31 - 1)

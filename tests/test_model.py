@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from npllama import ConfigError, ModelArgs, Transformer, WeightError, bf16, preset
+from npllama import ConfigError, ModelArgs, Transformer, WeightError, preset
+from npllama.model import bf16
 from npllama.testing import checkpoints, data_tokens
 from oracles import hf_logits, hf_model, meta_logits, meta_model, random_weights, small_args
 
@@ -270,7 +271,7 @@ def test_forward_argument_errors():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.sampled_from([2, 8, 64, 130]), st.integers(1, 40))
 def test_tiled_bf16_matmul_equals_widened_matmul(seed, M, K, N):
-    from npllama import tiled
+    from npllama.model import tiled
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)).astype(np.float32)
     ws = [bf16.to_bits(rng.standard_normal((n, K)).astype(np.float32)) for n in (N, max(1, N // 3))]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from npllama import bf16, ops
+from npllama.model import bf16, ops
 from oracles import hf_rope_frequencies, meta_attention, meta_function, meta_reference, meta_rope_frequencies
 
 SEEDS = st.integers(0, 2**31 - 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from npllama import parallel, tiled
+from npllama.model import parallel, tiled
 from npllama.errors import UsageError
 
 
@@ -79,7 +79,7 @@ def test_tiled_decode_on_threads_is_the_float32_product(monkeypatch, n_threads):
     # against float64 products of the exactly widened weights.
     monkeypatch.setenv("NPLLAMA_THREADS", n_threads)
     rng = np.random.default_rng(1)
-    from npllama import bf16
+    from npllama.model import bf16
     ws = [bf16.to_bits(rng.standard_normal((n, 96), dtype=np.float32)) for n in (50, 7)]
     x = rng.standard_normal((1, 96), dtype=np.float32)
     want = x.astype(np.float64) @ np.concatenate([bf16.from_bits(w) for w in ws]).T.astype(np.float64)

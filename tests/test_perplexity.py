@@ -16,7 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from npllama import Transformer, perplexity as pp
+from npllama import Transformer
+from npllama.inspect import perplexity as pp
 from npllama.errors import UsageError
 from oracles import random_weights, small_args, write_byte_model
 
@@ -294,7 +295,7 @@ def final_estimate(out: str) -> tuple[float, float]:
 
 
 def test_cli_perplexity_and_kl_round_trip(byte_model, tmp_path):
-    from npllama import checkpoint
+    from npllama.io import checkpoint
     args, model_dir = byte_model
     (tmp_path / "t.txt").write_bytes(TEXT.encode())
     r = run_cli("perplexity", "-m", model_dir, "-f", str(tmp_path / "t.txt"), "-c", "32",

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import plot, tracing
+from npllama.inspect import plot, tracefile as tracing
+from npllama.inspect import compare as comparing
 from npllama.errors import MissingDependencyError, UsageError
 from oracles import random_weights, small_args
 
@@ -57,7 +58,7 @@ def matplotlib_shape(path):
 
 def test_comparison_plot(traces, tmp_path):
     a, b = traces
-    ok, first, rows = tracing.compare(a, b)
+    ok, first, rows = comparing.compare(a, b)
     assert not ok
     plot.comparison(rows, str(tmp_path / "c.png"), rtol=1e-4)
     assert_real_png(tmp_path / "c.png")

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import npllama
-from npllama import checkpoint, hub
-from npllama.generate import Generator
-from npllama.tokenizer import chat_format, load as load_tokenizer
+from npllama.io import checkpoint, hub
+from npllama.run.generate import Generator
+from npllama.text.tokenizer import chat_format, load as load_tokenizer
 from oracles import hf_logits, hf_model
 from test_tokenizer import RECENT_TEXT
 
@@ -71,7 +71,7 @@ def hf_tok(reader):
 
 def test_conversion_is_ggufs_own_dequantization(model_dir, reader):
     import gguf
-    from npllama.formats.names import gguf_to_meta
+    from npllama.io.formats.names import gguf_to_meta
     args = npllama.ModelArgs.from_json(os.path.join(model_dir, "params.json"))
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size,
             args.rope_theta) == (576, 30, 9, 3, 1536, 49152, 100000.0)

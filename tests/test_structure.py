@@ -12,42 +12,95 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import model as model_module, ops, tracing
+from npllama.model import model as model_module, ops
+from npllama.inspect import tracefile as tracing
+from npllama.model import observer
 from npllama.errors import UsageError
-from npllama.model import Transformer
+from npllama.model.model import Transformer
 from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
 
 PACKAGE = os.path.dirname(os.path.abspath(npllama.__file__))
 
 
+# The layers, bottom first: a module may import its own layer and those below it, never one
+# above. errors, version and untrusted (the one hardened file-reading layer, which the
+# tokenizers use as much as the checkpoint readers) are the base; the top-level facade
+# (__init__, __main__, testing) may import anything.
+LAYERS = ["base", "model", "text", "io", "run", "inspect", "bench", "cli", "facade"]
+BASE, FACADE = {"errors", "version", "untrusted"}, {"__init__", "__main__", "testing"}
+
+
+def layer_of(module: str) -> str:
+    """npllama.model.ops -> "model"; npllama.errors -> "base"; npllama.testing -> "facade"."""
+    parts = module.split(".")[1:] or ["__init__"]
+    if len(parts) == 1:
+        return "base" if parts[0] in BASE else "cli" if parts[0] == "cli" else "facade"
+    return parts[0]
+
+
+def package_modules() -> dict[str, str]:
+    """dotted module name -> its source file, for every module of the package."""
+    out = {}
+    for root, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, f), os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
+    return out
+
+
 def package_imports() -> dict[str, set[str]]:
-    """module -> the package modules it imports (at the top or inside a function), read
-    from the source. `from . import x` names a module when x.py exists, else __init__."""
-    modules = {f[:-3] for f in os.listdir(PACKAGE) if f.endswith(".py")}
+    """module -> the package modules it imports (at the top or inside a function), read from
+    the source. `from X import y` names module X.y when it exists, else X."""
+    modules = package_modules()
     graph = {}
-    for m in modules:
-        with open(os.path.join(PACKAGE, m + ".py")) as f:
+    for m, path in modules.items():
+        pkg = m if path.endswith("__init__.py") else m.rsplit(".", 1)[0]
+        with open(path) as f:
             tree = ast.parse(f.read())
         deps = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "npllama"}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").split(".")[0] == "npllama":
+                    target = node.module
                 else:
-                    deps |= {a.name if a.name in modules else "__init__" for a in node.names}
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                for n in names:
-                    if n == "npllama" or n.startswith("npllama."):
-                        deps.add(n.split(".")[1] if "." in n else "__init__")
-        graph[m] = deps - {m}
+                    continue
+                deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+        graph[m] = {d for d in deps if d in modules} - {m}
     return graph
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})" for m, deps in sorted(graph.items())
+            for d in sorted(deps) if LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))]
+
+
+def test_every_import_points_down_the_layers():
+    graph = package_imports()
+    assert set(map(layer_of, graph)) <= set(LAYERS)
+    assert "npllama.model.model" in graph and "npllama.errors" in graph["npllama.model.model"]
+    assert upward_imports(graph) == []
+    # the check can fail: the model reading a checkpoint is found
+    graph["npllama.model.model"].add("npllama.io.checkpoint")
+    assert upward_imports(graph) == ["npllama.model.model (model) imports npllama.io.checkpoint (io)"]
+
+
+def test_the_model_core_imports_nothing_of_npllama_but_errors_and_itself():
+    graph = package_imports()
+    # config's ModelArgs.from_json reads params.json through untrusted (a function-local import)
+    allowed = {"npllama.errors", "npllama.untrusted"}
+    for m, deps in graph.items():
+        if layer_of(m) == "model":
+            assert {d for d in deps if layer_of(d) != "model"} <= allowed, m
 
 
 def test_package_imports_have_no_cycles():
     graph = package_imports()
-    # tracing used to import __version__ from __init__, which imports tracing.
-    assert "__init__" not in graph["tracing"] and "model" not in graph["checkpoint"]
     done, path = set(), []
 
     def visit(m):
@@ -64,10 +117,10 @@ def test_package_imports_have_no_cycles():
     for m in sorted(graph):
         visit(m)
     # the check can fail: a cycle put in by hand is found
-    graph["tracing"].add("__init__")
+    graph["npllama.inspect.tracefile"].add("npllama")
     done.clear()
     with pytest.raises(AssertionError, match="import cycle"):
-        visit("__init__")
+        visit("npllama")
 
 
 def test_no_package_code_edits_sys_path_or_reaches_into_tools():
@@ -192,7 +245,7 @@ def test_attention_keeps_intermediates_only_for_recorded_layers(weights, monkeyp
     assert seen == [None] * ARGS.n_layers
     seen.clear()
     tr = npllama.trace(Transformer(ARGS, weights), TOKENS, layers=[1])
-    assert seen[0] is None and seen[2] is None and isinstance(seen[1], tracing.Recorder)
+    assert seen[0] is None and seen[2] is None and isinstance(seen[1], observer.Recorder)
     assert tr["layers.1.scores"].shape == (ARGS.n_heads, len(TOKENS), len(TOKENS))
     assert not any(k.startswith(("layers.0.", "layers.2.")) for k in tr)
 

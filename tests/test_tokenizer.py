@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from npllama.tokenizer import ChatFormat, Tokenizer, TokenizerError, split_whitespaces_or_nonwhitespaces
+from npllama.text.tokenizer import ChatFormat, Tokenizer, TokenizerError, split_whitespaces_or_nonwhitespaces
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_wrong_files_are_clear_errors(tmp_path, model_path):
 
 def test_tokenizer_files_are_read_bounded_regular_files(tmp_path, monkeypatch):
     import base64
-    import npllama.tokenizer as T
+    import npllama.text.tokenizer as T
     os.mkfifo(tmp_path / "fifo")   # open() would wait for a writer forever
     for loader in (Tokenizer.llama3, Tokenizer.from_json):
         with pytest.raises(TokenizerError, match="fifo: not a regular file"):

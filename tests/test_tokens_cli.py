@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import tracing
+from npllama.inspect import tracefile as tracing
 from oracles import small_args, write_byte_model
 
 

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 import npllama
-from npllama import checkpoint, model as model_module, ops, tracing
-from npllama.model import Transformer
-from npllama.tokenizer import load as load_tokenizer
+from npllama.io import checkpoint
+from npllama.model import model as model_module, ops
+from npllama.inspect import tracefile as tracing
+from npllama.inspect import compare as comparing
+from npllama.model import observer
+from npllama.model.model import Transformer
+from npllama.text.tokenizer import load as load_tokenizer
 from oracles import (hf_logits, hf_model, hf_trace, llama3_tokenizer_path, meta_model, meta_trace, random_weights,
                      small_args, write_random_model)
 
@@ -37,7 +41,7 @@ def run_cli(*argv):
 def test_trace_names_shapes_and_metadata(weights):
     tr = npllama.trace(Transformer(ARGS, weights), TOKENS)
     T, H, KV, hd = len(TOKENS), ARGS.n_heads, ARGS.n_kv_heads, ARGS.head_dim
-    assert [k for k in tracing.forward_order(ARGS.n_layers) if k in tr] == tracing.forward_order(ARGS.n_layers)
+    assert [k for k in observer.forward_order(ARGS.n_layers) if k in tr] == observer.forward_order(ARGS.n_layers)
     expected = {"tokens": (T,), "token_embeddings": (T, ARGS.dim), "layers.1.q": (T, H, hd), "layers.1.k": (T, KV, hd),
                 "layers.1.scores": (H, T, T), "layers.1.probs": (H, T, T), "layers.1.attention": (T, ARGS.dim),
                 "layers.1.w1": (T, ARGS.ffn_dim), "logits": (T, ARGS.vocab_size)}
@@ -49,9 +53,9 @@ def test_trace_names_shapes_and_metadata(weights):
 
 def test_npllama_trace_matches_hf_trace(weights, hf, tmp_path):
     ours = npllama.trace(Transformer(ARGS, weights), TOKENS)
-    ok, first, rows = tracing.compare(ours, hf)
+    ok, first, rows = comparing.compare(ours, hf)
     assert ok, first
-    assert len(rows) == len(tracing.forward_order(ARGS.n_layers)) - ARGS.n_layers  # HF has no `scores`
+    assert len(rows) == len(observer.forward_order(ARGS.n_layers)) - ARGS.n_layers  # HF has no `scores`
     # and through the files and the CLI
     tracing.save(str(tmp_path / "np.npz"), ours)
     tracing.save(str(tmp_path / "hf.npz"), hf)
@@ -80,7 +84,7 @@ def test_broken_implementations_are_flagged_at_the_first_wrong_tensor(weights, h
     monkeypatch.setattr(model_module, patch, {"apply_rotary_emb": rotate_half_rope,
                                                "blocked_attention": tiled_gqa_attention}[patch])
     broken = npllama.trace(Transformer(ARGS, weights), TOKENS)
-    ok, got, _ = tracing.compare(broken, hf)
+    ok, got, _ = comparing.compare(broken, hf)
     assert not ok and got == first
 
 
@@ -93,18 +97,18 @@ BF16_ULPS = 2.0
 def test_bf16_trace_matches_meta_bf16_run_and_flags_a_missing_rounding(weights, monkeypatch):
     ref = meta_trace(meta_model(ARGS, weights, torch.bfloat16), TOKENS)
     ours = npllama.trace(Transformer(ARGS, weights, dtype="bfloat16"), TOKENS)
-    ok, first, rows = tracing.compare(ours, ref, ulps=BF16_ULPS)
+    ok, first, rows = comparing.compare(ours, ref, ulps=BF16_ULPS)
     assert ok, first
     assert len(rows) >= 2 + 11 * ARGS.n_layers
     # Asked for identical values, the correct run gets past attention_norm (bit-exact); the
     # first difference is a matmul's rare rounding flip.
-    _, first_correct, _ = tracing.compare(ours, ref, ulps=0)
-    assert tracing.forward_order(2).index(first_correct) > tracing.forward_order(2).index("layers.0.attention_norm")
+    _, first_correct, _ = comparing.compare(ours, ref, ulps=0)
+    assert observer.forward_order(2).index(first_correct) > observer.forward_order(2).index("layers.0.attention_norm")
     # RMSNorm that skips Meta's `.type_as(x)` before the weight (rounds once, HF-style):
     # flagged at once.
     monkeypatch.setattr(model_module, "rms_norm", lambda x, w, eps, rnd=ops.identity: rnd(ops.rms_norm(x, w, eps)))
     broken = npllama.trace(Transformer(ARGS, weights, dtype="bfloat16"), TOKENS)
-    ok, first, rows = tracing.compare(broken, ref, ulps=0)
+    ok, first, rows = comparing.compare(broken, ref, ulps=0)
     assert not ok and first == "layers.0.attention_norm"
     assert dict((r[0], r[1]) for r in rows)["layers.0.attention_norm"]["ulp_dist"] == 1
 
@@ -121,14 +125,14 @@ def test_prefix_trace_equals_rows_of_longer_trace(weights):
             if name == "tokens":
                 assert np.array_equal(v, w)
             else:  # causal: the same computation, GEMM shapes aside (float32 rounding only)
-                s = tracing.compare_arrays(v, w)
+                s = comparing.compare_arrays(v, w)
                 assert s["max_abs"] <= 1e-5 * max(s["scale"], 1e-30), name
 
 
 def test_rotate_half_layout_conversion_round_trips():
     x = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
     hf_layout = x.reshape(3, 4, 8, 2).swapaxes(-1, -2).reshape(3, 4, 16)
-    assert np.array_equal(tracing.rotate_half_to_interleaved(hf_layout), x)
+    assert np.array_equal(comparing.rotate_half_to_interleaved(hf_layout), x)
 
 
 def test_compare_cli_flags_and_exits_nonzero(tmp_path, weights):
@@ -166,7 +170,7 @@ def test_trace_and_golden_cli(tmp_path):
     hf = hf_model(args, {k: np.asarray(v) for k, v in checkpoint.open_tensors(model_dir).items()})
     ref = hf_trace(hf, meta["tokens"])
     golden["__meta__"] = {"qk_layout": "interleaved"}
-    ok, first, rows = tracing.compare(golden, ref)
+    ok, first, rows = comparing.compare(golden, ref)
     assert ok, first
     assert {row[0] for row in rows} >= {"tokens", "logits", "layers.0.q_rotated", "layers.0.probs", "layers.1.out"}
     seq, greedy = list(meta["tokens"]), meta["greedy"]

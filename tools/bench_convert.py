@@ -20,9 +20,9 @@ import numpy as np
 
 def build_meta(path, args, mp, seed=0):
     import torch
-    from npllama.bench import random_tensor
-    from npllama.formats.meta_pth import mp_axis
-    from npllama.weights import expected_shapes
+    from npllama.bench.peers import random_tensor
+    from npllama.io.formats.meta_pth import mp_axis
+    from npllama.model.weights import expected_shapes
     os.makedirs(path, exist_ok=True)
     block = (np.random.default_rng(seed).standard_normal(1 << 20) * 0.02).astype(np.float32)
     for s in range(mp):
@@ -41,8 +41,8 @@ def build_meta(path, args, mp, seed=0):
 
 
 def main():
-    from npllama.config import PRESETS, preset
-    from npllama.weights import expected_shapes
+    from npllama.model.config import PRESETS, preset
+    from npllama.model.weights import expected_shapes
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3.2-1b", choices=sorted(PRESETS))
     p.add_argument("--mp", type=int, default=1, help="model-parallel shards")

@@ -45,8 +45,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from npllama import bf16, tiled  # noqa: E402
-from npllama.bench import measure_bounds, shape_args  # noqa: E402
+from npllama.model import bf16, tiled  # noqa: E402
+from npllama.bench.peers import measure_bounds, shape_args  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:
@@ -169,8 +169,9 @@ def decode_budget(shape: str, dtype: str, weights: str, n_tokens: int) -> tuple[
     """(weights mode, part -> [seconds per token, bytes read per token], seconds per token),
     medians over n_tokens decode steps."""
     import npllama
-    from npllama import bench, model, weights as weights_mod
-    from npllama.hub import cache_dir
+    from npllama.bench import peers as bench
+    from npllama.model import model, weights as weights_mod
+    from npllama.io.hub import cache_dir
     path = bench.build(shape, os.path.join(cache_dir(), "bench"), quiet=True)
     m = npllama.load(path, dtype=dtype, weights_mode=weights, max_seq_len=128 + n_tokens + 1)
     step: dict[str, float] = {}

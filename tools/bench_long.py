@@ -30,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from npllama import memory  # noqa: E402
-from npllama.bench import build, machine, proc_status, reset_peak_rss  # noqa: E402
-from npllama.checkpoint import open_tensors  # noqa: E402
-from npllama.config import ModelArgs  # noqa: E402
+from npllama.model import memory  # noqa: E402
+from npllama.bench.peers import build, machine, proc_status, reset_peak_rss  # noqa: E402
+from npllama.io.checkpoint import open_tensors  # noqa: E402
+from npllama.model.config import ModelArgs  # noqa: E402
 
 GiB = 1024**3
 
@@ -70,7 +70,7 @@ class AnonPeak:
 
 
 def run_npllama(path, T, decode, layers, chunk, reps):
-    from npllama.model import Transformer
+    from npllama.model.model import Transformer
     args, weights = first_layers(path, layers)
     model = Transformer(args, weights, max_seq_len=T + decode, weights_mode="resident", prefill_chunk=chunk)
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, T + decode)

@@ -39,8 +39,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import npllama  # noqa: E402
-from npllama.bench import build  # noqa: E402
-from npllama.hub import cache_dir  # noqa: E402
+from npllama.bench.peers import build  # noqa: E402
+from npllama.io.hub import cache_dir  # noqa: E402
 from tools.bench_limits import median_time  # noqa: E402
 
 
@@ -104,9 +104,9 @@ def stream(a) -> dict:
 
 
 def layer(a) -> dict:
-    from npllama.checkpoint import open_tensors, read_checked
-    from npllama.model import Transformer
-    from npllama.weights import held_names
+    from npllama.io.checkpoint import open_tensors, read_checked
+    from npllama.model.model import Transformer
+    from npllama.model.weights import held_names
     path = checkpoint(a)
     args, index = read_checked(path)
     tied = "output.weight" not in index["tensors"]
@@ -139,7 +139,8 @@ def layer(a) -> dict:
 
 
 def hop(a) -> dict:
-    from npllama import distributed, hub
+    from npllama.run import distributed
+    from npllama.io import hub
     path = hub.default_model()
     distributed.connect("local")
     ctx = 64 + a.tokens
@@ -164,9 +165,9 @@ def hop(a) -> dict:
 
 
 def plan(a) -> dict:
-    from npllama.config import preset
-    from npllama.distributed import split_layers
-    from npllama.weights import expected_shapes, held_names
+    from npllama.model.config import preset
+    from npllama.run.distributed import split_layers
+    from npllama.model.weights import expected_shapes, held_names
     args = preset(a.model)
     nbytes = {name: int(np.prod(s)) * 2 for name, s in expected_shapes(args).items()}      # bf16
     kv_per_token_layer = 2 * args.n_kv_heads * args.head_dim * 4                          # k and v, float32

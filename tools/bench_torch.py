@@ -14,8 +14,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from npllama.bench import peak_rss, summary  # noqa: E402
-from npllama.config import ModelArgs  # noqa: E402
+from npllama.bench.peers import peak_rss, summary  # noqa: E402
+from npllama.model.config import ModelArgs  # noqa: E402
 
 
 def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: int = 32) -> dict:
@@ -24,7 +24,7 @@ def run_torch(path: str, dtype: str, reps: int, prompt_len: int = 128, gen_len: 
     import torch
     from tools.trace_hf import hf_model
 
-    from npllama.checkpoint import open_tensors
+    from npllama.io.checkpoint import open_tensors
     torch.set_num_threads(os.cpu_count())
     args = ModelArgs.from_json(os.path.join(path, "params.json"))
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ def converted(arr, out_type: str):
     out_type; norms and other 1-D tensors stay F32."""
     import gguf
 
-    from npllama import bf16
+    from npllama.model import bf16
     T = gguf.GGMLQuantizationType
     t = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[out_type] if arr.ndim == 2 else T.F32
     if t == T.BF16 and arr.dtype == np.uint16:
@@ -47,8 +47,8 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
     import gguf
 
     import npllama
-    from npllama import checkpoint
-    from npllama.formats.names import meta_to_gguf
+    from npllama.io import checkpoint
+    from npllama.io.formats.names import meta_to_gguf
     args = npllama.ModelArgs.from_json(os.path.join(src, "params.json"))
     tensors = checkpoint.open_tensors(src)
     w = gguf.GGUFWriter(dst + ".partial", "llama")
@@ -67,7 +67,7 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
     out = {}                                              # GGUF name -> the tensor to write
     if args.use_scaled_rope:
         # llama.cpp's form of Llama 3.1 scaling: a divisor per rotation frequency.
-        from npllama.ops import rope_frequencies
+        from npllama.model.ops import rope_frequencies
         scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,
                        high_freq_factor=args.high_freq_factor,
                        original_max_position_embeddings=args.original_max_position_embeddings)

@@ -54,7 +54,7 @@ def _args(vocab: int = 8):
 
 def _weights(args, seed: int = 0):
     import numpy as np
-    from npllama.model import expected_shapes
+    from npllama.model.model import expected_shapes
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in expected_shapes(args).items()}
 
@@ -75,7 +75,7 @@ def seed_meta(d: str) -> None:
 
 def seed_hf(d: str) -> None:
     from safetensors.numpy import save_file
-    from npllama.formats.names import meta_to_hf
+    from npllama.io.formats.names import meta_to_hf
     args = _args()
     w = {meta_to_hf(k): v.astype("float16" if v.ndim == 2 else "float32") for k, v in _weights(args).items()}
     names = sorted(w)
@@ -95,8 +95,8 @@ def seed_hf(d: str) -> None:
 def seed_gguf(d: str) -> None:
     import gguf
     import numpy as np
-    from npllama.tokenizer_import import gpt2_byte_decoder
-    from npllama.formats.names import meta_to_gguf
+    from npllama.text.tokenizer_import import gpt2_byte_decoder
+    from npllama.io.formats.names import meta_to_gguf
     alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
     tokens = alphabet + ["<|im_start|>", "<|im_end|>"]
     args = _args(vocab=len(tokens))
@@ -131,7 +131,8 @@ def seed_gguf(d: str) -> None:
 
 
 def seed_npllama(d: str) -> None:
-    from npllama import bf16, checkpoint
+    from npllama.model import bf16
+    from npllama.io import checkpoint
     args = _args()
     w = {k: (bf16.to_bits(v) if k.endswith("wk.weight") else v) for k, v in _weights(args).items()}
     os.rmdir(d)
@@ -140,8 +141,8 @@ def seed_npllama(d: str) -> None:
 
 def seed_trace(d: str) -> None:
     import numpy as np
-    from npllama import tracing
-    from npllama.model import Transformer
+    from npllama.inspect import tracefile as tracing
+    from npllama.model.model import Transformer
     args = _args()
     tr = tracing.trace(Transformer(args, _weights(args)), np.array([1, 2, 3]))
     tracing.save(os.path.join(d, "a.npz"), tr)
@@ -153,7 +154,7 @@ def seed_hf_tokenizer(d: str) -> None:
     as SmolLM2's vocabulary lacks some), tokenizer_config.json, generation_config.json and
     chat_template.jinja as transformers saves them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from npllama.tokenizer_import import gpt2_byte_decoder
+    from npllama.text.tokenizer_import import gpt2_byte_decoder
     alphabet = [c for c in sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get) if gpt2_byte_decoder()[c] < 0xF5]
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({"ab": len(vocab), "Ġab": len(vocab) + 1, "abab": len(vocab) + 2})   # each from the last
@@ -174,8 +175,8 @@ def seed_hf_tokenizer(d: str) -> None:
 
 def seed_tokenizer(d: str) -> None:
     """npllama's tokenizer.json, as the converter writes it from the HF folder above."""
-    from npllama.tokenizer import spec_json
-    from npllama.tokenizer_import import hf_tokenizer_spec
+    from npllama.text.tokenizer import spec_json
+    from npllama.text.tokenizer_import import hf_tokenizer_spec
     with tempfile.TemporaryDirectory() as hf:
         seed_hf_tokenizer(hf)
         data = spec_json(hf_tokenizer_spec(hf))
@@ -196,7 +197,7 @@ def seed_kl_base(d: str) -> None:
     """A KL-divergence base file (llama-perplexity's --kl-divergence-base format), written by
     npllama's writer: three chunks of 8 tokens over a vocabulary of 11."""
     import numpy as np
-    from npllama import perplexity as pp
+    from npllama.inspect import perplexity as pp
     rng = np.random.default_rng(0)
     with pp.base_writer(os.path.join(d, "base.kld"), rng.integers(0, 11, (3, 8)), 11) as add:
         for _ in range(3):
@@ -221,9 +222,9 @@ def _touch(arrays) -> None:
 
 
 def read_converted(case: str, src: str) -> None:
-    from npllama import checkpoint
-    from npllama.convert import convert
-    from npllama.model import expected_shapes
+    from npllama.io import checkpoint
+    from npllama.io.convert import convert
+    from npllama.model.model import expected_shapes
     out = os.path.join(case, "out")
     convert(src, out, quiet=True)
     try:
@@ -255,7 +256,7 @@ def read_gguf(case: str) -> None:
 def read_npllama(case: str) -> None:
     import numpy as np
     import npllama
-    from npllama import checkpoint
+    from npllama.io import checkpoint
     model = npllama.load(case)
     checkpoint.verify(case)
     checkpoint.nonfinite(case)
@@ -264,10 +265,11 @@ def read_npllama(case: str) -> None:
 
 
 def read_trace(case: str) -> None:
-    from npllama import tracing
+    from npllama.inspect import tracefile as tracing
+    from npllama.inspect import compare as comparing
     tr = tracing.load(os.path.join(case, "a.npz"))
     _touch(v for k, v in tr.items() if k != "__meta__")
-    tracing.compare(tr, tr)
+    comparing.compare(tr, tr)
 
 
 # Text for tokenizers: contractions, digits, a control token typed as text, characters whose
@@ -277,7 +279,7 @@ TOKENIZER_TEXT = "it's 1234 <|im_end|> ab abab \U00040000\U000323b0's \uffff x\n
 
 def use_tokenizer(tok) -> None:
     """Encode, decode and chat with a tokenizer; every id must be in its vocabulary."""
-    from npllama.tokenizer import chat_format
+    from npllama.text.tokenizer import chat_format
     for ids in (tok.encode(TOKENIZER_TEXT, bos=True, eos=True), tok.encode(TOKENIZER_TEXT, allowed_special="all")):
         assert all(0 <= t < tok.n_words for t in ids), "an id outside the vocabulary"
         tok.decode(ids)
@@ -286,13 +288,13 @@ def use_tokenizer(tok) -> None:
 
 
 def read_tokenizer(case: str) -> None:
-    from npllama.tokenizer import load
+    from npllama.text.tokenizer import load
     use_tokenizer(load(case))
 
 
 def read_hf_tokenizer(case: str) -> None:
-    from npllama.tokenizer import load, spec_json
-    from npllama.tokenizer_import import hf_tokenizer_spec
+    from npllama.text.tokenizer import load, spec_json
+    from npllama.text.tokenizer_import import hf_tokenizer_spec
     spec = hf_tokenizer_spec(case)
     if spec is None:
         return
@@ -306,7 +308,7 @@ def read_hf_tokenizer(case: str) -> None:
 def read_kl_base(case: str) -> None:
     import math
     import numpy as np
-    from npllama import perplexity as pp
+    from npllama.inspect import perplexity as pp
     base = pp.BaseFile.open(os.path.join(case, "base.kld"))
     kl, rng = pp.KLDivergence(), np.random.default_rng(1)
     first = base.n_ctx // 2

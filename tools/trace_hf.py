@@ -109,9 +109,10 @@ def main():
         sys.exit(f"trace_hf.py: needs torch and transformers, the test extras ({e}); "
                  "install them with: pip install -e '.[test]'")
     import npllama
-    from npllama import checkpoint, tracing
+    from npllama.io import checkpoint
+    from npllama.inspect import tracefile as tracing
     from npllama.errors import NpllamaError, UsageError
-    from npllama.tokenizer import load as load_tokenizer
+    from npllama.text.tokenizer import load as load_tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt")
     p.add_argument("-m", "--model", help="converted model directory (default: npllama's default model)")

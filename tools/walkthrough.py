@@ -20,7 +20,7 @@ PROMPT = "the answer to the ultimate question of life, the universe, and everyth
 
 
 def walkthrough(model, tokens, say=print) -> np.ndarray:
-    from npllama import ops
+    from npllama.model import ops
     args, rnd = model.args, model.rnd
     T, hd, n_rep = len(tokens), args.head_dim, args.n_heads // args.n_kv_heads
     say(f"tokens {list(tokens)[:6]}... : {T} tokens")
@@ -63,7 +63,7 @@ def walkthrough(model, tokens, say=print) -> np.ndarray:
 def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import npllama
-    from npllama.tokenizer import load as load_tokenizer
+    from npllama.text.tokenizer import load as load_tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", help="converted model directory (default: npllama's default model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

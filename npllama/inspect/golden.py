@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from .version import __version__
-from .atomic import check_directory, staged_directory
-from .tracing import trace
+from ..version import __version__
+from ..io.atomic import check_directory, staged_directory
+from .tracefile import trace
 
 README = """# npllama golden vectors
 
@@ -40,8 +40,8 @@ def selected_names(n_layers: int) -> list[str]:
 
 def is_bundle(path: str) -> bool:
     """Whether a directory holds a golden.json npllama wrote (what --force may replace)."""
-    from .errors import NpllamaError
-    from .formats.untrusted import inside, read_json
+    from ..errors import NpllamaError
+    from ..untrusted import inside, read_json
     try:
         meta = read_json(inside(path, "golden.json"))
     except NpllamaError:

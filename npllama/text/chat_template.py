@@ -27,7 +27,7 @@ import time
 from datetime import datetime
 from typing import Any, Sequence
 
-from .errors import TokenizerError, UsageError
+from ..errors import TokenizerError, UsageError
 
 MAX_TEMPLATE_CHARS = 1 << 20     # Llama 3.1's chat template is 4.6 kB
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterator
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def _fsync(path: str) -> None:

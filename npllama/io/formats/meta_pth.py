@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..errors import CheckpointError
+from ...model.config import ModelArgs
+from ...errors import CheckpointError
 from .source import Source
-from .untrusted import ZipReader, check_shape, describe, inside, numel, strided_span
+from ...untrusted import ZipReader, check_shape, describe, inside, numel, strided_span
 
 MAX_PICKLE_BYTES = 64 * 1024**2     # a 405B shard's data.pkl is ~100 KB
 

@@ -8,15 +8,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..errors import CheckpointError
+from ...model.config import ModelArgs
+from ...errors import CheckpointError
 
 
 def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], where: str, ignored=("rope.freqs",)) -> None:
     """Every tensor the params need is there with the shape they imply, and nothing else
     (output.weight may be absent: a tied head). `where` names the file in the error."""
-    from ..model import expected_shapes
-    from .untrusted import describe
+    from ...model.model import expected_shapes
+    from ...untrusted import describe
     expected = expected_shapes(args)
     missing = sorted(set(expected) - set(shapes) - {"output.weight"})
     if missing:

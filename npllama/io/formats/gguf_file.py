@@ -8,11 +8,11 @@ import struct
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..errors import CheckpointError, ConfigError
+from ...model.config import ModelArgs
+from ...errors import CheckpointError, ConfigError
 from .names import gguf_to_meta
 from .source import Source
-from .untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
+from ...untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
 
 
 def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
@@ -188,8 +188,8 @@ def read_gguf(path: str) -> Source:
     nbytes = sum(numel(s) * 4 for s in shapes.values())
     extra = {}
     if tokens is not None:
-        from ..tokenizer import spec_json
-        from ..tokenizer_import import gguf_tokenizer_spec
+        from ...text.tokenizer import spec_json
+        from ...text.tokenizer_import import gguf_tokenizer_spec
         spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
         extra["tokenizer.json"] = spec_json(spec)
     return Source(path, args, shapes, nbytes, load, extra_data=extra)
@@ -199,7 +199,7 @@ def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> Model
     """llama.cpp stores Llama 3.1 rope scaling as a divisor per frequency (rope_freqs). Accept
     it when it is Meta's scaling (low/high frequency factors 1 and 4 over 8192 positions) with
     the factor its largest divisor; anything else is refused rather than approximated."""
-    from ..ops import rope_frequencies
+    from ...model.ops import rope_frequencies
     if divisors.shape != (args.head_dim // 2,) or not np.all(np.isfinite(divisors)) or not divisors.max() > 0:
         raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
     scaled = dataclasses.replace(args, use_scaled_rope=True, rope_scaling_factor=float(divisors.max()))

@@ -8,9 +8,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import UsageError, WeightError
-from .model import Transformer
-from .tokenizer import Tokenizer
+from ..errors import UsageError, WeightError
+from ..model.model import Transformer
+from ..text.tokenizer import Tokenizer
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:

@@ -23,9 +23,8 @@ from typing import Iterable
 import numpy as np
 
 from .atomic import check_directory, staged_directory
-from .config import ModelArgs
-from .formats.untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, \
-    read_json
+from ..model.config import ModelArgs
+from ..untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, read_json
 
 FORMAT = "npllama"
 FORMAT_VERSION = 1
@@ -37,7 +36,7 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-from .errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
+from ..errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -112,7 +111,7 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     "bfloat16", "float16" or "float32"; None keeps each as it comes. The directory appears
     under `dst` only when complete; an existing `dst` is replaced only with force.
     """
-    from . import bf16  # local: keeps this module's import light
+    from ..model import bf16  # local: keeps this module's import light
     if dtype is not None and dtype not in STORAGE:
         raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
     with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
@@ -286,3 +285,14 @@ def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:
     params (npllama.load makes the model from them)."""
     args, index = read_checked(path)
     return args, open_tensors(path, index)
+
+
+def load(path, dtype: str = "float32", **kwargs) -> "Transformer":
+    """A converted checkpoint directory (see `npllama convert`) as a ready Transformer;
+    kwargs are Transformer's (max_seq_len, max_batch_size, weights_mode). The weights stay
+    memory-mapped until a forward pass uses them."""
+    from ..model.model import Transformer  # local: the readers above need only the params
+    args, tensors = open_checkpoint(path)
+    model = Transformer(args, tensors, dtype=dtype, **kwargs)
+    model.path = path
+    return model

@@ -21,7 +21,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
 
 
-from .errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
+from ..errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
 
 
 def cache_dir() -> str:
@@ -68,7 +68,7 @@ def up_to_date(out: str) -> bool:
     """Whether the cache holds a conversion at `out` by this npllama's converters (one an
     older npllama made may lack what they now import, e.g. a chat template)."""
     from .checkpoint import CONVERTER
-    from .formats.untrusted import read_json
+    from ..untrusted import read_json
     if not os.path.isfile(os.path.join(out, "index.json")):
         return False
     try:
@@ -120,7 +120,7 @@ def file_stamp(path: str) -> list[int]:
 def read_memo(path: str) -> dict:
     """hashes.json: {path: stamp + [sha256]}. A cache npllama wrote, but read as untrusted
     (regular file, bounded, checked JSON); unreadable or damaged, it is recomputed."""
-    from .formats.untrusted import read_json
+    from ..untrusted import read_json
     try:
         memo = read_json(path, CheckpointError)
     except CheckpointError:

@@ -9,8 +9,8 @@ import base64
 import hashlib
 import os
 
-from .errors import TokenizerError
-from .formats.untrusted import inside, read_bounded, read_json
+from ..errors import TokenizerError
+from ..untrusted import inside, read_bounded, read_json
 from .tokenizer import LLAMA3_PAT_STR, LLAMA3_RANKS, LLAMA3_SHA256, chat_format_of
 
 MAX_HF_TOKENIZER_BYTES = 100 * 1024**2   # Llama 3's tokenizer.json is 9 MB

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import ops
 from .config import ModelArgs
-from .errors import UsageError
+from ..errors import UsageError
 
 GiB = 1024**3
 PREFILL_CHUNK = 1024      # tokens per forward pass when prefilling a longer prompt

@@ -7,13 +7,13 @@ import os
 import sys
 
 from .checkpoint import write_checkpoint
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .formats.source import Source
 
 
 def detect(src: str) -> str:
     if os.path.isfile(src):
-        from .formats.untrusted import open_regular
+        from ..untrusted import open_regular
         with open_regular(src) as f:
             if f.read(4) == b"GGUF":
                 return "gguf"

@@ -14,9 +14,9 @@ import numpy as np
 
 from . import bf16, memory
 from .config import ModelArgs
-from .errors import UsageError, WeightError  # noqa: F401  (WeightError: re-exported, as before)
+from ..errors import UsageError, WeightError  # noqa: F401  (WeightError: re-exported, as before)
 from .ops import apply_rotary_emb, blocked_attention, identity, precompute_freqs_cis, rms_norm, swiglu
-from .tracing import IGNORE, recorder
+from .observer import IGNORE, recorder
 # expected_shapes is documented as npllama.model.expected_shapes; as_float32 was here before.
 from .weights import Weights, as_float32, available_memory, expected_shapes  # noqa: F401
 

@@ -41,8 +41,8 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 
 
 from .chat_template import MAX_TEMPLATE_CHARS
-from .errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
-from .formats.untrusted import describe, inside, read_bounded, read_json
+from ..errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
+from ..untrusted import describe, inside, read_bounded, read_json
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-from .errors import ConfigError  # noqa: F401  (re-exported)
+from ..errors import ConfigError  # noqa: F401  (re-exported)
 
 
 # Far beyond every released Llama (405B: dim 16384, 126 layers, 128 heads, 128256 tokens,
@@ -123,7 +123,7 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> "ModelArgs":
-        from .formats.untrusted import read_json
+        from ..untrusted import read_json
         params = read_json(os.fspath(path), ConfigError)
         try:
             return cls.from_dict(params, **overrides)

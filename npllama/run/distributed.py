@@ -21,15 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import STORAGE, open_tensors, read_checked
-from .config import ModelArgs
-from .errors import CheckpointError, MissingDependencyError, NpllamaError, StageError, UsageError
-from .formats.untrusted import numel
-from .memory import PREFILL_CHUNK
-from .model import DTYPES, Transformer
-from .tracing import IGNORE, Recorder
-from .version import __version__
-from .weights import WEIGHT_MODES, choose_mode, held_names
+from ..io.checkpoint import STORAGE, open_tensors, read_checked
+from ..model.config import ModelArgs
+from ..errors import CheckpointError, MissingDependencyError, NpllamaError, StageError, UsageError
+from ..untrusted import numel
+from ..model.memory import PREFILL_CHUNK
+from ..model.model import DTYPES, Transformer
+from ..model.observer import IGNORE, Recorder
+from ..version import __version__
+from ..model.weights import WEIGHT_MODES, choose_mode, held_names
 
 
 def import_ray():

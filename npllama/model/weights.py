@@ -17,7 +17,7 @@ import numpy as np
 
 from . import bf16, tiled
 from .config import ModelArgs
-from .errors import UsageError, WeightError
+from ..errors import UsageError, WeightError
 from .ops import identity
 
 WEIGHT_MODES = ("auto", "resident", "tiled")

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0

@@ -1,0 +1,1 @@
+"""Inspection: trace files and their comparison, golden files, plots, perplexity."""

@@ -1,0 +1,1 @@
+"""Running a model: sampling and generation, and pipeline-parallel inference."""

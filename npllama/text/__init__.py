@@ -1,0 +1,1 @@
+"""Text: tokenizers, chat formats and templates, and tokenizer import from other formats."""
