@@ -94,7 +94,7 @@ def test_cancel_frees_slot_and_queue_bound(weights):
     engine = Engine(Transformer(ARGS, weights, max_batch_size=1), TOK.stop_ids, max_queue=1)
     a = engine.submit(Request([256, 1, 2], 30))
     engine.step()
-    b = engine.submit(Request([256, 3], 5))
+    b = engine.submit(Request([256, 3], 5))   # the one slot is a's: b waits, the queue of 1 is full
     with pytest.raises(QueueFull):
         engine.submit(Request([256, 4], 5))
     engine.cancel(a)

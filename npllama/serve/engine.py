@@ -57,7 +57,7 @@ class Request:
 class Engine:
     """The slots of one model, the queue in front of them, and the step that runs them."""
 
-    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64):
+    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64):  # max_queue: waiting beyond the slots
         self.model, self.stops, self.max_queue = model, set(stop_ids), max_queue
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}                       # slot -> request
@@ -75,8 +75,9 @@ class Engine:
         with self.lock:
             if self.draining:
                 raise Draining("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            if len(self.waiting) + len(self.active) >= self.model.max_batch_size + self.max_queue:
+                raise QueueFull(f"all {self.model.max_batch_size} slots are busy and {len(self.waiting)} "
+                                "requests are waiting already")
             self.waiting.append(req)
             self.lock.notify_all()
         return req
