@@ -102,3 +102,17 @@ def test_cancel_frees_slot_and_queue_bound(weights):
         engine.step()
     assert a.finish_reason == "cancelled" and b.finish_reason == "length" and len(b.tokens) == 5
     assert not engine.active and not engine.waiting
+
+
+def test_shared_prefix_is_prefilled_once(weights):
+    model = Transformer(ARGS, weights, max_batch_size=SLOTS)
+    fed = []
+    forward_rows = model.forward_rows
+    model.forward_rows = lambda tokens, *a, **k: (fed.append(np.asarray(tokens).shape), forward_rows(tokens, *a, **k))[1]
+    engine = Engine(model, TOK.stop_ids)
+    system = [256] + list(b"You are a helpful assistant.")
+    a, b = Request(system + list(b"Hi"), 4), Request(system + list(b"Yo!"), 4)
+    run_mix(engine, [(0, a), (2, b)])
+    prefills = [s for s in fed if s[1] > 1]
+    assert prefills == [(1, len(a.prompt)), (1, 3)]       # b fed only its own 3 tokens
+    assert b.tokens == alone(weights, b).tokens
