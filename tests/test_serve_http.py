@@ -82,6 +82,17 @@ def test_streaming_concatenates_to_the_same_text(tiny, weights):
     assert text == TOK.decode(alone(weights, TOK.encode("Once", bos=TOK.add_bos), 10).tokens)
 
 
+def test_stop_string_cuts_the_text_streamed_or_not(tiny, weights):
+    full = TOK.decode(alone(weights, TOK.encode("Once", bos=TOK.add_bos), 20).tokens)
+    stop = full[5:7]
+    expected = full[:full.find(stop)]
+    client = tiny.client()
+    r = client.completions.create(model="tiny", prompt="Once", max_tokens=20, temperature=0, stop=[stop])
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once", max_tokens=20, temperature=0, stop=stop, stream=True))
+    assert r.choices[0].text == streamed == expected and r.choices[0].finish_reason == "stop"
+
+
 def test_concurrent_clients_get_their_tokens_alone(tiny, weights):
     out = {}
 
