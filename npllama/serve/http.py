@@ -22,6 +22,30 @@ MAX_BODY = 1 << 20
 MAX_TOP_LOGPROBS = 20
 
 
+def body_schema(is_chat: bool) -> dict:
+    """The request body in the OpenAPI schema (the handlers read it themselves, to answer a
+    malformed one in OpenAI's error shape): what schemathesis fuzzes."""
+    number, integer = {"type": "number"}, {"type": "integer"}
+    props = {"max_tokens": integer, "temperature": number, "top_p": number, "seed": integer,
+             "stream": {"type": "boolean"}, "stop": {"type": "array", "items": {"type": "string"}}}
+    if is_chat:
+        props.update(messages={"type": "array", "items": {"type": "object", "properties": {
+            "role": {"type": "string"}, "content": {"type": "string"}}, "required": ["role", "content"]}},
+            logprobs={"type": "boolean"}, top_logprobs=integer)
+    else:
+        props.update(prompt={"type": "string"}, logprobs=integer)
+    schema = {"type": "object", "properties": props, "required": ["messages" if is_chat else "prompt"]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {"type": "integer"}}}}}
+ERRORS = {code: {"description": why, "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code, why in (
+    (400, "bad request"), (401, "missing or wrong API key"), (413, "body too large"), (429, "queue full"),
+    (503, "draining"))}
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", param=None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
@@ -142,7 +166,7 @@ def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None):
     async def health():
         return {"status": "draining" if engine.draining else "ok", "active": engine.n_active()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "npllama"}]}
 
@@ -200,11 +224,11 @@ def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None):
                              "usage": {"prompt_tokens": len(ask.prompt), "completion_tokens": n,
                                        "total_tokens": len(ask.prompt) + n}})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(True), responses=ERRORS)
     async def chat_completions(request: HTTPRequest):
         return await handle(request, True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(False), responses=ERRORS)
     async def completions(request: HTTPRequest):
         return await handle(request, False)
 
