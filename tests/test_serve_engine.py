@@ -116,3 +116,14 @@ def test_shared_prefix_is_prefilled_once(weights):
     prefills = [s for s in fed if s[1] > 1]
     assert prefills == [(1, len(a.prompt)), (1, 3)]       # b fed only its own 3 tokens
     assert b.tokens == alone(weights, b).tokens
+
+
+def test_npllama_imports_and_serve_says_what_to_install_without_the_extra():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import npllama, npllama.cli, npllama.serve.engine\n"
+            "sys.exit(npllama.cli.main(['serve']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "npllama: npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'")
