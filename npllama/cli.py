@@ -623,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub, add_model_args)
     return p
 
 

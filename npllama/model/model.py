@@ -37,7 +37,7 @@ class Attention:
         self.to_cache, self.from_cache = ((bf16.to_bits, bf16.from_bits) if cache_k.dtype == np.uint16
                                           else (identity, identity))
 
-    def __call__(self, x: np.ndarray, start_pos: int, freqs_cis: np.ndarray, record=IGNORE) -> np.ndarray:
+    def __call__(self, x: np.ndarray, start_pos, freqs_cis: np.ndarray, record=IGNORE, rows=None) -> np.ndarray:
         B, T, _ = x.shape
         xq, xk, xv = self.weights.fused(x, self.wqkv)
         xq = xq.reshape(B, T, self.n_heads, self.head_dim)
@@ -47,6 +47,11 @@ class Attention:
         xq = apply_rotary_emb(xq, freqs_cis, self.rnd)
         xk = apply_rotary_emb(xk, freqs_cis, self.rnd)
         record(q_rotated=xq, k_rotated=xk)
+        if rows is not None:
+            output = self.attend_rows(xq, xk, xv, start_pos, rows)
+            out = self.weights.linear(output, self.wo)
+            record(attention=output, attention_out=out)
+            return out
         self.cache_k[:B, start_pos:start_pos + T] = self.to_cache(xk)
         self.cache_v[:B, start_pos:start_pos + T] = self.to_cache(xv)
         keys = self.from_cache(self.cache_k[:B, :start_pos + T])  # (B, S, n_kv_heads, head_dim)
@@ -55,6 +60,21 @@ class Attention:
         output = blocked_attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
         out = self.weights.linear(output, self.wo)
         record(attention=output, attention_out=out)
+        return out
+
+
+    def attend_rows(self, xq, xk, xv, start_pos, rows) -> np.ndarray:
+        """Row b is a sequence of its own, in cache row rows[b] at positions start_pos[b]..:
+        each attends to its own cached keys (different lengths), one row at a time, exactly
+        as that sequence alone (B=1) would. xq (B, T, n_heads, head_dim) -> (B, T, n_heads * head_dim)."""
+        B, T = xq.shape[:2]
+        out = np.empty((B, T, self.n_heads * self.head_dim), np.float32)
+        for b, (row, pos) in enumerate(zip(rows, start_pos)):
+            self.cache_k[row, pos:pos + T] = self.to_cache(xk[b])
+            self.cache_v[row, pos:pos + T] = self.to_cache(xv[b])
+            keys = self.from_cache(self.cache_k[row:row + 1, :pos + T])   # (1, pos + T, n_kv_heads, head_dim)
+            values = self.from_cache(self.cache_v[row:row + 1, :pos + T])
+            out[b] = blocked_attention(xq[b:b + 1], keys, values, int(pos), self.rnd)[0]
         return out
 
 
@@ -85,11 +105,11 @@ class TransformerBlock:
         self.attention_norm = f"layers.{layer_id}.attention_norm.weight"
         self.ffn_norm = f"layers.{layer_id}.ffn_norm.weight"
 
-    def __call__(self, x: np.ndarray, start_pos: int, freqs_cis: np.ndarray, record=IGNORE) -> np.ndarray:
+    def __call__(self, x: np.ndarray, start_pos, freqs_cis: np.ndarray, record=IGNORE, rows=None) -> np.ndarray:
         w, rnd = self.weights.weight, self.rnd
         x_norm = rms_norm(x, w(self.attention_norm), self.norm_eps, rnd)
         record(attention_norm=x_norm)
-        h = rnd(x + self.attention(x_norm, start_pos, freqs_cis, record))
+        h = rnd(x + self.attention(x_norm, start_pos, freqs_cis, record, rows))
         h_norm = rms_norm(h, w(self.ffn_norm), self.norm_eps, rnd)
         record(h=h, ffn_norm=h_norm)
         out = rnd(h + self.feed_forward(h_norm, record))
@@ -163,12 +183,17 @@ class Transformer:
         """tokens (B, T) -> their embedding rows (B, T, dim)."""
         return self.weights.rows("tok_embeddings.weight", tokens)
 
-    def forward_layers(self, h: np.ndarray, start_pos: int, start: int = 0, stop: int | None = None,
-                       record=IGNORE) -> np.ndarray:
+    def forward_layers(self, h: np.ndarray, start_pos, start: int = 0, stop: int | None = None,
+                       record=IGNORE, rows=None) -> np.ndarray:
         """Layers [start, stop) on hidden states h (B, T, dim) at positions start_pos..
-        start_pos+T-1, filling their part of the KV cache -> hidden states (B, T, dim)."""
+        start_pos+T-1, filling their part of the KV cache -> hidden states (B, T, dim).
+        rows (B,) ints: row b is its own sequence in cache row rows[b], at its own position
+        start_pos[b] ((B,) ints): continuous batching (npllama/serve)."""
         B, T, _ = h.shape
-        self.check_positions(B, T, start_pos)
+        if rows is None:
+            self.check_positions(B, T, start_pos)
+        else:
+            rows, start_pos = self.check_rows(B, T, start_pos, rows)
         stop = self.args.n_layers if stop is None else stop
         if not self.held.start <= start <= stop <= self.held.stop:
             raise UsageError(f"layers {start}..{stop - 1} asked of a model holding layers "
@@ -177,11 +202,14 @@ class Transformer:
             # A long prompt goes through the KV cache a chunk at a time: each chunk attends to
             # every position before it, and the activations stay (chunk, ffn_dim).
             n = self.prefill_chunk
-            return np.concatenate([self.forward_layers(h[:, s:s + n], start_pos + s, start, stop)
+            return np.concatenate([self.forward_layers(h[:, s:s + n], start_pos + s, start, stop, rows=rows)
                                    for s in range(0, T, n)], axis=1)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]           # (T, head_dim // 2)
+        if rows is None:
+            freqs_cis = self.freqs_cis[start_pos:start_pos + T]       # (T, head_dim // 2)
+        else:
+            freqs_cis = self.freqs_cis[start_pos[:, None] + np.arange(T)]  # (B, T, head_dim // 2)
         for layer in self.layers[start - self.held.start:stop - self.held.start]:
-            h = layer(h, start_pos, freqs_cis, record.layer(layer.layer_id))
+            h = layer(h, start_pos, freqs_cis, record.layer(layer.layer_id), rows)
         return h
 
     def head(self, h: np.ndarray, record=IGNORE) -> np.ndarray:
@@ -216,7 +244,8 @@ class Transformer:
 
     __call__ = forward
 
-    def forward_stage(self, x: np.ndarray, start_pos: int, record=IGNORE, last_only: bool = False) -> np.ndarray:
+    def forward_stage(self, x: np.ndarray, start_pos, record=IGNORE, last_only: bool = False,
+                      rows=None) -> np.ndarray:
         """The part of the forward pass this model holds: x is tokens (B, T) if it holds the
         first layer (they are embedded), else hidden states (B, T, dim); then its layers; then,
         if it holds the last layer, the head -> logits (B, T, vocab), or (B, 1, vocab) with
@@ -225,7 +254,7 @@ class Transformer:
         if self.held.start == 0:
             h = self.embed(x)                                         # (B, T, dim)
             record(tokens=x, token_embeddings=h)
-        h = self.forward_layers(h, start_pos, self.held.start, self.held.stop, record)
+        h = self.forward_layers(h, start_pos, self.held.start, self.held.stop, record, rows)
         if self.held.stop < self.args.n_layers:
             return h
         return self.head(h[:, -1:] if last_only else h, record)      # (B, T or 1, vocab)
@@ -239,6 +268,37 @@ class Transformer:
         self.check_positions(tokens.size // tokens.shape[-1], tokens.shape[-1], start_pos)
         if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
             raise UsageError(f"token ids must be in [0, {self.args.vocab_size}), got {tokens.min()}..{tokens.max()}")
+
+    def forward_rows(self, tokens, start_pos, rows, last_only: bool = True) -> np.ndarray:
+        """Continuous batching: tokens (B, T) ints, row b a sequence of its own in cache row
+        rows[b] at positions start_pos[b]..start_pos[b]+T-1 -> logits (B, vocab) with
+        last_only, else (B, T, vocab). The projections run as one GEMM over all rows;
+        attention runs row by row over each row's own cache (npllama/serve/engine.py)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise UsageError(f"forward_rows takes tokens (B, T), got shape {tokens.shape}")
+        self.check_tokens(tokens, 0)
+        logits = self.forward_stage(tokens, start_pos, last_only=last_only, rows=rows)
+        return logits[:, 0] if last_only else logits
+
+    def copy_rows(self, src: int, dst: int, n: int) -> None:
+        """Positions 0..n-1 of cache row src into cache row dst (a shared prompt prefix)."""
+        self.check_rows(1, n, [0], [dst])
+        self.check_rows(1, n, [0], [src])
+        self.cache_k[:, dst, :n] = self.cache_k[:, src, :n]
+        self.cache_v[:, dst, :n] = self.cache_v[:, src, :n]
+
+    def check_rows(self, B: int, T: int, start_pos, rows) -> tuple[np.ndarray, np.ndarray]:
+        """rows: B distinct cache rows; start_pos: B positions, each with T tokens in the context."""
+        rows, start_pos = np.asarray(rows), np.asarray(start_pos)
+        if rows.shape != (B,) or start_pos.shape != (B,) or not (np.issubdtype(rows.dtype, np.integer)
+                                                                 and np.issubdtype(start_pos.dtype, np.integer)):
+            raise UsageError(f"rows and start_pos must be {B} integers each, got shapes {rows.shape}, {start_pos.shape}")
+        if len(set(rows.tolist())) != B or rows.min() < 0 or rows.max() >= self.max_batch_size:
+            raise UsageError(f"rows must be distinct cache rows in [0, {self.max_batch_size}), got {rows.tolist()}")
+        for pos in start_pos.tolist():
+            self.check_positions(1, T, pos)
+        return rows, start_pos
 
     def check_positions(self, B: int, T: int, start_pos: int) -> None:
         if B > self.max_batch_size:

@@ -89,8 +89,10 @@ def apply_rotary_emb(x: np.ndarray, freqs_cis: np.ndarray, rnd=identity) -> np.n
     # is (re cos - im sin, im cos + re sin) with every product rounded before it is added:
     # torch's vectorized complex64 multiply, bit for bit. numpy's complex multiply fuses one
     # product into the sum (an FMA) and differs in the last bit on ~25% of elements.
-    cos = np.ascontiguousarray(freqs_cis.real)[None, :, None, :]
-    i_sin = (1j * freqs_cis.imag).astype(np.complex64)[None, :, None, :]
+    # freqs_cis (B, T, head_dim // 2) gives each row its own positions (continuous batching).
+    B, T, half = (1, *freqs_cis.shape) if freqs_cis.ndim == 2 else freqs_cis.shape
+    cos = np.ascontiguousarray(freqs_cis.real).reshape(B, T, 1, half)
+    i_sin = (1j * freqs_cis.imag).astype(np.complex64).reshape(B, T, 1, half)
     out = xc * cos
     out += xc * i_sin
     return rnd(out.view(np.float32).reshape(x.shape))

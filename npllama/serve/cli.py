@@ -1,0 +1,77 @@
+"""`npllama serve`: its parser and runner (cli.py calls add_parser)."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+
+from ..errors import MissingDependencyError, TokenizerError, UsageError
+
+
+def add_parser(sub, add_model_args) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health for the "
+                       "model given by -m (fixed at start). Needs the extra: pip install 'npllama[serve]'.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    s.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
+    s.add_argument("--queue", type=int, default=64, help="waiting requests beyond the slots before 429 (default 64)")
+    add_model_args(s)
+    s.set_defaults(func=run)
+
+
+def check_host(host: str, api_key: str | None) -> None:
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and api_key is None:
+        raise UsageError(f"--host {host} is not loopback: give --api-key too")
+
+
+def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
+    """(app, engine, stop event, engine thread) for a Generator's model and tokenizer."""
+    from ..tokenizer import chat_format
+    from .engine import Engine
+    from .http import create_app
+    engine = Engine(gen.model, gen.tokenizer.stop_ids, slots_queue[1])
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True, name="npllama-engine")
+    thread.start()
+    try:
+        chat = chat_format(gen.tokenizer)
+    except TokenizerError:
+        chat = None   # a base model: /v1/chat/completions answers 400
+    app = create_app(engine, gen.tokenizer, chat, name, api_key)
+
+    @app.on_event("shutdown")
+    def drain():
+        engine.draining = True   # new requests get 503; uvicorn has let in-flight ones finish
+        stop.set()
+        thread.join()
+    app.state.engine_thread = thread
+    return app, engine
+
+
+def run(a) -> int:
+    try:
+        import uvicorn
+        import fastapi  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'") from None
+    check_host(a.host, a.api_key)
+    if a.ray is not None:
+        raise UsageError("npllama serve --ray is not implemented yet: serve runs on one machine")
+    if a.slots <= 0 or a.queue < 0:
+        raise UsageError("--slots must be >= 1 and --queue >= 0")
+    from ..cli import open_model
+    gen = open_model(a, max_batch_size=a.slots)
+    app, _ = build(gen, (a.slots, a.queue), a.api_key, a.model or "SmolLM2-135M-Instruct")
+    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((a.host, a.port))
+    print(f"npllama serve: http://{a.host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0

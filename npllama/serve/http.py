@@ -1,0 +1,235 @@
+"""The OpenAI-compatible HTTP layer on FastAPI + uvicorn (the optional extra `serve`), over
+one Engine whose thread does all the model work; handlers only queue requests and relay tokens.
+Imported only by `npllama serve` (FastAPI resolves the handlers' annotations from this module).
+
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request,
+401 bad key, 404, 413 body too large, 429 queue full, 503 draining.
+"""
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import NpllamaError, UsageError
+from ..generate import SamplingParams
+from .engine import Draining, Engine, QueueFull, Request
+
+MAX_BODY = 1 << 20
+MAX_TOP_LOGPROBS = 20
+
+
+def body_schema(is_chat: bool) -> dict:
+    """The request body in the OpenAPI schema (the handlers read it themselves, to answer a
+    malformed one in OpenAI's error shape): what schemathesis fuzzes."""
+    number, integer = {"type": "number"}, {"type": "integer"}
+    props = {"max_tokens": integer, "temperature": number, "top_p": number, "seed": integer,
+             "stream": {"type": "boolean"}, "stop": {"type": "array", "items": {"type": "string"}}}
+    if is_chat:
+        props.update(messages={"type": "array", "items": {"type": "object", "properties": {
+            "role": {"type": "string"}, "content": {"type": "string"}}, "required": ["role", "content"]}},
+            logprobs={"type": "boolean"}, top_logprobs=integer)
+    else:
+        props.update(prompt={"type": "string"}, logprobs=integer)
+    schema = {"type": "object", "properties": props, "required": ["messages" if is_chat else "prompt"]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {"type": "integer"}}}}}
+ERRORS = {code: {"description": why, "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code, why in (
+    (400, "bad request"), (401, "missing or wrong API key"), (413, "body too large"), (429, "queue full"),
+    (503, "draining"))}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+@dataclass
+class Ask:
+    """What a request body asks for, checked."""
+    prompt: list
+    max_tokens: int
+    sampling: SamplingParams
+    n_top: int
+    want_logprobs: bool
+    stop: list
+    stream: bool
+
+
+def parse(raw: bytes, is_chat: bool, chat, tokenizer, context: int) -> Ask:
+    """A request body -> Ask; ValueError, KeyError, TypeError or an NpllamaError if it is bad."""
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    if is_chat and chat is None:
+        raise ValueError("this model has no chat template: use /v1/completions")
+    if is_chat:
+        prompt = chat.encode_dialog_prompt(body["messages"])
+    else:
+        p = body["prompt"]
+        prompt = tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else [int(t) for t in p]
+    n_top = int(body.get("top_logprobs") or 0) if is_chat else int(body.get("logprobs") or 0)
+    want = bool(body.get("logprobs")) if is_chat else body.get("logprobs") is not None
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else [str(s) for s in stop if s]
+    temperature = body.get("temperature")
+    sampling = SamplingParams(temperature=1.0 if temperature is None else float(temperature),
+                              top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    max_tokens = context - len(prompt) if max_tokens is None else int(max_tokens)
+    if max_tokens < 0 or not 0 <= n_top <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"max_tokens must be >= 0 and logprobs at most {MAX_TOP_LOGPROBS}")
+    return Ask(prompt, max_tokens, sampling, n_top, want, stop, bool(body.get("stream")))
+
+
+def logprob_entry(tokenizer, is_chat: bool, token: int, lp: float, top) -> dict:
+    """One token's logprobs: chat's content[] entry, or completions' per-token lists."""
+    text = lambda t: tokenizer.decode([t])  # noqa: E731
+    if is_chat:
+        return {"token": text(token), "logprob": lp, "bytes": list(tokenizer.token_bytes(token)),
+                "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+                                 for t, v in top]}
+    by_text = {}   # completions key them by text: the likelier of two tokens that decode alike
+    for t, v in top:
+        by_text.setdefault(text(t), v)
+    return {"tokens": [text(token)], "token_logprobs": [lp], "top_logprobs": [by_text]}
+
+
+def choice(is_chat: bool, stream: bool, content: str, lps: list, want: bool, finish) -> dict:
+    c = {"index": 0, "finish_reason": finish}
+    if is_chat:
+        c["delta" if stream else "message"] = {"role": "assistant", "content": content}
+        c["logprobs"] = {"content": lps} if want else None
+    else:
+        c["text"] = content
+        c["logprobs"] = {k: [v for e in lps for v in e[k]] for k in ("tokens", "token_logprobs", "top_logprobs")} \
+            if want else None
+    return c
+
+
+class Relay:
+    """One request's tokens, from the engine's thread to the handler's event loop, as text
+    pieces: text that could still become a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, stop: list):
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.decoder, self.stop, self.text, self.sent = tokenizer.stream_decoder(), stop, "", 0
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def on_token(self, req, token, lp, top) -> bool:          # engine thread; False: a stop string
+        self.text += self.decoder.add(token)
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text = self.text[:min(hits)]
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (token, lp, top, bool(hits)))
+        return not hits
+
+    def on_done(self, req) -> None:                           # engine thread
+        if not any(s in self.text for s in self.stop):
+            self.text += self.decoder.flush()                 # an unfinished UTF-8 character, as U+FFFD
+        self.loop.call_soon_threadsafe(self.events.put_nowait, None)
+
+    async def pieces(self):
+        """(text piece, token, logprob, top) per token, then ("rest", None...) once done."""
+        while (ev := await self.events.get()) is not None:
+            token, lp, top, hit = ev
+            end = len(self.text) if hit else max(self.sent, len(self.text) - self.hold)
+            piece, self.sent = self.text[self.sent:end], end
+            yield piece, (token, lp, top)
+        if self.sent < len(self.text):
+            yield self.text[self.sent:], None
+
+
+def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None):
+    app = FastAPI(title="npllama serve")
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next):
+        if api_key is not None and request.url.path != "/health" and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            return error(401, "invalid API key", "authentication_error")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return error(413, f"request body over {MAX_BODY} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(404)
+    async def not_found(request, exc):
+        return error(404, f"no route {request.url.path}", "not_found_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "draining" if engine.draining else "ok", "active": engine.n_active()}
+
+    @app.get("/v1/models", responses={401: ERRORS[401]})
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "npllama"}]}
+
+    async def handle(request: HTTPRequest, is_chat: bool):
+        try:
+            ask = parse(await request.body(), is_chat, chat, tokenizer, engine.model.max_seq_len)
+        except (ValueError, KeyError, TypeError, NpllamaError) as e:
+            return error(400, f"bad request: {e}")
+        relay = Relay(tokenizer, ask.stop)
+        req = Request(ask.prompt, ask.max_tokens, ask.sampling, ask.n_top, relay.on_token, relay.on_done)
+        try:
+            engine.submit(req)
+        except QueueFull as e:
+            return error(429, str(e), "rate_limit_error")
+        except Draining as e:
+            return error(503, str(e), "server_error")
+        except UsageError as e:
+            return error(400, str(e), param="max_tokens")
+        respond = stream_response if ask.stream else whole_response
+        return await respond(ask, req, relay, is_chat)
+
+    def head(is_chat: bool, stream: bool) -> dict:
+        kind = "chat.completion" if is_chat else "text_completion"
+        return {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": kind + ".chunk" if is_chat and stream else kind, "created": int(time.time()),
+                "model": model_name}
+
+    def finish(req) -> str:
+        return "length" if req.finish_reason == "length" else "stop"
+
+    async def stream_response(ask, req, relay, is_chat):
+        top = head(is_chat, True)
+        entry = lambda t: [logprob_entry(tokenizer, is_chat, *t)] if t else []  # noqa: E731
+
+        async def sse():
+            try:
+                async for piece, tok in relay.pieces():
+                    yield f"data: {json.dumps({**top, 'choices': [choice(is_chat, True, piece, entry(tok), ask.want_logprobs, None)]})}\n\n"  # noqa: E501
+                last = choice(is_chat, True, "", [], ask.want_logprobs, finish(req))
+                yield f"data: {json.dumps({**top, 'choices': [last]})}\n\ndata: [DONE]\n\n"
+            finally:
+                engine.cancel(req)   # a client gone mid-stream frees its slot; a no-op once done
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def whole_response(ask, req, relay, is_chat):
+        try:
+            parts = [p async for p in relay.pieces()]
+        finally:
+            engine.cancel(req)
+        lps = [logprob_entry(tokenizer, is_chat, *t) for _, t in parts if t]
+        n = len(req.tokens)
+        return JSONResponse({**head(is_chat, False),
+                             "choices": [choice(is_chat, False, "".join(p for p, _ in parts), lps,
+                                                ask.want_logprobs, finish(req))],
+                             "usage": {"prompt_tokens": len(ask.prompt), "completion_tokens": n,
+                                       "total_tokens": len(ask.prompt) + n}})
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(True), responses=ERRORS)
+    async def chat_completions(request: HTTPRequest):
+        return await handle(request, True)
+
+    @app.post("/v1/completions", openapi_extra=body_schema(False), responses=ERRORS)
+    async def completions(request: HTTPRequest):
+        return await handle(request, False)
+
+    return app

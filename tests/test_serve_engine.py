@@ -1,0 +1,129 @@
+"""Continuous batching (npllama/serve/engine.py): a batched step with each row at its own
+position equals each sequence alone, and a request's tokens in any concurrent mix equal the
+tokens npllama's Generator gives it alone."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from npllama import Transformer
+from npllama.generate import Generator, SamplingParams
+from npllama.serve.engine import Engine, QueueFull, Request
+from oracles import byte_tokenizer, random_weights, small_args
+
+ARGS = small_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=64)
+TOK = byte_tokenizer()
+SLOTS = 4
+# float32 logits from a GEMM row and a GEMV of the same vectors differ only in summation
+# order: a few ulps of values of magnitude ~10, so 1e-4 absolute bounds the logits and
+# their log-softmax with a wide margin (measured differences: see test_logprobs_measured).
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def weights():
+    w = random_weights(ARGS, seed=3)
+    w["output.weight"][256:] = 0.0   # control tokens (stop ids) rarely win: runs reach max_tokens
+    return w
+
+
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=SLOTS),
+       starts=st.lists(st.integers(0, 30), min_size=SLOTS, max_size=SLOTS), data=st.data())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_batched_step_equals_each_row_alone(weights, lengths, starts, data):
+    batched = Transformer(ARGS, weights, max_batch_size=SLOTS)
+    rows = data.draw(st.permutations(range(SLOTS)))[:len(lengths)]
+    rng = np.random.default_rng(len(lengths))
+    seqs = [rng.integers(0, 256, starts[i] + 1) for i in range(len(lengths))]
+    expected = []
+    for seq, row in zip(seqs, rows):
+        alone = Transformer(ARGS, weights)
+        alone.forward(seq[:-1], 0) if len(seq) > 1 else None
+        expected.append(alone.forward(seq[-1:], len(seq) - 1)[-1])
+        if len(seq) > 1:
+            batched.forward_rows(seq[None, :-1], [0], [row])
+    got = batched.forward_rows(np.array([[s[-1]] for s in seqs]), [len(s) - 1 for s in seqs], rows)
+    np.testing.assert_allclose(got, np.array(expected), rtol=0, atol=TOL)
+
+
+def alone(weights, req):
+    g = Generator(Transformer(ARGS, weights), TOK)
+    return g.generate(req.prompt, req.max_tokens, req.sampling, logprobs=True)
+
+
+def run_mix(engine, arrivals):
+    """arrivals: (step, Request); submits each at its step, steps until all are done."""
+    pending, step = sorted(arrivals, key=lambda a: a[0]), 0
+    while pending or engine.n_active():
+        while pending and pending[0][0] <= step:
+            engine.submit(pending.pop(0)[1])
+        engine.step()
+        step += 1
+        assert step < 1000
+
+
+request = st.builds(lambda n, m, t, seed, shared: Request(
+    ([256] + list(b"You are kind.") if shared else [256]) + list(np.random.default_rng(seed).integers(0, 256, n)),
+    m, SamplingParams(temperature=t, top_p=0.9 if t else 1.0, seed=seed)),
+    st.integers(1, 12), st.integers(0, 12), st.sampled_from([0.0, 0.8]), st.integers(0, 2**31), st.booleans())
+
+
+@given(mix=st.lists(st.tuples(st.integers(0, 15), request), min_size=1, max_size=7))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_tokens_in_any_mix_equal_tokens_alone(weights, mix):
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids)
+    run_mix(engine, mix)
+    for _, req in mix:
+        ref = alone(weights, req)
+        assert req.tokens == ref.tokens
+        np.testing.assert_allclose(req.logprobs, ref.logprobs, rtol=0, atol=TOL)
+    assert engine.n_active() == 0 and not engine.active
+
+
+def test_logprobs_measured(weights, capsys):
+    """Not a pass/fail claim on bits: prints how far batched logprobs are from alone ones."""
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids)
+    reqs = [Request([256] + list(b"abc"[:i + 1]), 20) for i in range(SLOTS)]
+    run_mix(engine, [(i, r) for i, r in enumerate(reqs)])
+    diffs = [np.abs(np.array(r.logprobs) - alone(weights, r).logprobs).max() for r in reqs]
+    with capsys.disabled():
+        print(f"\nbatched vs alone logprobs: max |diff| {max(diffs):.3g}, bit-identical: {max(diffs) == 0}")
+    assert max(diffs) <= TOL
+
+
+def test_cancel_frees_slot_and_queue_bound(weights):
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=1), TOK.stop_ids, max_queue=1)
+    a = engine.submit(Request([256, 1, 2], 30))
+    engine.step()
+    b = engine.submit(Request([256, 3], 5))   # the one slot is a's: b waits, the queue of 1 is full
+    with pytest.raises(QueueFull):
+        engine.submit(Request([256, 4], 5))
+    engine.cancel(a)
+    while engine.n_active():
+        engine.step()
+    assert a.finish_reason == "cancelled" and b.finish_reason == "length" and len(b.tokens) == 5
+    assert not engine.active and not engine.waiting
+
+
+def test_shared_prefix_is_prefilled_once(weights):
+    model = Transformer(ARGS, weights, max_batch_size=SLOTS)
+    fed = []
+    forward_rows = model.forward_rows
+    model.forward_rows = lambda tokens, *a, **k: (fed.append(np.asarray(tokens).shape), forward_rows(tokens, *a, **k))[1]
+    engine = Engine(model, TOK.stop_ids)
+    system = [256] + list(b"You are a helpful assistant.")
+    a, b = Request(system + list(b"Hi"), 4), Request(system + list(b"Yo!"), 4)
+    run_mix(engine, [(0, a), (2, b)])
+    prefills = [s for s in fed if s[1] > 1]
+    assert prefills == [(1, len(a.prompt)), (1, 3)]       # b fed only its own 3 tokens
+    assert b.tokens == alone(weights, b).tokens
+
+
+def test_npllama_imports_and_serve_says_what_to_install_without_the_extra():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import npllama, npllama.cli, npllama.serve.engine\n"
+            "sys.exit(npllama.cli.main(['serve']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "npllama: npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'")
