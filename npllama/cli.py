@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
     from .serve.cli import add_parser as add_serve_parser
-    add_serve_parser(sub, add_model_args)
+    add_serve_parser(sub, add_model_args, open_model)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Continuous batching (npllama/serve/engine.py): a batched step with each row at its own
+"""Continuous batching (npllama/run/batching.py): a batched step with each row at its own
 position equals each sequence alone, and a request's tokens in any concurrent mix equal the
 tokens npllama's Generator gives it alone."""
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npllama import Transformer
-from npllama.generate import Generator, SamplingParams
-from npllama.serve.engine import Engine, QueueFull, Request
+from npllama.run.generate import Generator, SamplingParams
+from npllama.run.batching import Engine, QueueFull, Request
 from oracles import byte_tokenizer, random_weights, small_args
 
 ARGS = small_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=64)
@@ -122,7 +122,7 @@ def test_npllama_imports_and_serve_says_what_to_install_without_the_extra():
     import subprocess
     import sys
     code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
-            "import npllama, npllama.cli, npllama.serve.engine\n"
+            "import npllama, npllama.cli, npllama.run.batching\n"
             "sys.exit(npllama.cli.main(['serve']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == (

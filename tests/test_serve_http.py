@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from npllama import Transformer
-from npllama.generate import Generator, SamplingParams
+from npllama.run.generate import Generator, SamplingParams
 from npllama.serve.cli import build, check_host
 from oracles import byte_tokenizer, random_weights, small_args
 
@@ -135,7 +135,7 @@ def test_disconnect_mid_stream_frees_the_slot(tiny):
 
 
 def test_queue_full_is_429_and_draining_503(weights):
-    from npllama.serve.engine import Request
+    from npllama.run.batching import Request
     s = Server(Generator(Transformer(ARGS, weights, max_batch_size=1), TOK), slots=1, queue=0)
     h = {"Authorization": f"Bearer {KEY}"}
     step = s.engine.step

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from npllama import Transformer
-from npllama.generate import Generator
+from npllama.run.generate import Generator
 from npllama.serve.cli import build
 from oracles import byte_tokenizer, random_weights, small_args
 

@@ -12,7 +12,7 @@ import pytest
 
 from npllama import hub
 from npllama.cli import open_model
-from npllama.tokenizer import chat_format
+from npllama.text.tokenizer import chat_format
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")

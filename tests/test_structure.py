@@ -25,14 +25,16 @@ PACKAGE = os.path.dirname(os.path.abspath(npllama.__file__))
 # The layers, bottom first: a module may import its own layer and those below it, never one
 # above. errors, version and untrusted (the one hardened file-reading layer, which the
 # tokenizers use as much as the checkpoint readers) are the base; the top-level facade
-# (__init__, __main__, testing) may import anything.
-LAYERS = ["base", "model", "text", "io", "run", "inspect", "bench", "cli", "facade"]
+# (__init__, __main__, testing) may import anything. serve is the HTTP server over run.
+LAYERS = ["base", "model", "text", "io", "run", "inspect", "bench", "serve", "cli", "facade"]
 BASE, FACADE = {"errors", "version", "untrusted"}, {"__init__", "__main__", "testing"}
 
 
 def layer_of(module: str) -> str:
     """npllama.model.ops -> "model"; npllama.errors -> "base"; npllama.testing -> "facade"."""
     parts = module.split(".")[1:] or ["__init__"]
+    if parts[-1] == "cli":
+        return "cli"   # a command group's own parser and runner (npllama.serve.cli) is CLI
     if len(parts) == 1:
         return "base" if parts[0] in BASE else "cli" if parts[0] == "cli" else "facade"
     return parts[0]

@@ -273,7 +273,7 @@ class Transformer:
         """Continuous batching: tokens (B, T) ints, row b a sequence of its own in cache row
         rows[b] at positions start_pos[b]..start_pos[b]+T-1 -> logits (B, vocab) with
         last_only, else (B, T, vocab). The projections run as one GEMM over all rows;
-        attention runs row by row over each row's own cache (npllama/serve/engine.py)."""
+        attention runs row by row over each row's own cache (npllama/run/batching.py)."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise UsageError(f"forward_rows takes tokens (B, T), got shape {tokens.shape}")

@@ -9,7 +9,8 @@ import threading
 from ..errors import MissingDependencyError, TokenizerError, UsageError
 
 
-def add_parser(sub, add_model_args) -> None:
+def add_parser(sub, add_model_args, open_model) -> None:
+    """The serve command; `open_model(args, max_batch_size=...)` is the CLI's model opener."""
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health for the "
                        "model given by -m (fixed at start). Needs the extra: pip install 'npllama[serve]'.")
@@ -19,7 +20,7 @@ def add_parser(sub, add_model_args) -> None:
     s.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
     s.add_argument("--queue", type=int, default=64, help="waiting requests beyond the slots before 429 (default 64)")
     add_model_args(s)
-    s.set_defaults(func=run)
+    s.set_defaults(func=lambda a: run(a, open_model))
 
 
 def check_host(host: str, api_key: str | None) -> None:
@@ -33,8 +34,8 @@ def check_host(host: str, api_key: str | None) -> None:
 
 def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
     """(app, engine, stop event, engine thread) for a Generator's model and tokenizer."""
-    from ..tokenizer import chat_format
-    from .engine import Engine
+    from ..text.tokenizer import chat_format
+    from ..run.batching import Engine
     from .http import create_app
     engine = Engine(gen.model, gen.tokenizer.stop_ids, slots_queue[1])
     stop = threading.Event()
@@ -55,7 +56,7 @@ def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
     return app, engine
 
 
-def run(a) -> int:
+def run(a, open_model) -> int:
     try:
         import uvicorn
         import fastapi  # noqa: F401
@@ -66,7 +67,6 @@ def run(a) -> int:
         raise UsageError("npllama serve --ray is not implemented yet: serve runs on one machine")
     if a.slots <= 0 or a.queue < 0:
         raise UsageError("--slots must be >= 1 and --queue >= 0")
-    from ..cli import open_model
     gen = open_model(a, max_batch_size=a.slots)
     app, _ = build(gen, (a.slots, a.queue), a.api_key, a.model or "SmolLM2-135M-Instruct")
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)

@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import NpllamaError, UsageError
-from ..generate import SamplingParams
-from .engine import Draining, Engine, QueueFull, Request
+from ..run.generate import SamplingParams
+from ..run.batching import Draining, Engine, QueueFull, Request
 
 MAX_BODY = 1 << 20
 MAX_TOP_LOGPROBS = 20

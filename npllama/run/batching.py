@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import NpllamaError, UsageError
-from ..generate import SamplingParams, most_likely, sample, softmax64
+from .generate import SamplingParams, most_likely, sample, softmax64
 
 
 class QueueFull(NpllamaError, RuntimeError):
