@@ -9,6 +9,19 @@ import sys
 from .errors import NpllamaError, UsageError
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum, refused before any model loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def cmd_convert(a) -> int:
     from .io.convert import convert
     index = convert(a.src, a.dst, dtype=a.dtype, force=a.force,
@@ -459,8 +472,8 @@ def add_sampling_args(p):
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=at_least(0), default=None, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=256)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -575,9 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the logits in llama.cpp's base-file format; --kl-divergence reads one (from llama.cpp or "
                         "npllama) and prints llama.cpp's KL statistics.")
     pp.add_argument("-f", "--file", help="the text to score (UTF-8)")
-    pp.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=None, metavar="N",
+    pp.add_argument("-c", "--ctx-size", dest="n_ctx", type=at_least(1), default=None, metavar="N",
                     help="tokens per chunk (default 512; with --kl-divergence, the base file's)")
-    pp.add_argument("-b", "--batch", type=int, default=None, metavar="N",
+    pp.add_argument("-b", "--batch", type=at_least(1), default=None, metavar="N",
                     help="tokens per forward pass (default: one chunk); below -c a chunk is fed in pieces, a "
                     "multiple of -c runs that many chunks together")
     pp.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N chunks")

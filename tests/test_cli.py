@@ -1,4 +1,5 @@
 """The npllama command line, driven as a user would: subprocesses, pipes, exit codes."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,19 @@ def test_ctrl_c_ends_chat_cleanly(model_dir):
 def test_version():
     r = run("--version")
     assert r.returncode == 0 and r.stdout == f"npllama {npllama.__version__}\n"
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["generate", "--seed", "-1", "--temperature", "0.5", "hi"], "--seed"),
+    (["perplexity", "-c", "0", "-f", "nothing.txt"], "-c/--ctx-size"),
+    (["perplexity", "-c", "-5", "-f", "nothing.txt"], "-c/--ctx-size"),
+    (["generate", "--max-new-tokens", "-3", "hi"], "--max-new-tokens"),
+])
+def test_bad_numbers_are_refused_naming_the_argument_before_any_model_loads(argv, name, tmp_path):
+    # NPLLAMA_CACHE points at an empty folder: had the model been opened first, the error
+    # would be about fetching it, not about the argument.
+    env = {**os.environ, "NPLLAMA_CACHE": str(tmp_path / "empty-cache")}
+    r = subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"argument {name}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "empty-cache").exists()
