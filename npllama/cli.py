@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("-f", "--file", help="the text to score (UTF-8)")
     pp.add_argument("-c", "--ctx-size", dest="n_ctx", type=at_least(1), default=None, metavar="N",
                     help="tokens per chunk (default 512; with --kl-divergence, the base file's)")
-    pp.add_argument("-b", "--batch", type=at_least(1), default=None, metavar="N",
+    pp.add_argument("-b", "--batch", type=int, default=None, metavar="N",
                     help="tokens per forward pass (default: one chunk); below -c a chunk is fed in pieces, a "
                     "multiple of -c runs that many chunks together")
     pp.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N chunks")

@@ -276,7 +276,7 @@ def test_gguf_round_trips(tmp_path, weights):
     """npllama -> GGUF (tools/export_gguf.py, gguf's writer) -> npllama. The importer's name
     mapping is also checked against a real llama.cpp GGUF in test_smollm2."""
     import gguf
-    from export_gguf import export
+    from tools.export_gguf import export
     checkpoint.write_checkpoint(str(tmp_path / "np"), ARGS, iter(weights.items()), 0, len(weights), quiet=True)
     export(str(tmp_path / "np"), str(tmp_path / "m.gguf"), "f32")
     convert(str(tmp_path / "m.gguf"), str(tmp_path / "out"), quiet=True)
@@ -430,7 +430,7 @@ def test_loading_maps_instead_of_reading(tmp_path):
 
 
 def test_gguf_rope_scaling_round_trips_as_llama_cpp_rope_freqs(tmp_path):
-    from export_gguf import export
+    from tools.export_gguf import export
     from oracles import write_random_model
     args = small_args(dim=256, n_heads=4, n_kv_heads=2, use_scaled_rope=True, rope_theta=500000.0,
                       rope_scaling_factor=32.0)

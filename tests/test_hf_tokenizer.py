@@ -368,7 +368,7 @@ def test_chat_template_jinja_is_bounded_utf8_text(small_hf, tmp_path, monkeypatc
     (src / "chat_template.jinja").write_bytes(b"\xff")
     with pytest.raises(TokenizerError, match="chat_template.jinja: not UTF-8 text"):
         hf_tokenizer_spec(str(src))
-    monkeypatch.setattr(npllama.chat_template, "MAX_TEMPLATE_CHARS", 10)
+    monkeypatch.setattr(npllama.text.chat_template, "MAX_TEMPLATE_CHARS", 10)
     (src / "chat_template.jinja").write_text("x" * 41)
     with pytest.raises(TokenizerError, match="chat_template.jinja: 41 bytes, more than the 40 accepted"):
         hf_tokenizer_spec(str(src))

@@ -104,7 +104,7 @@ def test_two_processes_converting_at_once_share_the_first_result(ggufs, cache, m
     """The other process is simulated: it finishes the same conversion while this one works.
     This one's result is discarded, the first one's folder kept as it was."""
     a, _ = ggufs
-    real, seen = npllama.convert.convert, []
+    real, seen = npllama.io.convert.convert, []
 
     def racing(src, dst, **kw):
         real(src, dst, quiet=True)                   # the other process, first to finish
@@ -112,7 +112,7 @@ def test_two_processes_converting_at_once_share_the_first_result(ggufs, cache, m
         with pytest.raises(UsageError, match="already exists"):
             real(src, dst, **kw)
         raise UsageError(f"{dst}: already exists")   # what this process's conversion ended in
-    monkeypatch.setattr(npllama.convert, "convert", racing)
+    monkeypatch.setattr(npllama.io.convert, "convert", racing)
     out = hub.resolve_model(str(a))
     assert os.stat(os.path.join(out, "index.json")).st_ino == seen[0]
     assert "Be brief." in template(out)
@@ -139,7 +139,7 @@ def test_a_conversion_by_an_older_npllama_is_made_again(ggufs, cache):
     index_path = os.path.join(out, "index.json")
     with open(index_path) as f:
         index = json.load(f)
-    assert index["converter"] == npllama.checkpoint.CONVERTER
+    assert index["converter"] == npllama.io.checkpoint.CONVERTER
     del index["converter"]                 # as an older npllama wrote it
     with open(index_path, "w") as f:
         json.dump(index, f)

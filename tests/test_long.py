@@ -212,9 +212,9 @@ LONG_RUN = r"""
 import json, resource, sys, tracemalloc
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from npllama import memory
-from npllama.bench import proc_status as status, reset_peak_rss  # VmRSS, VmHWM: this process's own
-from npllama.model import Transformer
+from npllama.model import memory
+from npllama.bench.peers import proc_status as status, reset_peak_rss  # VmRSS, VmHWM: this process's own
+from npllama.model.model import Transformer
 from oracles import random_weights, small_args
 
 T, dtype = int(sys.argv[2]), sys.argv[3]

@@ -142,7 +142,7 @@ def test_without_hypothesis_the_strategies_say_how_to_get_it(monkeypatch):
 
 def test_the_extras_are_imported_only_when_used():
     import subprocess
-    code = ("import sys, npllama, npllama.testing, npllama.plot, npllama.perplexity, npllama.cli; "
+    code = ("import sys, npllama, npllama.testing, npllama.inspect.plot, npllama.inspect.perplexity, npllama.cli; "
             "print(sorted(m for m in ('hypothesis', 'matplotlib', 'torch') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
