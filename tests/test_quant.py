@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from npllama.errors import WeightError
-from npllama.quant import SCALE_OFFSETS, TYPES, QuantTensor, dequantize
+from npllama.model.quant import SCALE_OFFSETS, TYPES, QuantTensor, dequantize
 
 QTYPES = sorted(TYPES)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import WeightError
+from ..errors import WeightError
 
 QK_K = 256
 
