@@ -2,7 +2,7 @@
 
 Attention, FeedForward and TransformerBlock mirror Meta's classes. How weights are held
 (bf16 widening, fused and transposed copies, tiles) is the weight store's business
-(npllama/weights.py); what is recorded for a trace is the observer's (npllama/tracing.py):
+(npllama/model/weights.py); what is recorded for a trace is the observer's (npllama/model/observer.py):
 the blocks report every intermediate to `record` and do not know whether anyone listens.
 """
 from __future__ import annotations
@@ -49,19 +49,16 @@ class Attention:
         record(q_rotated=xq, k_rotated=xk)
         if rows is not None:
             output = self.attend_rows(xq, xk, xv, start_pos, rows)
-            out = self.weights.linear(output, self.wo)
-            record(attention=output, attention_out=out)
-            return out
-        self.cache_k[:B, start_pos:start_pos + T] = self.to_cache(xk)
-        self.cache_v[:B, start_pos:start_pos + T] = self.to_cache(xv)
-        keys = self.from_cache(self.cache_k[:B, :start_pos + T])  # (B, S, n_kv_heads, head_dim)
-        values = self.from_cache(self.cache_v[:B, :start_pos + T])
-        # record.sink is None unless tracing: attention then keeps no (T, S) tensors for it.
-        output = blocked_attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
+        else:
+            self.cache_k[:B, start_pos:start_pos + T] = self.to_cache(xk)
+            self.cache_v[:B, start_pos:start_pos + T] = self.to_cache(xv)
+            keys = self.from_cache(self.cache_k[:B, :start_pos + T])  # (B, S, n_kv_heads, head_dim)
+            values = self.from_cache(self.cache_v[:B, :start_pos + T])
+            # record.sink is None unless tracing: attention then keeps no (T, S) tensors for it.
+            output = blocked_attention(xq, keys, values, start_pos, self.rnd, record.sink)  # (B, T, n_heads * head_dim)
         out = self.weights.linear(output, self.wo)
         record(attention=output, attention_out=out)
         return out
-
 
     def attend_rows(self, xq, xk, xv, start_pos, rows) -> np.ndarray:
         """Row b is a sequence of its own, in cache row rows[b] at positions start_pos[b]..:
