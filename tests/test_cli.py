@@ -1,4 +1,5 @@
 """The npllama command line, driven as a user would: subprocesses, pipes, exit codes."""
+import json
 import os
 import subprocess
 import sys
@@ -98,17 +99,146 @@ def test_version():
     assert r.returncode == 0 and r.stdout == f"npllama {npllama.__version__}\n"
 
 
+def run_without_a_model(argv, tmp_path):
+    """The command with NPLLAMA_CACHE at an empty folder: had the model been opened first,
+    the error would be about fetching it, not about the argument."""
+    env = {**os.environ, "NPLLAMA_CACHE": str(tmp_path / "empty-cache")}
+    r = subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, env=env, timeout=60)
+    assert not (tmp_path / "empty-cache").exists()
+    stderr = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    return r.returncode, stderr
+
+
 @pytest.mark.parametrize("argv, name", [
     (["generate", "--seed", "-1", "--temperature", "0.5", "hi"], "--seed"),
     (["perplexity", "-c", "0", "-f", "nothing.txt"], "-c/--ctx-size"),
     (["perplexity", "-c", "-5", "-f", "nothing.txt"], "-c/--ctx-size"),
+    (["perplexity", "--chunks", "0", "-f", "nothing.txt"], "--chunks"),
     (["generate", "--max-new-tokens", "-3", "hi"], "--max-new-tokens"),
+    (["generate", "--logprobs", "-1", "hi"], "--logprobs"),
+    (["generate", "--stages", "0", "--ray", "local", "hi"], "--stages"),
+    (["golden", "-o", "g", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["bench", "--reps", "0"], "--reps"),
+    (["memory", "--batch", "0"], "--batch"),
+    *[([cmd, *rest, "-t", bad], "-t/--threads") for bad in ("0", "-2", "two")
+      for cmd, *rest in (["generate", "hi"], ["chat"], ["trace", "hi", "-o", "t.npz"], ["golden", "-o", "g"],
+                         ["perplexity", "-f", "x.txt"], ["bench"], ["serve"])],
+    (["generate", "--threads", "0", "hi"], "-t/--threads"),
 ])
-def test_bad_numbers_are_refused_naming_the_argument_before_any_model_loads(argv, name, tmp_path):
-    # NPLLAMA_CACHE points at an empty folder: had the model been opened first, the error
-    # would be about fetching it, not about the argument.
-    env = {**os.environ, "NPLLAMA_CACHE": str(tmp_path / "empty-cache")}
-    r = subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2, r.stderr
-    assert f"argument {name}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "empty-cache").exists()
+def test_bad_numbers_are_refused_in_one_line_naming_the_argument_before_any_model_loads(argv, name, tmp_path):
+    rc, stderr = run_without_a_model(argv, tmp_path)
+    assert rc == 2 and f"argument {name}:" in stderr, stderr
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--temperature", "nan"], "temperature"),
+    (["generate", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "hi", "--top-k", "-1"], "top_k"),
+    (["chat", "--top-p", "0"], "top_p"),
+])
+def test_sampling_values_are_refused_by_the_library_before_any_model_loads(argv, name, tmp_path):
+    rc, stderr = run_without_a_model(argv, tmp_path)
+    assert rc == 1 and stderr.startswith(f"npllama: {name} must be"), stderr
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["generate", b"caf\xe9"], "prompt"),                  # Latin-1, not UTF-8
+    (["generate", "hi", "--system", b"\xff"], "--system"),
+    (["generate", "hi", "--stop", b"a\x80"], "--stop"),
+    (["chat", "--system", b"\xc3("], "--system"),          # a lead byte without its continuation
+    (["trace", b"\xe9t\xe9", "-o", "t.npz"], "prompt"),
+    (["golden", b"\xe9", "-o", "g"], "prompt"),
+    (["golden", "--prompt", b"\xe9", "-o", "g"], "--prompt"),
+])
+def test_a_prompt_that_is_not_utf8_is_refused_naming_the_argument(argv, name, tmp_path):
+    # Python decodes argv with surrogateescape: the tokenizer would have made U+FFFD of it.
+    rc, stderr = run_without_a_model(argv, tmp_path)
+    assert rc == 2 and f"argument {name}: not UTF-8 text (byte 0x" in stderr, stderr
+
+
+def test_max_new_tokens_0_reports_the_prompts_length(model_dir):
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    text = "The capital of France is a city of some two million people on the Seine"
+    n = len(MetaTokenizer(Path(llama3_tokenizer_path())).encode(text, bos=True, eos=False))   # Meta's count, with bos
+    r = run("generate", "-m", model_dir, text, "--raw", "--max-new-tokens", "0")
+    assert r.returncode == 0 and r.stdout == text + "\n", r.stderr
+    assert r.stderr.startswith(f"prompt: {n} tokens "), r.stderr
+
+
+LONG = "hello" + " hello" * 300   # 301 tokens of the Llama 3 tokenizer
+
+
+def test_the_context_error_says_how_to_get_a_longer_context(model_dir, tmp_path):
+    # The model was trained for 256 tokens, the prompt is 301. Below that, a longer --ctx is the way out; at
+    # it, --ctx N --force-ctx (or a shorter prompt) is.
+    for argv, way in [(["generate", LONG, "--ctx", "64"], "--ctx N (max_seq_len=N in Python), up to the 256"),
+                      (["generate", LONG], "--ctx N --force-ctx"),
+                      (["trace", LONG, "-o", str(tmp_path / "t.npz"), "--ctx", "64"], "up to the 256")]:
+        r = run(*argv[:1], "-m", model_dir, *argv[1:], "--raw" if argv[0] == "generate" else "--no-scores")
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "exceed" in r.stderr and "give a shorter prompt" in r.stderr and way in r.stderr, r.stderr
+    # ...and it is one: the prompt of 2000 x's runs with the context it suggests
+    r = run("generate", "-m", model_dir, LONG, "--raw", "--ctx", "512", "--force-ctx", "--max-new-tokens", "1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_golden_takes_the_prompt_as_trace_and_generate_do(model_dir, tmp_path):
+    for i, argv in enumerate([["Once upon a time"], ["--prompt", "Once upon a time"]]):
+        r = run("golden", "-m", model_dir, *argv, "-o", str(tmp_path / str(i)), "--max-new-tokens", "2")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / str(i) / "golden.json").read_text())["prompt"] == "Once upon a time"
+    r = run("golden", "-m", model_dir, "a", "--prompt", "b", "-o", str(tmp_path / "2"))
+    assert r.returncode == 1 and "give the prompt once" in r.stderr and not (tmp_path / "2").exists()
+
+
+def test_info_without_a_path_describes_the_default_model(model_dir, monkeypatch, capsys):
+    from npllama import cli
+    from npllama.cli import convert
+    monkeypatch.setattr(convert, "default_model", lambda: model_dir)   # as the hub would give it
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert '"vocab_size": 128256' in out and "tokenizer: " in out and "trained context: 256 tokens" in out
+
+
+# Run in a fresh interpreter (the thread counts are process-wide): each -t given, then none
+# with the machine's idle cores made 1; after each, our count and OpenBLAS's as threadpoolctl
+# (which finds and asks the library its own way) reads it.
+THREADS_PROBE = """
+import json, sys, threadpoolctl
+from npllama import cli
+from npllama.model import parallel
+def counts():
+    blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
+    return [parallel.threads(), blas]
+out = {"found": bool(parallel.openblas())}
+for t in sys.argv[2:]:
+    assert cli.main(["generate", "-m", sys.argv[1], "hi", "--raw", "--max-new-tokens", "1", "-t", t]) == 0
+    out[t] = counts()
+parallel.idle_cores = lambda: 1
+assert cli.main(["generate", "-m", sys.argv[1], "hi", "--raw", "--max-new-tokens", "1"]) == 0
+out["default"] = counts()
+print(json.dumps(out))
+"""
+
+
+def test_threads_set_ours_and_openblas_count(model_dir):
+    pytest.importorskip("threadpoolctl")
+    counts = ["2", "1"] if (os.cpu_count() or 1) >= 2 else ["1"]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}   # BLAS starts at 2: -t 1 must bring it down
+    r = subprocess.run([sys.executable, "-c", THREADS_PROBE, model_dir, *counts], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    if not got.pop("found"):
+        pytest.skip("numpy's BLAS here is not an OpenBLAS whose thread count can be set")
+    assert got == {**{t: [int(t), [int(t)]] for t in counts}, "default": [1, [1]]}
+
+
+def test_default_threads_are_the_idle_cores(monkeypatch):
+    from npllama.model import parallel
+    monkeypatch.setattr(parallel, "cores", lambda: 4)
+    for load, idle in [(0.0, 4), (1.2, 3), (2.6, 1), (3.6, 1), (40.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert parallel.idle_cores() == idle, load

@@ -86,6 +86,10 @@ def test_every_import_points_down_the_layers():
     graph = package_imports()
     assert set(map(layer_of, graph)) <= set(LAYERS)
     assert "npllama.model.model" in graph and "npllama.errors" in graph["npllama.model.model"]
+    # the command line is a package, one module per command group, all of it the cli layer
+    # (npllama.cli.inspect too, though its last name is a layer's)
+    cli = {m for m in graph if m.startswith("npllama.cli")}
+    assert {"npllama.cli", "npllama.cli.common", "npllama.cli.inspect"} <= cli and set(map(layer_of, cli)) == {"cli"}
     assert upward_imports(graph) == []
     # the check can fail: the model reading a checkpoint is found
     graph["npllama.model.model"].add("npllama.io.checkpoint")

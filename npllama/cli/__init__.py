@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ..errors import NpllamaError
+from ..model import parallel
 from ..serve import cli as serve
 from ..version import __version__
 from . import bench, convert, generate, inspect, memory
@@ -17,8 +18,16 @@ from .common import add_model_args, open_model
 GROUPS = (convert, generate, inspect, memory, bench)   # in the order `npllama --help` lists them
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line as every other npllama error is (the usage it
+    prints before them is one --help away). The command's subparsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="npllama", description="Llama 3 in plain NumPy.")
+    p = Parser(prog="npllama", description="Llama 3 in plain NumPy.")
     p.add_argument("--version", action="version", version=f"npllama {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
@@ -30,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if "threads" in a:   # a command that computes
+            parallel.set_threads(a.threads or parallel.idle_cores())
         return a.func(a)
     except NpllamaError as e:  # anything else is a bug, and keeps its traceback
         print(f"npllama: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ npllama.bench.peers)."""
 from __future__ import annotations
 
 from ..bench import peers
+from .common import add_threads_arg, at_least
 
 
 def add_parser(sub) -> None:
@@ -13,7 +14,7 @@ def add_parser(sub) -> None:
     b.add_argument("--shape", default="tiny", choices=["tiny", "llama3.2-1b", "llama3.2-3b", "llama3-8b"])
     b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     b.add_argument("--weights", choices=["auto", "resident", "tiled"], default="auto")
-    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--reps", type=at_least(1), default=3)
     b.add_argument("--vs", action="append", metavar="PEER", help="also run PEER on the same weights: torch")
     b.add_argument("--llama-bench", metavar="PATH", help="also run llama.cpp's llama-bench program PATH on a GGUF "
                    "export of the same weights, its repetitions interleaved with npllama's")
@@ -24,4 +25,5 @@ def add_parser(sub) -> None:
     b.add_argument("--workdir", help="where the checkpoints are cached (default: the npllama cache /bench)")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--quiet", action="store_true")
+    add_threads_arg(b)
     b.set_defaults(func=peers.main)

@@ -27,6 +27,23 @@ def at_least(minimum: int):
     return parse
 
 
+def utf8(text: str) -> str:
+    """An argparse type for text the model reads: Python hands over argv bytes that are not
+    UTF-8 as lone surrogates (surrogateescape), which the tokenizer would turn into U+FFFD
+    without a word; they are refused instead, naming the argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00   # surrogateescape maps byte b to U+DC00 + b
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte 0x{byte:02x} at character {e.start})") from None
+    return text
+
+
+def add_threads_arg(p) -> None:
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, metavar="N", help="threads for numpy and its "
+                   "BLAS (default: the cores not kept busy by other processes, from the load average; at least 1)")
+
+
 def add_model_args(p, ctx: bool = True):
     p.add_argument("-m", "--model", metavar="PATH", help="a converted model directory, or an HF folder, .gguf file or "
                    "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
@@ -39,11 +56,13 @@ def add_model_args(p, ctx: bool = True):
     p.add_argument("--ray", metavar="local|ADDRESS", help="run the layers as a pipeline of stages on Ray: local "
                    "starts Ray on this machine, an address (HOST:PORT of `ray start --head`, or auto) joins a "
                    "cluster; the checkpoint must be at the same path on every node (pip install npllama[ray])")
-    p.add_argument("--stages", type=int, metavar="N", help="with --ray: how many stages (default: one per node)")
+    p.add_argument("--stages", type=at_least(1), metavar="N",
+                   help="with --ray: how many stages (default: one per node)")
     if ctx:
         p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
                        "longest that fits in memory, up to the model's trained context; see `npllama memory`)")
     p.add_argument("--force-ctx", action="store_true", help="allow a context beyond the model's trained context")
+    add_threads_arg(p)
 
 
 def add_token_args(p):
@@ -63,6 +82,8 @@ def add_sampling_args(p):
 
 
 def sampling_params(a) -> SamplingParams:
+    """--temperature, --top-p, --top-k, --seed as the library checks them: made before the
+    model loads, so that a bad value is refused at once."""
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 from ..errors import TokenizerError
 from ..io.checkpoint import nonfinite, open_tensors, read_checked, verify
 from ..io.convert import convert
-from ..io.hub import resolve_model
+from ..io.hub import default_model, resolve_model
 from ..model.memory import choose_context
 from ..model.weights import available_memory
 from ..text.tokenizer import load as load_tokenizer
@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
 
     i = sub.add_parser("info", help="describe a converted checkpoint", description="Print a converted "
                        "checkpoint's params, tensor count, bytes and dtypes.")
-    i.add_argument("dir")
+    i.add_argument("dir", nargs="?", help="a converted model directory, or an HF folder, .gguf file or Meta folder "
+                   "(converted once into the cache); default: the default model, as every other command takes")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256 against the index and "
                    "every weight for NaN or infinity")
     i.set_defaults(func=cmd_info)
@@ -46,7 +47,7 @@ def cmd_convert(a) -> int:
 
 
 def cmd_info(a) -> int:
-    a.dir = resolve_model(a.dir)
+    a.dir = default_model() if a.dir is None else resolve_model(a.dir)
     args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
     dtypes = Counter(t["dtype"] for t in index["tensors"].values())

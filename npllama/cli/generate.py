@@ -6,22 +6,22 @@ import sys
 
 from ..errors import UsageError
 from ..text.tokenizer import chat_format
-from .common import (add_model_args, add_sampling_args, add_token_args, encode_prompt, open_model, piece,
-                     prompt_or_tokens, sampling_params)
+from .common import (add_model_args, add_sampling_args, add_token_args, at_least, encode_prompt, open_model, piece,
+                     prompt_or_tokens, sampling_params, utf8)
 
 
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt (streams text)",
                        description="Generate text from a prompt, streaming it to stdout; a tokens/s line goes "
                        "to stderr.")
-    g.add_argument("prompt", nargs="?")
+    g.add_argument("prompt", nargs="?", type=utf8)
     add_model_args(g)
     add_sampling_args(g)
     add_token_args(g)
     g.add_argument("--show-ids", action="store_true", help="one line per token: the prompt's ids, then each "
                    "generated id with its text and log-probability")
-    g.add_argument("--logprobs", type=int, default=0, metavar="K", help="also the K most likely tokens of every "
-                   "step, with their log-probabilities (implies one line per token)")
+    g.add_argument("--logprobs", type=at_least(0), default=0, metavar="K", help="also the K most likely tokens of "
+                   "every step, with their log-probabilities (implies one line per token)")
     g.add_argument("--json", action="store_true", help="one JSON object per generated token, then one with the "
                    "whole result")
     mode = g.add_mutually_exclusive_group()
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
                       help="send the prompt as a user message in the model's chat format "
                       "(default for instruct models)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="plain completion of the prompt")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
-    g.add_argument("--system", help="system prompt (implies --chat)")
+    g.add_argument("--stop", action="append", type=utf8, metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--system", type=utf8, help="system prompt (implies --chat)")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive multi-turn chat",
@@ -38,15 +38,13 @@ def add_parser(sub) -> None:
                         "Ctrl-C ends). The KV cache is kept across turns.")
     add_model_args(ch)
     add_sampling_args(ch)
-    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--system", type=utf8, help="system prompt")
     ch.set_defaults(func=cmd_chat)
 
 
 def cmd_generate(a) -> int:
+    sampling = sampling_params(a)
     gen = open_model(a)
-    sampling = sampling_params(a)  # validated before any work
-    if a.logprobs < 0:
-        raise UsageError(f"--logprobs must be >= 0, got {a.logprobs}")
     prompt, echo = generate_prompt(a, gen)
     per_token = bool(a.json or a.show_ids or a.logprobs)
     stream = gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or (), logprobs=per_token,
@@ -59,7 +57,9 @@ def cmd_generate(a) -> int:
             sys.stdout.write(text_piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    print(gen.timings.line(), file=sys.stderr)
+    # With nothing to generate the prompt is not run: its length is all there is to report.
+    print(gen.timings.line() if a.max_new_tokens else f"prompt: {len(prompt)} tokens (not run: --max-new-tokens 0)",
+          file=sys.stderr)
     return 0
 
 
@@ -120,8 +120,8 @@ def show_tokens(gen, shown: int, as_json: bool) -> int:
 
 
 def cmd_chat(a) -> int:
-    gen = open_model(a)
     sampling = sampling_params(a)
+    gen = open_model(a)
     fmt = chat_format(gen.tokenizer, gen.tokenizer.default_system)
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)

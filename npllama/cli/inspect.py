@@ -9,8 +9,8 @@ from ..inspect import perplexity as pp, plot, tracefile
 from ..inspect.compare import compare
 from ..inspect.golden import check_destination, write_golden
 from ..io.atomic import check_file
-from .common import add_model_args, add_token_args, at_least, encode_prompt, open_model, piece, prompt_or_tokens, \
-    token_ids
+from .common import (add_model_args, add_token_args, at_least, encode_prompt, open_model, piece, prompt_or_tokens,
+                     token_ids, utf8)
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_trace(sub) -> None:
     t = sub.add_parser("trace", help="record every intermediate of a forward pass",
                        description="Run the prompt through the model and save every intermediate (names in the "
                        "README's Trace format) to an .npz.")
-    t.add_argument("prompt", nargs="?")
+    t.add_argument("prompt", nargs="?", type=utf8)
     t.add_argument("-o", "--output", required=True, help="the .npz to write")
     t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
     t.add_argument("--no-scores", action="store_true", help="leave out the (n_heads, T, T) scores and probs "
@@ -64,11 +64,14 @@ def add_golden(sub) -> None:
     gd = sub.add_parser("golden", help="write a golden-vector bundle for other implementations' tests",
                         description="Write tokens, selected intermediates, logits and a greedy continuation as "
                         "plain .npy/.json files, with a README, into a directory.")
+    gd.add_argument("prompt", nargs="?", type=utf8, help="the prompt (default: a fixed English sentence)")
     gd.add_argument("-o", "--output", required=True, help="the bundle directory")
-    gd.add_argument("--prompt", default=None, help="the prompt (default: a fixed English sentence)")
+    gd.add_argument("--prompt", dest="prompt_option", type=utf8, metavar="PROMPT", help="the same as PROMPT (as "
+                    "earlier versions took it)")
     gd.add_argument("--force", action="store_true", help="replace an existing bundle npllama wrote (anything "
                     "else is refused and left untouched)")
-    gd.add_argument("--max-new-tokens", type=int, default=32, help="length of the greedy continuation (default 32)")
+    gd.add_argument("--max-new-tokens", type=at_least(0), default=32,
+                    help="length of the greedy continuation (default 32)")
     add_model_args(gd)
     add_token_args(gd)
     gd.set_defaults(func=cmd_golden)
@@ -87,7 +90,7 @@ def add_perplexity(sub) -> None:
     pp_.add_argument("-b", "--batch", type=int, default=None, metavar="N",
                      help="tokens per forward pass (default: one chunk); below -c a chunk is fed in pieces, a "
                      "multiple of -c runs that many chunks together")
-    pp_.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N chunks")
+    pp_.add_argument("--chunks", type=at_least(1), default=None, metavar="N", help="score only the first N chunks")
     kl = pp_.add_mutually_exclusive_group()
     kl.add_argument("--kl-divergence-base", metavar="FILE", help="also write the logits to FILE in "
                     "llama-perplexity's --kl-divergence-base format")
@@ -142,12 +145,15 @@ def cmd_plot(a) -> int:
 
 
 def cmd_golden(a) -> int:
+    if a.prompt is not None and a.prompt_option is not None:
+        raise UsageError("give the prompt once: as PROMPT or as --prompt")
+    prompt = a.prompt if a.prompt is not None else a.prompt_option
     check_destination(a.output, a.force)   # before the model runs
     gen = open_model(a)
     ids = token_ids(a, gen)
-    if ids is not None and a.prompt is not None:
-        raise UsageError("give --prompt or --tokens/--tokens-file, not both")
-    write_golden(gen, a.output, a.prompt, a.max_new_tokens, force=a.force, tokens=ids)
+    if ids is not None and prompt is not None:
+        raise UsageError("give a prompt or --tokens/--tokens-file, not both")
+    write_golden(gen, a.output, prompt, a.max_new_tokens, force=a.force, tokens=ids)
     print(f"wrote {a.output}", file=sys.stderr)
     return 0
 

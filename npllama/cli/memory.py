@@ -7,6 +7,7 @@ from ..errors import UsageError
 from ..model import memory
 from ..model.config import ModelArgs, preset
 from ..model.weights import available_memory
+from .common import at_least
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     mm.add_argument("--ctx", default="8192,32768,131072", help="context lengths, comma-separated")
     mm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     mm.add_argument("--weights", choices=["resident", "tiled"], default="resident")
-    mm.add_argument("--batch", type=int, default=1)
+    mm.add_argument("--batch", type=at_least(1), default=1)
     mm.set_defaults(func=cmd_memory)
 
 

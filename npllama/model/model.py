@@ -91,6 +91,15 @@ class FeedForward:
         return out
 
 
+def ways_to_a_longer_context(max_seq_len: int, trained: int) -> str:
+    """What every context-overflow error ends with: how to get out of it."""
+    if max_seq_len < trained:
+        return (f"give a shorter prompt, or a longer context: --ctx N (max_seq_len=N in Python), up to the "
+                f"{trained:,} tokens the model was trained for")
+    return (f"give a shorter prompt, or --ctx N --force-ctx (max_seq_len=N in Python) to run past the {trained:,} "
+            "tokens the model was trained for (quality degrades)")
+
+
 class TransformerBlock:
     """One layer: pre-norm attention and feed-forward, each added to the residual."""
 
@@ -302,4 +311,4 @@ class Transformer:
             raise UsageError(f"a batch of {B} sequences exceeds the {self.max_batch_size} this model was made for")
         if not 0 <= start_pos or start_pos + T > self.max_seq_len:
             raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed the context of {self.max_seq_len} "
-                             "tokens")
+                             f"tokens; {ways_to_a_longer_context(self.max_seq_len, self.args.max_seq_len)}")

@@ -18,6 +18,9 @@ threads would not see. Where it cannot be done (another BLAS, another OS), `run`
 work in turn on the calling thread, BLAS threading each call as it will.
 
 NPLLAMA_THREADS=n sets how many threads (default: the cores); 1 turns splitting off.
+set_threads(n) (the CLI's -t/--threads) sets both counts, ours and OpenBLAS's, for the process;
+the CLI's default is idle_cores(): on a machine other processes keep busy, a thread beyond
+the idle cores only waits for a core, and every call waits for its slowest thread.
 """
 from __future__ import annotations
 
@@ -34,16 +37,47 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _blas: tuple | None = None       # (get_num_threads, set_num_threads) of numpy's OpenBLAS, or ()
 _lock = threading.Lock()
+_threads: int | None = None      # set_threads(n); None: $NPLLAMA_THREADS or the cores
 
 
 def threads() -> int:
-    """How many threads npllama runs numpy work on: $NPLLAMA_THREADS, or one per core."""
+    """How many threads npllama runs numpy work on: set_threads's, $NPLLAMA_THREADS, or one per core."""
+    if _threads is not None:
+        return _threads
     value = os.environ.get("NPLLAMA_THREADS", "").strip()
     if not value:
         return os.cpu_count() or 1
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"NPLLAMA_THREADS must be a positive integer, got {value!r}")
     return int(value)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def idle_cores() -> int:
+    """The cores less the machine's load (its 1-minute average of runnable processes), at
+    least one: as many threads as can run without waiting for one another."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):   # no load average on this OS
+        return cores()
+    return max(1, min(cores(), round(cores() - load)))
+
+
+def set_threads(n: int) -> None:
+    """Run numpy work on n threads: npllama's own (see run) and, as far as it can be set,
+    OpenBLAS's process-wide count, so that -t 1 keeps the process on one core throughout."""
+    global _threads
+    if n < 1:
+        raise UsageError(f"the thread count must be >= 1, got {n}")
+    _threads = n
+    get_set = openblas()
+    if get_set:
+        with _lock:
+            get_set[1](n)
 
 
 def openblas() -> tuple:

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UsageError, WeightError
-from ..model.model import Transformer
+from ..model.model import Transformer, ways_to_a_longer_context
 from ..text.tokenizer import Tokenizer
 
 
@@ -148,7 +148,8 @@ class Generator:
             raise UsageError(f"top_logprobs must be >= 0, got {top_logprobs}")
         limit = self.model.max_seq_len
         if len(prompt) > limit:
-            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens")
+            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens; "
+                             f"{ways_to_a_longer_context(limit, self.model.args.max_seq_len)}")
         self.result = Result([], "", "length", [] if logprobs else None, len(prompt),
                              [] if top_logprobs else None)
         if max_new_tokens == 0:
@@ -226,7 +227,8 @@ class Generator:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         limit = self.model.max_seq_len
         if max(map(len, prompts)) > limit:
-            raise UsageError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens")
+            raise UsageError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens; "
+                             f"{ways_to_a_longer_context(limit, self.model.args.max_seq_len)}")
         self.cached = []  # the cache now holds other rows' tokens
         total = min(limit, max(len(p) + max_new_tokens for p in prompts))
         pad = -1
