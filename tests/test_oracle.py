@@ -143,3 +143,18 @@ def test_the_documented_property_catches_the_mask_bug_and_passes_a_correct_port(
         MUST_FAIL(prop(["mask"]))()
     settings(deadline=None, max_examples=10, derandomize=True, database=None,
              suppress_health_check=list(HealthCheck))(prop([]))()
+
+
+def test_hf_llama_traced_by_hooks_under_its_own_module_paths(weights, reference):
+    import torch
+    from oracles import hf_model
+    model = hf_model(ARGS, weights)
+    with TorchHooks(model, "hf") as hooks:
+        with torch.no_grad():
+            model(torch.tensor(TOKENS[None]), output_attentions=True)
+        tr = hooks.take()
+    assert "model.layers.1.self_attn.q_proj" in tr          # recorded as HF names it
+    rep, text = report(tr, reference)
+    # everything but what HF computes as functions (RoPE) or not at all (separate scores)
+    assert rep.ok and len(rep.rows) == 36 - 3 * ARGS.n_layers and len(rep.declared) == 3 * ARGS.n_layers, text
+    assert "not computed by A (declared in its __meta__ omits): 6" in text

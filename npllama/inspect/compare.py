@@ -143,10 +143,9 @@ def shape_info(a: dict, b: dict) -> dict:
     return {"head_dim": q.shape[2] if q is not None else None, "n_kv_heads": kk.shape[1] if kk is not None else None}
 
 
-def tensor_row(name: str, x: np.ndarray, y: np.ndarray, tol: Tolerance, info: dict) -> tuple:
-    """(name, stats or None, message, ok) for one shared tensor; stats carries `where`,
-    `heads` (per-head summary), `notes` (normalisations) and `hints` (diagnoses)."""
-    x, notes = normalise(x, y, name)
+def tensor_row(name: str, x: np.ndarray, y: np.ndarray, tol: Tolerance, info: dict, notes: list[str]) -> tuple:
+    """(name, stats or None, message, ok) for one shared tensor (normalised: notes); stats
+    carries `where`, `heads` (per-head summary), `notes` and `hints` (diagnoses)."""
     if x.shape != y.shape:
         return name, None, f"shape {x.shape} vs {y.shape}", False
     if name == "tokens":
@@ -209,10 +208,13 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     table to `out`."""
     a, a_unknown, _ = rename(a, names_a or a.get("__meta__", {}).get("names"))
     b, b_unknown, _ = rename(b, names_b or b.get("__meta__", {}).get("names"))
+    shared = sorted((n for n in a if n in b and forward_key(n) is not None), key=forward_key)
+    notes = {}
+    for n in shared:        # shapes first: the layout conversion works on split heads
+        a[n], notes[n] = normalise(a[n], b[n], n)
     a, b = to_canonical(a), to_canonical(b)
     tol, info = Tolerance(rtol, atol, ulps), shape_info(a, b)
-    shared = sorted((n for n in a if n in b and forward_key(n) is not None), key=forward_key)
-    rows = [tensor_row(n, a[n], b[n], tol, info) for n in shared]
+    rows = [tensor_row(n, a[n], b[n], tol, info, notes[n]) for n in shared]
     layout_hints(rows, a, b, tol, info)
     first = next((r[0] for r in rows if not r[3]), None)
     missing, declared, extra = coverage(a, b)

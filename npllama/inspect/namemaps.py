@@ -17,7 +17,8 @@ tensor as another name already mapped (Meta's `layers.0.attention` module output
   (src/models/llama.cpp and src/llama-graph.cpp at llama.cpp 0c1e570), `name-{layer}`, with
   the ggml op in brackets where one name is given to several nodes (`Qcur-0` is the wq
   product, its reshape and its RoPE). `kq` is q·k before the scale and mask (no trace name);
-  `kq_soft_max` is the probabilities. The layer's output is `l_out`; `ffn_out` names both the
+  `kq_soft_max` is the probabilities, over every slot of the KV cache (keys stored as f16).
+  The embeddings are `embd` (`inp_embd` in older versions). The layer's output is `l_out`; `ffn_out` names both the
   w2 product and the residual sum after it.
 - "transformerlens": TransformerLens hook names (`blocks.0.attn.hook_q` ...), rotate-half
   layout as TransformerLens loads HF's Llama checkpoints. Its `ln*.hook_normalized` are
@@ -55,7 +56,7 @@ MAPS: dict[str, list[tuple[str, str | None]]] = {
         ("model.layers.{i}.mlp.act_fn", None), ("model.layers.{i}", "layers.{i}.out"), ("model.norm", "norm"),
         ("lm_head", "logits"), ("model.rotary_emb", None), ("model", None), ("", None)],
     "llamacpp": [
-        ("inp_embd", "token_embeddings"), ("norm-{i}", None), ("attn_norm-{i}", "layers.{i}.attention_norm"),
+        ("embd", "token_embeddings"), ("inp_embd", "token_embeddings"), ("norm-{i}", None), ("attn_norm-{i}", "layers.{i}.attention_norm"),
         ("Qcur-{i}[MUL_MAT]", "layers.{i}.q"), ("Kcur-{i}[MUL_MAT]", "layers.{i}.k"),
         ("Vcur-{i}[MUL_MAT]", "layers.{i}.v"), ("Qcur-{i}[RESHAPE]", None), ("Kcur-{i}[RESHAPE]", None),
         ("Vcur-{i}[RESHAPE]", None), ("Qcur-{i}[ROPE]", "layers.{i}.q_rotated"),
