@@ -158,3 +158,25 @@ def test_hf_llama_traced_by_hooks_under_its_own_module_paths(weights, reference)
     # everything but what HF computes as functions (RoPE) or not at all (separate scores)
     assert rep.ok and len(rep.rows) == 36 - 3 * ARGS.n_layers and len(rep.declared) == 3 * ARGS.n_layers, text
     assert "not computed by A (declared in its __meta__ omits): 6" in text
+
+
+def test_the_weights_digest_tells_weights_apart(weights):
+    from npllama.inspect.golden import weights_digest
+    same = {k: v.copy() for k, v in weights.items()}
+    assert weights_digest(same) == weights_digest(weights)
+    same["layers.1.feed_forward.w2.weight"][3, 4] = np.nextafter(same["layers.1.feed_forward.w2.weight"][3, 4], 1)
+    assert weights_digest(same) != weights_digest(weights)
+    renamed = dict(weights)
+    renamed["extra.weight"] = renamed.pop("norm.weight")
+    assert weights_digest(renamed) != weights_digest(weights)
+
+
+def test_a_hostile_bundle_is_one_error_naming_it(tmp_path):
+    from npllama.errors import NpllamaError
+    (tmp_path / "golden.json").write_text('{"npllama": "x", "files": {"../../etc/passwd.npy": {}}}')
+    with pytest.raises(NpllamaError, match="not a trace name's .npy|not a file name inside"):
+        tracefile.load(str(tmp_path))
+    (tmp_path / "golden.json").write_text('{"npllama": "x", "files": {"logits.npy": {}}}')
+    (tmp_path / "logits.npy").write_bytes(b"\x93NUMPY\x01\x00" + b"\xff" * 40)
+    with pytest.raises(NpllamaError, match="logits.npy"):
+        tracefile.load(str(tmp_path))
