@@ -1,7 +1,9 @@
 """The oracle that cannot be fooled: strict coverage, name maps, normalised conventions, error
 localisation and diagnoses, and KV-cache chunk schedules, each shown catching a planted
 bug in an independent PyTorch port (tests/port.py) and naming it."""
+import gzip
 import io
+import os
 
 import numpy as np
 import pytest
@@ -180,3 +182,32 @@ def test_a_hostile_bundle_is_one_error_naming_it(tmp_path):
     (tmp_path / "logits.npy").write_bytes(b"\x93NUMPY\x01\x00" + b"\xff" * 40)
     with pytest.raises(NpllamaError, match="logits.npy"):
         tracefile.load(str(tmp_path))
+
+
+# llama.cpp on Q4_1 weights quantizes every matmul's activations to Q8_1 (~0.4% per product)
+# and keeps its KV cache in f16; against npllama on the same dequantized weights the
+# largest printed-value error over the dump's 453 tensors is 5.8e-2 of the tensor's scale
+# (layers.17.attention), so 0.1; a wrong RoPE pairing is ~1.
+LLAMACPP_RTOL = 0.1
+DUMP = os.path.join(os.path.dirname(__file__), "data", "llamacpp", "eval-callback-smollm2-q4_1.txt.gz")
+
+
+@pytest.fixture(scope="module")
+def smollm2_trace():
+    from npllama.io import checkpoint, hub
+    model = checkpoint.load(hub.default_model())
+    return model, npllama.trace(model, [504, 3575, 282, 4649, 314])
+
+
+def test_a_real_llama_cpp_dump_agrees_and_a_planted_divergence_is_named(smollm2_trace, monkeypatch):
+    from npllama.inspect import llamacpp
+    from npllama.model import model as model_module
+    dump = llamacpp.parse(gzip.open(DUMP, "rt").read(), DUMP)
+    model, tr = smollm2_trace
+    ok, first, rows = llamacpp.compare_dump(dump, tr, LLAMACPP_RTOL)
+    assert ok and len(rows) == 2 + 15 * 30 + 1, first      # every layer's 15 mapped nodes, embd, norm, logits
+    # the classic bug, planted in the implementation compared with the dump
+    from test_trace import rotate_half_rope
+    monkeypatch.setattr(model_module, "apply_rotary_emb", rotate_half_rope)
+    ok, first, _ = llamacpp.compare_dump(dump, npllama.trace(model, [504, 3575, 282, 4649, 314]), LLAMACPP_RTOL)
+    assert not ok and first == "layers.0.q_rotated"
