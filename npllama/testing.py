@@ -21,7 +21,10 @@ import numpy as np
 from .model.config import ModelArgs
 from .errors import MissingDependencyError
 from .model.model import Transformer, as_float32, expected_shapes
-from .inspect.tracefile import schedule, trace
+from .inspect import locate
+from .inspect.compare import compare, normalise
+from .inspect.namemaps import rename
+from .inspect.tracefile import schedule, stitch, trace
 
 
 def _strategies():
@@ -190,7 +193,7 @@ DEFAULT_RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -6}
 
 
 def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dtype: str = "float32",
-                            rtol: float | None = None, chunks=None) -> np.ndarray:
+                            rtol: float | None = None, chunks=None, trace_hook=None) -> np.ndarray:
     """Run `tokens` through npllama (numerics `dtype`) and through the implementation under
     test. chunks None: one call `forward(tokens) -> logits (T, vocab)` from position 0.
     chunks (e.g. (3, 1, 1); tracefile.schedule): `forward(part, start_pos)` once per call of
@@ -199,15 +202,21 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     npllama run through its cache the same way. Raises AssertionError naming the first
     position whose logits part (and, with chunks, the call it was in): max |theirs -
     npllama| over the vocabulary above rtol times that position's logit scale
-    (logit_scale). Returns npllama's logits."""
+    (logit_scale). trace_hook: a function returning the intermediates the implementation
+    recorded since it was last called (npllama.inspect.hooks.TorchHooks.take), called after
+    each forward call; a failure then also names the first diverging tensor and where
+    (npllama.inspect.compare). Returns npllama's logits."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max(args.max_seq_len, len(tokens)))
-    tr = trace(model, tokens, layers=[], chunks=chunks)          # tokens, embeddings, norm, logits
+    # without a hook: tokens, embeddings, norm, logits only
+    tr = trace(model, tokens, layers=None if trace_hook else [], chunks=chunks)
     ours = tr["logits"].astype(np.float64)
-    steps = schedule(len(tokens), chunks)
-    parts = [their_logits(forward(tokens) if chunks is None else forward(tokens[s:s + n], s), n, ours.shape[1])
-             for s, n in steps]
+    steps, parts, recorded = schedule(len(tokens), chunks), [], []
+    for s, n in steps:
+        parts.append(their_logits(forward(tokens) if chunks is None else forward(tokens[s:s + n], s), n,
+                                  ours.shape[1]))
+        recorded += [trace_hook()] if trace_hook else []
     theirs = np.concatenate(parts)
     err = np.abs(theirs - ours).max(axis=-1)
     err = np.where(np.isnan(err), np.inf, err)                 # NaN anywhere is a failure
@@ -222,8 +231,31 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
         raise AssertionError(
             f"logits part at position {t} (token {int(tokens[t])}){call}: max |yours - npllama| = {err[t]:.3e}, "
             f"{err[t] / scale[t]:.2e} of the logit scale {scale[t]:.3g} (rtol {rtol:g}, {dtype}); {agree}; "
-            f"{len(bad)} of {len(tokens)} positions outside")
+            f"{len(bad)} of {len(tokens)} positions outside" + (first_divergence(recorded, tr, steps, rtol)
+                                                                 if trace_hook else ""))
     return ours.astype(np.float32)
+
+
+def first_divergence(recorded: list[dict], ours: dict, steps: list[tuple[int, int]], rtol: float) -> str:
+    """The first tensor where the implementation's recorded steps, stitched at their
+    positions, leave npllama's trace (each step renamed by its name map and put in
+    npllama's layout first), and where its largest error is."""
+    parts, meta = [], {}
+    for (s, n), tr in zip(steps, recorded):
+        tr, _, _ = rename(tr, tr.get("__meta__", {}).get("names"))
+        meta = {k: v for k, v in tr.pop("__meta__", {}).items() if k != "names"}
+        rows = {name: ours[name][:, s:s + n, :s + n] if locate.kind(name) in locate.SCORES else ours[name][s:s + n]
+                for name in tr if name in ours}
+        parts.append((s, {name: normalise(x, rows[name], name)[0] for name, x in tr.items() if name in rows}))
+    theirs = stitch(parts, steps[-1][0] + steps[-1][1])
+    theirs["__meta__"] = meta
+    rep = compare(theirs, ours, rtol=rtol, allow_missing=True, allow_unknown=True)
+    if rep.first is None:
+        return f"; the {len(rep.rows)} recorded tensors all agree"
+    s = next(r[1] for r in rep.rows if r[0] == rep.first)
+    where = f" at {locate.describe_where(s['where'])}" if s is not None else ""
+    hints = "".join(f"; {h}" for h in ([s["heads"]] if s and s["heads"] else []) + (s["hints"] if s else []))
+    return f"; first diverging tensor: {rep.first}{where}{hints}"
 
 
 def their_logits(x, n: int, vocab: int) -> np.ndarray:

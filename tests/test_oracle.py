@@ -211,3 +211,15 @@ def test_a_real_llama_cpp_dump_agrees_and_a_planted_divergence_is_named(smollm2_
     monkeypatch.setattr(model_module, "apply_rotary_emb", rotate_half_rope)
     ok, first, _ = llamacpp.compare_dump(dump, npllama.trace(model, [504, 3575, 282, 4649, 314]), LLAMACPP_RTOL)
     assert not ok and first == "layers.0.q_rotated"
+
+
+@pytest.mark.parametrize("bug,named", [
+    ("gqa", r"first diverging tensor: layers\.0\.scores at layer 0, head .*agree: 0 2 5 7"),
+    ("mask", r"call 2 of 2.*first diverging tensor: layers\.0\.scores at layer 0, head \d+, pos 3, key [0-3]\b"),
+])
+def test_from_the_logits_to_the_first_diverging_tensor(weights, bug, named):
+    port = Port(ARGS, weights, [bug])
+    with TorchHooks(port, "meta") as hooks:
+        with pytest.raises(AssertionError, match=named):
+            check_against_reference(lambda t, s: port(t, s), ARGS, weights, TOKENS, chunks=(3, 9),
+                                    trace_hook=hooks.take)
