@@ -14,6 +14,7 @@ from npllama.io import checkpoint
 from npllama.model import model as model_module, ops
 from npllama.inspect import tracefile as tracing
 from npllama.inspect import compare as comparing
+from npllama.inspect import golden as golden_module
 from npllama.model import observer
 from npllama.model.model import Transformer
 from npllama.text.tokenizer import load as load_tokenizer
@@ -170,8 +171,11 @@ def test_trace_and_golden_cli(tmp_path):
     hf = hf_model(args, {k: np.asarray(v) for k, v in checkpoint.open_tensors(model_dir).items()})
     ref = hf_trace(hf, meta["tokens"])
     golden["__meta__"] = {"qk_layout": "interleaved"}
-    ok, first, rows = comparing.compare(golden, ref)
+    ok, first, rows = comparing.compare(ref, golden)     # HF checked against the bundle
     assert ok, first
+    # the bundle's directory is itself a trace compare reads, strictly
+    assert comparing.compare(ref, tracing.load(str(tmp_path / "gold"))).ok
+    assert meta["weights_sha256"] == golden_module.weights_digest(checkpoint.open_tensors(model_dir))
     assert {row[0] for row in rows} >= {"tokens", "logits", "layers.0.q_rotated", "layers.0.probs", "layers.1.out"}
     seq, greedy = list(meta["tokens"]), meta["greedy"]
     for token in greedy["tokens"] + ([None] if greedy["stop_reason"] == "stop_token" else []):
