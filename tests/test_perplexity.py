@@ -352,7 +352,7 @@ def test_cli_perplexity_errors_are_one_line(byte_model, tmp_path):
 
 
 def test_read_text_is_llama_cpps(tmp_path):
-    from npllama.cli import read_text
+    from npllama.cli.inspect import read_text
     p = tmp_path / "t.txt"
     p.write_bytes(b"a\r\nb\n\n")
     assert read_text(str(p)) == "a\r\nb\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from npllama import hub
-from npllama.cli import open_model
+from npllama.cli.common import open_model
 from npllama.text.tokenizer import chat_format
 
 openai = pytest.importorskip("openai")

@@ -321,7 +321,7 @@ def read_kl_base(case: str) -> None:
 
 
 def read_tokens(case: str) -> None:
-    from npllama.cli import read_token_ids
+    from npllama.io.tokens import read_token_ids
     for name in ("tokens.npy", "tokens.txt"):
         ids = read_token_ids(os.path.join(case, name))
         assert ids and all(type(t) is int for t in ids), "ids are not a list of integers"

@@ -1,0 +1,123 @@
+"""What the commands share: the model arguments and their opener, token-id and sampling
+arguments, and the prompt they name."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from ..io.checkpoint import load, read_checked
+from ..io.hub import default_model, resolve_model
+from ..io.tokens import parse_token_ids, read_token_ids
+from ..run import distributed
+from ..run.generate import Generator, SamplingParams
+from ..text.tokenizer import load as load_tokenizer
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum, refused before any model loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def add_model_args(p, ctx: bool = True):
+    p.add_argument("-m", "--model", metavar="PATH", help="a converted model directory, or an HF folder, .gguf file or "
+                   "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
+                   "~/.cache/npllama")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
+    p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
+                   help="weights as resident float32 copies, or left in the memory-mapped file as stored (tiled: "
+                   "bf16 widened tile by tile, float32 read in place; the page cache streams what does not fit) "
+                   "(default auto: tiled when float32 copies would not fit in memory)")
+    p.add_argument("--ray", metavar="local|ADDRESS", help="run the layers as a pipeline of stages on Ray: local "
+                   "starts Ray on this machine, an address (HOST:PORT of `ray start --head`, or auto) joins a "
+                   "cluster; the checkpoint must be at the same path on every node (pip install npllama[ray])")
+    p.add_argument("--stages", type=int, metavar="N", help="with --ray: how many stages (default: one per node)")
+    if ctx:
+        p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: the "
+                       "longest that fits in memory, up to the model's trained context; see `npllama memory`)")
+    p.add_argument("--force-ctx", action="store_true", help="allow a context beyond the model's trained context")
+
+
+def add_token_args(p):
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--tokens", metavar="IDS", help="token ids instead of text, e.g. 128000,791,6864 (used as "
+                     "given: no bos or chat template is added)")
+    ids.add_argument("--tokens-file", metavar="FILE", help="token ids from a .npy (1-D integers) or a text file "
+                     "(separated by commas or whitespace)")
+
+
+def add_sampling_args(p):
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (default 0: off)")
+    p.add_argument("--seed", type=at_least(0), default=None, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=256)
+
+
+def sampling_params(a) -> SamplingParams:
+    return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+
+
+def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Generator:
+    """The model directory named by -m (or the default model), loaded, with its tokenizer."""
+    ctx = max_seq_len or getattr(a, "ctx", None)
+    if ctx is not None and ctx <= 0:
+        raise UsageError(f"--ctx must be a positive number of tokens, got {ctx}")
+    path = default_model() if a.model is None else resolve_model(a.model)
+    trained = read_checked(path)[0].max_seq_len
+    if ctx is not None and ctx > trained and not a.force_ctx:
+        raise UsageError(f"a context of {ctx} tokens is longer than the {trained} tokens this model was trained for; "
+                         "add --force-ctx to run it anyway (quality degrades past the trained context)")
+    if a.stages is not None and a.ray is None:
+        raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
+    if a.ray is not None:
+        model = distributed.load(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                                 weights_mode=a.weights_mode)
+        print("\n".join(model.describe()), file=sys.stderr)
+    else:
+        model = load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size, weights_mode=a.weights_mode)
+    return Generator(model, load_tokenizer(path))
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """A raw prompt's tokens; an empty one (with no begin-of-text token to start from) is an error."""
+    tokens = tok.encode(text, bos=tok.add_bos)
+    if not tokens:
+        raise UsageError("the prompt is empty and this model adds no begin-of-text token: give some text")
+    return tokens
+
+
+def token_ids(a, gen) -> list[int] | None:
+    """--tokens / --tokens-file, checked against the model and tokenizer (None if not given)."""
+    if a.tokens is None and a.tokens_file is None:
+        return None
+    ids = parse_token_ids(a.tokens, "--tokens") if a.tokens is not None else read_token_ids(a.tokens_file)
+    limit = min(gen.model.args.vocab_size, gen.tokenizer.n_words)
+    bad = [t for t in ids if not 0 <= t < limit]
+    if bad:
+        raise UsageError(f"{'--tokens' if a.tokens is not None else a.tokens_file}: token id {bad[0]} is outside "
+                         f"the vocabulary (0..{limit - 1})")
+    return ids
+
+
+def prompt_or_tokens(a, gen) -> tuple[str | None, list[int] | None]:
+    """The positional prompt, or the ids of --tokens/--tokens-file: exactly one of them."""
+    ids = token_ids(a, gen)
+    if ids is not None and a.prompt is not None:
+        raise UsageError("give a prompt or --tokens/--tokens-file, not both")
+    if ids is None and a.prompt is None:
+        raise UsageError("give a prompt, or token ids with --tokens/--tokens-file")
+    return a.prompt, ids
+
+
+def piece(tok, token: int) -> str:
+    """One token's text; a token ending mid-character shows U+FFFD for the incomplete bytes."""
+    return tok.token_bytes(token).decode("utf-8", errors="replace")
