@@ -1,13 +1,14 @@
 """Property-test another Llama 3 implementation against npllama.
 
     from hypothesis import given, settings
-    from npllama.testing import check_against_reference, checkpoints, data_tokens
+    from npllama.testing import check_against_reference, checkpoints, chunk_schedules, data_tokens
 
     @settings(deadline=None)
-    @given(checkpoints(), data_tokens())
-    def test_my_llama(checkpoint, tokens_for):
+    @given(checkpoints(), data_tokens(), chunk_schedules())
+    def test_my_llama(checkpoint, tokens_for, chunks):
         args, weights = checkpoint                 # npllama.ModelArgs, Meta-named float32 arrays
-        check_against_reference(my_forward(args, weights), args, weights, tokens_for(args))
+        # my_forward(args, weights) -> forward(tokens, start_pos), keeping its own KV cache
+        check_against_reference(my_forward(args, weights), args, weights, tokens_for(args), chunks=chunks)
 
 The strategies need hypothesis (pip install 'npllama[testing]'); random_weights, to_hf and
 check_against_reference do not. The README's "Testing another implementation" has a
@@ -20,7 +21,10 @@ import numpy as np
 from .model.config import ModelArgs
 from .errors import MissingDependencyError
 from .model.model import Transformer, as_float32, expected_shapes
-from .inspect.tracefile import trace
+from .inspect import locate
+from .inspect.compare import compare, normalise
+from .inspect.namemaps import rename
+from .inspect.tracefile import schedule, stitch, trace
 
 
 def _strategies():
@@ -109,6 +113,14 @@ def checkpoints(**model_args_kwargs):
                      st.sampled_from([1.0, 0.01]))
 
 
+def chunk_schedules(max_calls: int = 4, max_chunk: int = 8):
+    """Schedules for check_against_reference's chunks: up to max_calls prefill chunks of 1 to
+    max_chunk tokens, the rest of the tokens as decode steps (tracefile.schedule). They
+    shrink toward (1,): every token its own call."""
+    st = _strategies()
+    return st.lists(st.integers(1, max_chunk), min_size=1, max_size=max_calls).map(tuple)
+
+
 class TokensFor:
     """args -> token ids (1-D int64): the drawn integers modulo args.vocab_size, at most
     args.max_seq_len of them."""
@@ -181,22 +193,31 @@ DEFAULT_RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -6}
 
 
 def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dtype: str = "float32",
-                            rtol: float | None = None) -> np.ndarray:
-    """Run `tokens` through npllama (numerics `dtype`) and through `forward(tokens) -> logits
-    (T, vocab)`, the implementation under test, from position 0. Raises AssertionError naming
-    the first position whose logits part: max |theirs - npllama| over the vocabulary above
-    rtol times that position's logit scale (logit_scale). Returns npllama's logits."""
+                            rtol: float | None = None, chunks=None, trace_hook=None) -> np.ndarray:
+    """Run `tokens` through npllama (numerics `dtype`) and through the implementation under
+    test. chunks None: one call `forward(tokens) -> logits (T, vocab)` from position 0.
+    chunks (e.g. (3, 1, 1); tracefile.schedule): `forward(part, start_pos)` once per call of
+    the schedule, Meta's signature, the implementation keeping its own KV cache; each call's
+    logits (t, vocab) or (1, t, vocab) are checked at their absolute positions, against
+    npllama run through its cache the same way. Raises AssertionError naming the first
+    position whose logits part (and, with chunks, the call it was in): max |theirs -
+    npllama| over the vocabulary above rtol times that position's logit scale
+    (logit_scale). trace_hook: a function returning the intermediates the implementation
+    recorded since it was last called (npllama.inspect.hooks.TorchHooks.take), called after
+    each forward call; a failure then also names the first diverging tensor and where
+    (npllama.inspect.compare). Returns npllama's logits."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max(args.max_seq_len, len(tokens)))
-    tr = trace(model, tokens, layers=[])                        # tokens, embeddings, norm, logits
+    # without a hook: tokens, embeddings, norm, logits only
+    tr = trace(model, tokens, layers=None if trace_hook else [], chunks=chunks)
     ours = tr["logits"].astype(np.float64)
-    theirs = forward(tokens)
-    if hasattr(theirs, "detach"):          # a torch tensor, without importing torch here
-        theirs = theirs.detach().float().cpu().numpy()
-    theirs = np.asarray(theirs, dtype=np.float64)
-    if theirs.shape != ours.shape:
-        raise AssertionError(f"logits have shape {theirs.shape}, expected {ours.shape} (tokens, vocab)")
+    steps, parts, recorded = schedule(len(tokens), chunks), [], []
+    for s, n in steps:
+        parts.append(their_logits(forward(tokens) if chunks is None else forward(tokens[s:s + n], s), n,
+                                  ours.shape[1]))
+        recorded += [trace_hook()] if trace_hook else []
+    theirs = np.concatenate(parts)
     err = np.abs(theirs - ours).max(axis=-1)
     err = np.where(np.isnan(err), np.inf, err)                 # NaN anywhere is a failure
     head = weights.get("output.weight", weights["tok_embeddings.weight"])
@@ -204,13 +225,50 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     bad = np.nonzero(err > rtol * scale)[0]
     if len(bad):
         t = int(bad[0])
+        k, (s, n) = next((k, st) for k, st in enumerate(steps) if st[0] <= t < st[0] + st[1])
+        call = f", in call {k + 1} of {len(steps)} (start_pos {s}, {n} tokens)" if chunks is not None else ""
         agree = f"positions 0..{t - 1} agree (max {float((err / scale)[:t].max()):.2e})" if t else "from the first"
         raise AssertionError(
-            f"logits part at position {t} (token {int(tokens[t])}): max |yours - npllama| = {err[t]:.3e}, "
+            f"logits part at position {t} (token {int(tokens[t])}){call}: max |yours - npllama| = {err[t]:.3e}, "
             f"{err[t] / scale[t]:.2e} of the logit scale {scale[t]:.3g} (rtol {rtol:g}, {dtype}); {agree}; "
-            f"{len(bad)} of {len(tokens)} positions outside")
+            f"{len(bad)} of {len(tokens)} positions outside" + (first_divergence(recorded, tr, steps, rtol)
+                                                                 if trace_hook else ""))
     return ours.astype(np.float32)
 
+
+def first_divergence(recorded: list[dict], ours: dict, steps: list[tuple[int, int]], rtol: float) -> str:
+    """The first tensor where the implementation's recorded steps, stitched at their
+    positions, leave npllama's trace (each step renamed by its name map and put in
+    npllama's layout first), and where its largest error is."""
+    parts, meta = [], {}
+    for (s, n), tr in zip(steps, recorded):
+        tr, _, _ = rename(tr, tr.get("__meta__", {}).get("names"))
+        meta = {k: v for k, v in tr.pop("__meta__", {}).items() if k != "names"}
+        rows = {name: ours[name][:, s:s + n, :s + n] if locate.kind(name) in locate.SCORES else ours[name][s:s + n]
+                for name in tr if name in ours}
+        parts.append((s, {name: normalise(x, rows[name], name)[0] for name, x in tr.items() if name in rows}))
+    theirs = stitch(parts, steps[-1][0] + steps[-1][1])
+    theirs["__meta__"] = meta
+    rep = compare(theirs, ours, rtol=rtol, allow_missing=True, allow_unknown=True)
+    if rep.first is None:
+        return f"; the {len(rep.rows)} recorded tensors all agree"
+    s = next(r[1] for r in rep.rows if r[0] == rep.first)
+    where = f" at {locate.describe_where(s['where'])}" if s is not None else ""
+    hints = "".join(f"; {h}" for h in ([s["heads"]] if s and s["heads"] else []) + (s["hints"] if s else []))
+    return f"; first diverging tensor: {rep.first}{where}{hints}"
+
+
+def their_logits(x, n: int, vocab: int) -> np.ndarray:
+    """One call's logits as float64 (n, vocab): a torch tensor (without importing torch) or
+    an array, with or without a batch axis of one."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.shape != (n, vocab):
+        raise AssertionError(f"logits have shape {x.shape}, expected {(n, vocab)} (tokens, vocab)")
+    return x
 
 
 def logit_scale(logits: np.ndarray, h: np.ndarray, head: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, printable  # noqa: F401  (printable: used by every reader)
 
 MAX_DIMS = 8
 MAX_JSON_BYTES = 64 * 1024**2          # Llama 3's HF tokenizer.json is 9 MB; index/params are KBs

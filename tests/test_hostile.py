@@ -598,3 +598,95 @@ def test_trained_context_is_recorded_uncapped(tmp_path):
     assert model.max_seq_len == 131072   # the runtime default: the trained context, as it fits in memory
     with pytest.raises(UsageError, match="positive"):
         npllama.Transformer(args, random_weights(args), max_seq_len=0)
+
+
+# --- issue 24: untrusted computation under limits the OS enforces ---------------------------
+
+def tiny_tokenizer(special=None, name="evil/tokenizer.json"):
+    from npllama.text.tokenizer import Tokenizer
+    special = special or {"<s>": 256, "</s>": 257}
+    return Tokenizer({bytes([b]): b for b in range(256)}, "gpt2", special, None, "</s>", ["</s>"], None, name=name)
+
+
+def test_control_tokens_that_abort_tiktoken_are_refused_in_a_worker():
+    # 6,000 control tokens of 3,000 characters (inside every cap of the file): tiktoken's
+    # Rust regex for them aborted the whole process at 3.2 GB. Now compiled first in a worker
+    # whose address space the OS bounds; its abort is one error naming the file.
+    from npllama.errors import TokenizerError
+    special = {f"<|{i:05d}" + "x" * 2990 + "|>": 256 + i for i in range(6000)}
+    special["</s>"] = 256 + 6000
+    with pytest.raises(TokenizerError, match=r"evil/tokenizer.json: its control tokens: crashed \(signal 6"):
+        tiny_tokenizer(special)
+
+
+def test_a_large_but_harmless_control_token_set_still_loads():
+    # Past the inline threshold (so it is probed in the worker) yet cheap: it must load.
+    from npllama.text.tokenizer import MAX_INLINE_CONTROL_CHARS
+    special = {f"<|tok_{i}_" + "y" * 100 + "|>": 256 + i for i in range(MAX_INLINE_CONTROL_CHARS // 100)}
+    special["</s>"] = 256 + len(special)
+    tok = tiny_tokenizer(special)
+    name = next(iter(special))
+    assert tok.encode(name, allowed_special="all") == [256]
+
+
+C_LEVEL_TEMPLATES = {
+    # jinja filters running in C, where the line tracer never fires (still running at 25 s on
+    # main), and memory growth the budgets did not predict (0.6-1.6 GB on main)
+    "sum of lists in C": "{{ ([[0]] * 150000)|sum(start=[]) }}",
+    "set block doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set x %}{{ ns.s }}{{ ns.s }}"
+                          "{% endset %}{% set ns.s = x %}{% endfor %}{{ ns.s|length }}",
+    "120 nested blocks": "{% if true %}" * 120 + "x" + "{% endif %}" * 120,
+}
+
+
+@pytest.mark.parametrize("name", C_LEVEL_TEMPLATES)
+def test_templates_beyond_the_tracer_are_stopped_by_the_os(monkeypatch, name):
+    from npllama.errors import TokenizerError
+    from npllama.text import chat_template
+    monkeypatch.setattr(chat_template, "TIME_LIMIT", 0.5)   # so the worker's CPU limit is 2 s
+    with pytest.raises((UsageError, TokenizerError), match="evil/tokenizer.json: chat template") as e:
+        chat_template.ChatTemplate(tiny_tokenizer(), C_LEVEL_TEMPLATES[name]).render(
+            [{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value)
+
+
+def test_a_template_worker_renders_repeatedly_and_survives_a_refusal():
+    from npllama.text.chat_template import ChatTemplate
+    ct = ChatTemplate(tiny_tokenizer(), "{% if messages[0].content == 'no' %}{{ raise_exception('refused') }}"
+                                        "{% endif %}[{{ messages[0].content }}]")
+    assert ct.render([{"role": "user", "content": "a"}]) == "[a]"
+    with pytest.raises(UsageError, match="chat template: refused"):
+        ct.render([{"role": "user", "content": "no"}])
+    assert ct.render([{"role": "user", "content": "b"}]) == "[b]"
+    ct.worker.process.kill()   # a worker that dies is replaced at the next render
+    ct.worker.process.wait()
+    with pytest.raises(UsageError, match="chat template: was killed"):
+        ct.render([{"role": "user", "content": "c"}])
+    assert ct.render([{"role": "user", "content": "d"}]) == "[d]"
+
+
+# --- issue 24: file-derived text is printable wherever it reaches the user ----------------------
+
+FORGED = "w\x1b[2J\x07\nnpllama: all weights verified\u2028"
+
+
+def test_raise_exception_messages_cannot_forge_lines():
+    from npllama.text.chat_template import ChatTemplate
+    ct = ChatTemplate(tiny_tokenizer(), "{{ raise_exception(" + json.dumps(FORGED) + ") }}")
+    with pytest.raises(UsageError) as e:
+        ct.render([{"role": "user", "content": "hi"}])
+    text = str(e.value)
+    assert "\x1b" not in text and "\x07" not in text and "\n" not in text and "\u2028" not in text
+    assert "\\x1b[2J\\x07\\nnpllama: all weights verified\\u2028" in text
+
+
+def test_tensor_names_in_errors_are_printable(tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 8, "intermediate_size": 32}))
+    safetensors_file(src / "model.safetensors", {FORGED: {"dtype": "F32", "shape": [33], "data_offsets": [0, 128]}},
+                     bytes(128))
+    r = run_cli("convert", str(src), str(tmp_path / "out"))
+    one_line_error(r, "model.safetensors")
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\u2028" not in r.stderr

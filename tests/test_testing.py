@@ -1,6 +1,7 @@
 """npllama.testing: its strategies drive property tests of npllama against HF transformers and
 Meta's reference; check_against_reference passes correct implementations and catches subtly
 broken ones (a wrong RoPE pairing, a wrong RMSNorm eps), naming the first position."""
+import linecache
 import os
 import re
 import sys
@@ -40,8 +41,12 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def test_the_readme_example_passes_for_hf_transformers():
     # The README's complete property test, run as written: HF transformers against npllama.
     code = re.search(r"```python\n(# test_against_npllama\.py.*?)```", open(README).read(), re.S).group(1)
+    # Compiled under a name of its own whose lines are the snippet's: under "README.md",
+    # hypothesis's inspect.getsource would read the whole README's lines at the snippet's numbers.
+    name = "<README.md: test_against_npllama.py>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, name, "exec"), namespace)
     namespace["test_hf_llama_matches_npllama"]()
 
 

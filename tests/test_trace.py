@@ -14,6 +14,7 @@ from npllama.io import checkpoint
 from npllama.model import model as model_module, ops
 from npllama.inspect import tracefile as tracing
 from npllama.inspect import compare as comparing
+from npllama.inspect import golden as golden_module
 from npllama.model import observer
 from npllama.model.model import Transformer
 from npllama.text.tokenizer import load as load_tokenizer
@@ -170,8 +171,11 @@ def test_trace_and_golden_cli(tmp_path):
     hf = hf_model(args, {k: np.asarray(v) for k, v in checkpoint.open_tensors(model_dir).items()})
     ref = hf_trace(hf, meta["tokens"])
     golden["__meta__"] = {"qk_layout": "interleaved"}
-    ok, first, rows = comparing.compare(golden, ref)
+    ok, first, rows = comparing.compare(ref, golden)     # HF checked against the bundle
     assert ok, first
+    # the bundle's directory is itself a trace compare reads, strictly
+    assert comparing.compare(ref, tracing.load(str(tmp_path / "gold"))).ok
+    assert meta["weights_sha256"] == golden_module.weights_digest(checkpoint.open_tensors(model_dir))
     assert {row[0] for row in rows} >= {"tokens", "logits", "layers.0.q_rotated", "layers.0.probs", "layers.1.out"}
     seq, greedy = list(meta["tokens"]), meta["greedy"]
     for token in greedy["tokens"] + ([None] if greedy["stop_reason"] == "stop_token" else []):
@@ -193,3 +197,25 @@ def test_walkthrough_runs_and_checks_itself(tmp_path, dtype):
     assert ": 17 tokens" in r.stdout and "q_per_token [17, 128]" in r.stdout
     assert "4 query heads share 1 key/value heads" in r.stdout and "stacked_qkv_attention [17, 512]" in r.stdout
     assert r.stdout.strip().endswith("OK")
+
+
+def test_cli_trace_chunks_and_strict_compare(tmp_path):
+    # the command line reaches the library's KV-cache schedules and strictness: a chunked
+    # trace of a correct model compares equal to the one-pass trace, and a trace holding a
+    # few of the reference's tensors fails unless --allow-missing is given
+    args = small_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=128256, max_seq_len=256)
+    model_dir = write_random_model(str(tmp_path / "m"), args, llama3_tokenizer_path())
+    one, chunked = str(tmp_path / "one.npz"), str(tmp_path / "chunked.npz")
+    for out, extra in ((one, []), (chunked, ["--chunks", "3,1,1"])):
+        r = run_cli("trace", "-m", model_dir, "Hello there, general Kenobi", "-o", out, *extra)
+        assert r.returncode == 0, r.stderr
+    r = run_cli("compare", chunked, one)
+    assert r.returncode == 0 and "all within tolerance" in r.stdout, r.stdout + r.stderr
+    tr = tracing.load(one)
+    few = str(tmp_path / "few.npz")
+    tracing.save(few, {k: tr[k] for k in ("tokens", "token_embeddings", "logits", "__meta__")})
+    r = run_cli("compare", few, one)
+    assert r.returncode == 1 and "missing from A" in r.stdout, r.stdout + r.stderr
+    assert run_cli("compare", few, one, "--allow-missing").returncode == 0
+    r = run_cli("trace", "-m", model_dir, "x", "-o", str(tmp_path / "bad.npz"), "--chunks", "3,0")
+    assert r.returncode == 2 and "--chunks" in r.stderr and "Traceback" not in r.stderr

@@ -96,7 +96,7 @@ def hf_trace(model, tokens) -> dict:
             h.remove()
     rec["tokens"] = np.asarray(tokens)
     rec["__meta__"] = {"source": "transformers LlamaForCausalLM (tools/trace_hf.py)", "qk_layout": "rotate_half",
-                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+                       "omits": ["scores"], "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     return rec
 
 

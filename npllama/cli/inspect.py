@@ -2,12 +2,14 @@
 measuring it against others."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import UsageError
 from ..inspect import perplexity as pp, plot, tracefile
 from ..inspect.compare import compare
 from ..inspect.golden import check_destination, write_golden
+from ..inspect.namemaps import MAPS
 from ..io.atomic import check_file
 from .common import (add_model_args, add_token_args, at_least, encode_prompt, open_model, piece, prompt_or_tokens,
                      token_ids, utf8)
@@ -27,9 +29,26 @@ def add_trace(sub) -> None:
     t.add_argument("--layers", help="only these layers, e.g. 0,1,31 (default all)")
     t.add_argument("--no-scores", action="store_true", help="leave out the (n_heads, T, T) scores and probs "
                    "(kept, they may take at most 2 GiB)")
+    add_chunks_arg(t)
     add_model_args(t)
     add_token_args(t)
     t.set_defaults(func=cmd_trace)
+
+
+def add_chunks_arg(p) -> None:
+    p.add_argument("--chunks", type=parse_chunks, default=None, metavar="N,N,...",
+                   help="run the prompt as KV-cache calls of these lengths, then one token a call (e.g. 3,1,1); "
+                   "every intermediate is recorded at its absolute position (default: one pass)")
+
+
+def parse_chunks(spec: str) -> list[int]:
+    try:
+        chunks = [int(x) for x in spec.split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or min(chunks) < 1:
+        raise argparse.ArgumentTypeError(f"takes positive chunk lengths separated by commas, e.g. 3,1,1; got {spec!r}")
+    return chunks
 
 
 def add_compare(sub) -> None:
@@ -41,6 +60,13 @@ def add_compare(sub) -> None:
     cp.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
     cp.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
     cp.add_argument("--ulps", type=float, default=None, help="instead: tolerance in bf16 ulps at max |B|")
+    cp.add_argument("--allow-missing", action="store_true", help="pass although tensors of the reference are "
+                    "missing from A (default: fail, naming them)")
+    cp.add_argument("--allow-unknown", action="store_true", help="pass although a trace holds names its name map "
+                    "does not know (default: fail, naming them)")
+    cp.add_argument("--names-a", choices=sorted(MAPS), default=None, help="the naming of A's tensors (default: "
+                    "its __meta__ \"names\", else npllama's)")
+    cp.add_argument("--names-b", choices=sorted(MAPS), default=None, help="the naming of B's tensors, likewise")
     cp.add_argument("--plot", metavar="PNG", help="also draw the error of every tensor along the layers "
                     "(needs matplotlib: pip install 'npllama[plot]')")
     cp.set_defaults(func=cmd_compare)
@@ -121,7 +147,7 @@ def cmd_trace(a) -> int:
     tok = gen.tokenizer
     text, ids = prompt_or_tokens(a, gen)
     ids = ids if ids is not None else encode_prompt(tok, text)
-    t = tracefile.trace(gen.model, ids, layers, scores=not a.no_scores)
+    t = tracefile.trace(gen.model, ids, layers, scores=not a.no_scores, chunks=a.chunks)
     t["__meta__"]["prompt"] = text
     t["__meta__"]["pieces"] = [piece(tok, i) for i in ids]   # token text, for `npllama plot`'s axes
     tracefile.save(a.output, t)
@@ -131,7 +157,8 @@ def cmd_trace(a) -> int:
 
 def cmd_compare(a) -> int:
     ok, first, rows = compare(tracefile.load(a.a), tracefile.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps,
-                              out=sys.stdout)
+                              out=sys.stdout, names_a=a.names_a, names_b=a.names_b, allow_missing=a.allow_missing,
+                              allow_unknown=a.allow_unknown)
     if a.plot:
         plot.comparison(rows, a.plot, title=f"{a.a} vs {a.b}", rtol=None if a.ulps is not None else a.rtol)
         print(f"wrote {a.plot}", file=sys.stderr)

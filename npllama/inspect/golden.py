@@ -2,8 +2,10 @@
 drop into its test suite."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -21,15 +23,32 @@ numerics `{dtype}`. Everything is plain `.npy` (`np.load`, no pickles) and JSON.
 - `<name>.npy` — intermediates, named and laid out as in npllama's README "Trace format":
   q/k in Meta's interleaved RoPE layout, `probs` shape (n_heads, T, T), `attention`
   (T, dim) with heads stacked in order.
-- `golden.json` — params, dtype, prompt (null for a bundle made from token ids), tokens, the greedy continuation
+- `golden.json` — `weights_sha256` (which weights made it: weights_digest, over every
+  tensor's name, dtype, shape and bytes as npllama held them), `chunks` (the forward calls the
+  prompt ran as, null for one pass: the intermediates are the same either way), params,
+  dtype, prompt (null for a bundle made from token ids), tokens, the greedy continuation
   (`greedy.tokens`, `greedy.text`, {n_new} new tokens or up to a stop token), and the
   shape/dtype of every file.
 
 Suggested tolerances for a float32 implementation: max |yours - golden| <= 1e-4 * max |golden|
 per tensor (npllama agrees with HF transformers and Meta's reference to ~1e-6); the greedy
 tokens should match exactly unless two logits tie within that tolerance. Check with
-`npllama compare` after saving your own trace (README, Trace format).
+`npllama compare yours.npz THIS_DIRECTORY` (a bundle is a trace compare reads; strict:
+every tensor here must be in yours).
 """
+
+
+def weights_digest(weights: Mapping[str, np.ndarray], chunk: int = 1 << 24) -> str:
+    """sha256 over the tensors in name order: each one's name, dtype and shape, then its
+    bytes, a chunk at a time (a memory-mapped checkpoint is read, not copied)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        x = np.ascontiguousarray(weights[name])
+        h.update(f"{name} {x.dtype.str} {list(x.shape)}\n".encode())
+        flat = x.reshape(-1).view(np.uint8) if x.size else np.zeros(0, np.uint8)
+        for i in range(0, flat.size, chunk):
+            h.update(flat[i:i + chunk])
+    return h.hexdigest()
 
 
 def selected_names(n_layers: int) -> list[str]:
@@ -57,15 +76,17 @@ DEFAULT_PROMPT = "The answer to the ultimate question of life, the universe, and
 
 
 def write_golden(gen, out: str, prompt: str | None = None, max_new_tokens: int = 32, force: bool = False,
-                 tokens: list[int] | None = None) -> dict:
-    """The bundle for `prompt` (default DEFAULT_PROMPT), or for token ids given as they are."""
+                 tokens: list[int] | None = None, chunks: Sequence[int] | None = None) -> dict:
+    """The bundle for `prompt` (default DEFAULT_PROMPT), or for token ids given as they are;
+    chunks: the intermediates recorded from the prompt run as these KV-cache calls
+    (tracefile.schedule)."""
     check_destination(out, force)
     model, tok = gen.model, gen.tokenizer
     if tokens is None:
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         tokens = tok.encode(prompt, bos=tok.add_bos)
     n = model.args.n_layers
-    tr = trace(model, tokens, layers=sorted({0, n - 1}))
+    tr = trace(model, tokens, layers=sorted({0, n - 1}), chunks=chunks)
     result = gen.generate(tokens, max_new_tokens)
     with staged_directory(out, force, is_bundle, "golden bundle") as tmp:
         files = {}
@@ -73,7 +94,8 @@ def write_golden(gen, out: str, prompt: str | None = None, max_new_tokens: int =
             arr = np.asarray(tr[name])
             np.save(os.path.join(tmp, name + ".npy"), arr)
             files[name + ".npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
-        meta = {"npllama": __version__, "params": model.args.to_dict(), "dtype": model.dtype, "prompt": prompt,
+        meta = {"npllama": __version__, "weights_sha256": weights_digest(model.weights),
+                "chunks": tr["__meta__"]["chunks"], "params": model.args.to_dict(), "dtype": model.dtype, "prompt": prompt,
                 "tokens": [int(t) for t in tokens],
                 "greedy": {"tokens": result.tokens, "text": result.text, "stop_reason": result.stop_reason},
                 "files": files}

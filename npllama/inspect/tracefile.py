@@ -15,26 +15,77 @@ from ..model.observer import QK_LAYOUTS, Recorder
 SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
 
 
+def schedule(T: int, chunks: Sequence[int] | None) -> list[tuple[int, int]]:
+    """(start_pos, length) of each forward call that runs T tokens as `chunks`: the lengths
+    in order (a prompt's prefill chunks), then one token a call (decode steps) once they run
+    out; a chunk longer than what is left is cut. None: one call of all T."""
+    if chunks is None:
+        return [(0, T)]
+    chunks = list(chunks)
+    if not chunks or any(not isinstance(n, (int, np.integer)) or n < 1 for n in chunks):
+        raise UsageError(f"chunks must be positive integers, e.g. 3,1,1; got {chunks!r:.80}")
+    steps, start = [], 0
+    for n in chunks + [1] * T:
+        if start >= T:
+            break
+        steps.append((start, min(int(n), T - start)))
+        start += steps[-1][1]
+    return steps
+
+
+def stitch(steps: list[tuple[int, dict]], T: int) -> dict:
+    """The per-call traces of a chunked run as one trace at absolute positions 0..T-1:
+    (T, ...) tensors joined along positions; each call's (n_heads, t, start + t) scores
+    and probs placed at its rows, with the keys it could not see masked (-inf, 0), as one
+    pass over all T tokens would have them. A correct implementation's stitched trace is
+    its one-pass trace, so either compares against the other."""
+    out = {}
+    for name in steps[0][1]:
+        parts = [step[name] for _, step in steps if name in step]
+        if len(parts) != len(steps):
+            raise UsageError(f"{name}: recorded in {len(parts)} of the {len(steps)} steps")
+        if name.rsplit(".", 1)[-1] in ("scores", "probs"):
+            full = np.full((parts[0].shape[0], T, T), -np.inf if name.endswith("scores") else 0, np.float32)
+            for (start, _), x in zip(steps, parts):
+                full[:, start:start + x.shape[1], :x.shape[2]] = x
+            out[name] = full
+        else:
+            out[name] = np.concatenate(parts, axis=0)
+    return out
+
+
 def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, scores: bool = True,
-          scores_budget: int = SCORES_BUDGET) -> dict:
+          scores_budget: int = SCORES_BUDGET, chunks: Sequence[int] | None = None) -> dict:
     """Run `tokens` (T,) from position 0 and return {name: array} plus "__meta__"
     (params, dtype, npllama version, layout). layers: only these layers' tensors.
     scores=False leaves out the (n_heads, T, T) scores and probs; kept, they may take at
-    most scores_budget bytes (a UsageError says how much they would need). The prompt
-    runs as one forward pass (not in prefill chunks)."""
+    most scores_budget bytes (a UsageError says how much they would need). chunks: run the
+    prompt through the KV cache as these calls (schedule), e.g. (3, 1, 1): prefill 3
+    tokens, then decode steps; every call's intermediates are recorded and stitched at
+    their absolute positions (stitch). Default: one forward pass."""
     T, n_layers = len(tokens), model.args.n_layers
     if scores:
-        n = n_layers if layers is None else len({i for i in layers if 0 <= i < n_layers})
-        size = 2 * n * model.args.n_heads * T * T * 4
-        if size > scores_budget:
-            raise UsageError(f"trace: the scores and probs of {n} layer(s) ({model.args.n_heads} heads x {T:,} x "
-                             f"{T:,} float32, twice) need {size / 2**30:.2f} GiB, over the {scores_budget / 2**30:.2f}"
-                             f" GiB limit: trace fewer layers (--layers) or leave them out (--no-scores)")
-    out: dict = {}
-    model.forward(np.asarray(tokens), start_pos=0, trace=Recorder(out, layers, squeeze=True, scores=scores))
+        check_scores_budget(model.args, T, layers, scores_budget)
+    tokens, steps = np.asarray(tokens), []
+    for start, n in schedule(T, chunks):
+        step: dict = {}
+        model.forward(tokens[start:start + n], start_pos=start, trace=Recorder(step, layers, squeeze=True,
+                                                                               scores=scores))
+        steps.append((start, step))
+    out = stitch(steps, T)
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,
-                       "qk_layout": "interleaved", "source": "npllama"}
+                       "qk_layout": "interleaved", "source": "npllama",
+                       "chunks": None if chunks is None else [n for _, n in schedule(T, chunks)]}
     return out
+
+
+def check_scores_budget(args, T: int, layers, scores_budget: int) -> None:
+    n = args.n_layers if layers is None else len({i for i in layers if 0 <= i < args.n_layers})
+    size = 2 * n * args.n_heads * T * T * 4
+    if size > scores_budget:
+        raise UsageError(f"trace: the scores and probs of {n} layer(s) ({args.n_heads} heads x {T:,} x "
+                         f"{T:,} float32, twice) need {size / 2**30:.2f} GiB, over the {scores_budget / 2**30:.2f}"
+                         f" GiB limit: trace fewer layers (--layers) or leave them out (--no-scores)")
 
 
 def save(path: str, tr: dict) -> None:
@@ -51,6 +102,37 @@ def save(path: str, tr: dict) -> None:
 
 
 def load(path: str) -> dict:
+    """A trace: a golden bundle's directory (load_bundle) or a trace file (load_npz)."""
+    import os
+    return load_bundle(path) if os.path.isdir(path) else load_npz(path)
+
+
+def load_bundle(path: str) -> dict:
+    """A golden bundle (npllama golden) as a trace: golden.json's metadata and the .npy
+    files it lists, each a trace name, memory-mapped after its header is checked."""
+    from ..errors import CheckpointError
+    from ..untrusted import describe, file_size, inside, numel, npy_header, open_regular, read_json
+    from ..model.observer import forward_key
+    meta = read_json(inside(path, "golden.json"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{path}: golden.json is not a golden bundle's (no \"files\" object)")
+    tr = {}
+    for member in meta["files"]:
+        name = member[:-4] if isinstance(member, str) and member.endswith(".npy") else None
+        if name is None or forward_key(name) is None:
+            raise CheckpointError(f"{path}: golden.json lists {describe(member)}, not a trace name's .npy")
+        file = inside(path, member)
+        with open_regular(file) as f:
+            dtype, shape, start = npy_header(f, 0, file_size(f), file)
+        if dtype.kind not in "biuf":
+            raise CheckpointError(f"{file}: not a numeric array ({dtype})")
+        tr[name] = np.memmap(file, dtype, "r", offset=start, shape=shape) if numel(shape) else np.zeros(shape, dtype)
+    tr["__meta__"] = {k: v for k, v in meta.items() if k != "files"}
+    tr["__meta__"].setdefault("qk_layout", "interleaved")
+    return tr
+
+
+def load_npz(path: str) -> dict:
     """A trace file: an uncompressed .npz (np.savez, as save writes) of numeric arrays and a
     JSON `__meta__`. Arrays are memory-mapped: a header cannot make it allocate more than
     the file holds, and no pickle is ever read."""

@@ -287,12 +287,26 @@ def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:
     return args, open_tensors(path, index)
 
 
+def is_gguf(path) -> bool:
+    """Whether path is a regular file that starts as a GGUF does."""
+    if not os.path.isfile(path):
+        return False
+    with open_regular(path) as f:
+        return f.read(4) == b"GGUF"
+
+
 def load(path, dtype: str = "float32", **kwargs) -> "Transformer":
-    """A converted checkpoint directory (see `npllama convert`) as a ready Transformer;
-    kwargs are Transformer's (max_seq_len, max_batch_size, weights_mode). The weights stay
-    memory-mapped until a forward pass uses them."""
+    """A converted checkpoint directory (see `npllama convert`), or a GGUF file opened as it
+    is (its blocks mapped, as QuantTensors: weights_mode "quantized" tiles them, "auto"
+    when float copies would not fit), as a ready Transformer; kwargs are Transformer's
+    (max_seq_len, max_batch_size, weights_mode). The weights stay memory-mapped until a
+    forward pass uses them."""
     from ..model.model import Transformer  # local: the readers above need only the params
-    args, tensors = open_checkpoint(path)
+    if is_gguf(path):
+        from .formats.gguf_file import open_gguf
+        args, tensors, _ = open_gguf(str(path))
+    else:
+        args, tensors = open_checkpoint(path)
     model = Transformer(args, tensors, dtype=dtype, **kwargs)
     model.path = path
     return model

@@ -26,15 +26,18 @@ def context_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float
     return kv_cache_bytes(args, ctx, batch, dtype) + ctx * (args.head_dim // 2) * 8
 
 
-def weight_bytes(args: ModelArgs, weights_mode: str = "resident") -> int:
+def weight_bytes(args: ModelArgs, weights_mode: str = "resident", stored_bytes: int | None = None) -> int:
     """The weights every token reads, once a forward pass has used them: resident, a float32
     copy of each (the output head included, tied or not); tiled, the bf16 weights themselves,
-    mapped from the checkpoint. An untied embedding table is not counted: it stays in the
+    mapped from the checkpoint; quantized, the blocks as stored (`stored_bytes`, the mapped
+    tensors' size; bf16's size if not given). An untied embedding table is not counted: it stays in the
     checkpoint and only the rows of the tokens seen are read."""
     d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.ffn_dim
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
     weights = args.n_layers * per_layer + d + args.vocab_size * d
-    return (2 if weights_mode == "tiled" else 4) * weights
+    if weights_mode == "quantized" and stored_bytes is not None:
+        return stored_bytes
+    return (4 if weights_mode == "resident" else 2) * weights
 
 
 def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = PREFILL_CHUNK, batch: int = 1,
@@ -62,9 +65,9 @@ def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = PREFILL_CHUNK, batch: 
 
 
 def needed_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32", weights_mode: str = "resident",
-                 chunk: int = PREFILL_CHUNK) -> dict:
+                 chunk: int = PREFILL_CHUNK, stored_bytes: int | None = None) -> dict:
     """Each part of the model's memory at context `ctx`, and their total (with RESERVE)."""
-    parts = {"weights": weight_bytes(args, weights_mode), "kv_cache": kv_cache_bytes(args, ctx, batch, dtype),
+    parts = {"weights": weight_bytes(args, weights_mode, stored_bytes), "kv_cache": kv_cache_bytes(args, ctx, batch, dtype),
              "rope": ctx * (args.head_dim // 2) * 8,
              "scratch": scratch_bytes(args, ctx, min(chunk, ctx), batch, dtype), "reserve": RESERVE}
     parts["total"] = sum(parts.values())
@@ -93,23 +96,24 @@ def longest_context(args: ModelArgs, available: int, limit: int, **kw) -> int:
 
 
 def choose_context(args: ModelArgs, requested: int | None, available: int, batch: int = 1, dtype: str = "float32",
-                   weights_mode: str = "resident", chunk: int = PREFILL_CHUNK) -> int:
+                   weights_mode: str = "resident", chunk: int = PREFILL_CHUNK, stored_bytes: int | None = None) -> int:
     """The context (positions) to allocate: `requested`, if it fits in `available` bytes;
     by default the longest that fits, up to the trained context (args.max_seq_len). A
     context that does not fit raises UsageError with the figures."""
-    kw = dict(batch=batch, dtype=dtype, weights_mode=weights_mode, chunk=chunk)
+    kw = dict(batch=batch, dtype=dtype, weights_mode=weights_mode, chunk=chunk, stored_bytes=stored_bytes)
     ctx = requested if requested is not None else args.max_seq_len
     fit = longest_context(args, available, ctx, **kw)
-    if weights_mode == "tiled" and (fit == 0 or (requested is not None and fit != ctx)):
+    mapped = weights_mode in ("tiled", "quantized")
+    if mapped and (fit == 0 or (requested is not None and fit != ctx)):
         # Tiled weights are the checkpoint's own pages, mapped: what does not fit in memory the
         # page cache streams from disk (a model larger than memory runs, slowly). Only the rest
         # has to fit.
-        fit = longest_context(args, available + weight_bytes(args, weights_mode), ctx, **kw)
+        fit = longest_context(args, available + weight_bytes(args, weights_mode, stored_bytes), ctx, **kw)
     if fit == ctx or (requested is None and fit):
         return fit
     need = needed_bytes(args, ctx, **kw)
     advice = f"at most {fit:,} positions fit" if fit else "no context fits" + (
-        "; --weights tiled holds bf16 weights in half the memory" if weights_mode != "tiled" else "")
+        "; --weights tiled holds bf16 weights in half the memory" if not mapped else "")
     raise UsageError(
         f"a context of {ctx:,} positions (--ctx / max_seq_len) needs {gib(need['total'])}: "
         f"{gib(need['kv_cache'])} of KV cache ({batch} x {ctx:,} positions x {args.n_layers} layers, "

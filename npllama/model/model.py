@@ -161,7 +161,7 @@ class Transformer:
         # in every stage: an overestimate by at most those).
         held_args = args if len(self.held) == args.n_layers else replace(args, n_layers=len(self.held))
         self.max_seq_len = memory.choose_context(held_args, max_seq_len, available_memory(), max_batch_size, dtype,
-                                                 self.weights_mode, prefill_chunk)
+                                                 self.weights_mode, prefill_chunk, self.weights.stored_bytes)
         scaling = None
         if args.use_scaled_rope:
             scaling = dict(factor=args.rope_scaling_factor, low_freq_factor=args.low_freq_factor,

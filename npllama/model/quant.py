@@ -170,7 +170,8 @@ def dequantize(raw: np.ndarray, qtype: int, cols: int, name: str = "tensor") -> 
 class QuantTensor:
     """A (rows, cols) weight held as its raw GGUF blocks (a read-only memory map of the file,
     usually): rows are widened to float32 on request, never the whole matrix at once unless
-    asked (widen())."""
+    asked (widen()). The scales are checked once, when check() is first called (the tiled
+    matmul calls it before its first tile), not on every tile."""
 
     def __init__(self, raw: np.ndarray, qtype: int, shape: tuple[int, int], name: str):
         rows, cols = shape
@@ -181,6 +182,7 @@ class QuantTensor:
         self.raw = raw.reshape(rows, per_row)
         self.qtype, self.shape, self.name = qtype, (rows, cols), name
         self.ndim = 2
+        self.checked = False
 
     @property
     def type_name(self) -> str:
@@ -190,15 +192,31 @@ class QuantTensor:
     def nbytes(self) -> int:
         return self.raw.size
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows start:stop as float32 (stop - start, cols)."""
-        return dequantize(self.raw[start:stop], self.qtype, self.shape[1], self.name)
+    def check(self, chunk_rows: int = 4096) -> None:
+        """Refuse NaN/inf scales anywhere in the tensor (once; a chunk of rows at a time)."""
+        if not self.checked:
+            for r in range(0, self.shape[0], chunk_rows):
+                check_scales(self.raw[r:r + chunk_rows], self.qtype, self.name)
+            self.checked = True
+
+    def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows start:stop as float32 (stop - start, cols), in `out` when the type can be
+        widened in place (Q8_0: one pass, int8 * scale, the product exact as gguf's is)."""
+        if not self.checked:
+            return dequantize(self.raw[start:stop], self.qtype, self.shape[1], self.name)
+        if self.qtype == 8 and out is not None:
+            b = self.raw[start:stop].reshape(-1, 34)
+            np.multiply(b[:, 2:].view(np.int8), _f16(b, 0), out=out.reshape(-1, 32))
+            return out
+        return DECODERS[self.qtype](self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
 
     def take(self, index) -> np.ndarray:
         """Rows by index (an embedding gather), float32 (..., cols)."""
         index = np.asarray(index)
         return dequantize(self.raw[index.reshape(-1)], self.qtype, self.shape[1], self.name).reshape(
             *index.shape, self.shape[1])
+
+    __getitem__ = take
 
     def widen(self) -> np.ndarray:
         """The whole matrix as float32 (for the resident mode and for small vectors)."""

@@ -1,11 +1,14 @@
-"""Matmul against bf16 weights that stay bf16 (memory-mapped uint16): each weight is widened
-to float32 a cache-sized tile at a time, so the full float32 matrix never exists.
+"""Matmul against weights that stay as stored (memory-mapped): bf16 bit patterns (uint16)
+or a GGUF's quantized blocks (npllama.model.quant.QuantTensor). Each weight is widened to
+float32 a cache-sized tile of rows at a time, so the full float32 matrix never exists; one
+tiling loop (_tiles) serves every storage, only the widening differs.
 
-The widening uses the pair layout: two adjacent bf16 values (columns 2j, 2j+1) are one
-uint32 whose high half is column 2j+1 and low half column 2j (little-endian). Masking the low
-half off gives column 2j+1 as float32, shifting left by 16 gives column 2j, both exactly and
-each with one contiguous vectorised operation. So x @ W.T = [x[:, 1::2] | x[:, 0::2]] @
-[W_odd | W_even].T, and no strided copies are needed.
+bf16 uses the pair layout: two adjacent bf16 values (columns 2j, 2j+1) are one uint32 whose
+high half is column 2j+1 and low half column 2j (little-endian). Masking the low half off
+gives column 2j+1 as float32, shifting left by 16 gives column 2j, both exactly and each with
+one contiguous vectorised operation. So x @ W.T = [x[:, 1::2] | x[:, 0::2]] @ [W_odd |
+W_even].T, and no strided copies are needed. Quantized rows are widened by
+QuantTensor.rows, bit-identical to the gguf library's dequantization, and multiply x as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import threading
 import numpy as np
 
 from . import parallel
+from .quant import QuantTensor
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
@@ -24,7 +28,9 @@ LOW_TO_HIGH = np.uint32(0x10000)
 _local = threading.local()
 
 
-def supported(w: np.ndarray) -> bool:
+def supported(w) -> bool:
+    if isinstance(w, QuantTensor):
+        return True
     return w.dtype == np.uint16 and w.ndim == 2 and w.shape[1] % 2 == 0 and sys.byteorder == "little"
 
 
@@ -32,27 +38,43 @@ def _buffer(rows: int, k: int) -> np.ndarray:
     # One per thread and shape, kept: a forward pass cycles through a few shapes per token.
     bufs = _local.__dict__.setdefault("bufs", {})
     if (rows, k) not in bufs:
-        bufs[(rows, k)] = np.empty((rows, k), np.uint32)
+        bufs[(rows, k)] = np.empty((rows, k), np.float32)
     return bufs[(rows, k)]
 
 
-def _rows(x_pairs: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
-    # out (M, r1 - r0) = x @ W[r0:r1].T, a tile of rows at a time. u: the rows as uint32
-    # pairs (N, K/2); x_pairs: x's odd columns then its even columns, matching the tile
-    # [odd | even] so one GEMM covers both.
-    n, half = u.shape
-    rows = max(1, min(n, (TILE_BYTES if x_pairs.shape[0] <= DECODE_ROWS else PREFILL_TILE_BYTES) // (8 * half)))
-    buf = _buffer(rows, 2 * half)
-    f = buf.view(np.float32)
+def _tiles(x: np.ndarray, widen, n: int, out: np.ndarray) -> None:
+    # out (M, n) = x @ W.T for n rows of W, a tile of rows at a time: widen(r0, r1, buf)
+    # gives rows r0:r1 as float32 (k, K), in buf where it can.
+    k_dim = x.shape[1]
+    rows = max(1, min(n, (TILE_BYTES if x.shape[0] <= DECODE_ROWS else PREFILL_TILE_BYTES) // (4 * k_dim)))
+    buf = _buffer(rows, k_dim)
     for r in range(0, n, rows):
         k = min(rows, n - r)
-        np.bitwise_and(u[r:r + k], HIGH, out=buf[:k, :half])
-        np.multiply(u[r:r + k], LOW_TO_HIGH, out=buf[:k, half:])  # == u << 16 (mod 2^32), faster
-        np.matmul(x_pairs, f[:k].T, out=out[:, r:r + k])
+        np.matmul(x, widen(r, r + k, buf[:k]).T, out=out[:, r:r + k])
 
 
-def matmul(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
-    """x (M, K) float32 @ concat(weights).T for bf16-bits weights (N_i, K) -> (M, sum N_i).
+def _bf16_pairs(u: np.ndarray):
+    # u: rows of bf16 as uint32 pairs (N, K/2) -> a widen() giving rows as [odd | even] columns
+    half = u.shape[1]
+
+    def widen(r0: int, r1: int, f: np.ndarray) -> np.ndarray:
+        b = f.view(np.uint32)
+        np.bitwise_and(u[r0:r1], HIGH, out=b[:, :half])
+        np.multiply(u[r0:r1], LOW_TO_HIGH, out=b[:, half:])  # == u << 16 (mod 2^32), faster
+        return f
+    return widen
+
+
+def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray):
+    # out = x @ w[r0:r1].T, as a call for a thread
+    if isinstance(w, QuantTensor):
+        return lambda: _tiles(x, lambda a, b, f: w.rows(r0 + a, r0 + b, f), r1 - r0, out)
+    return lambda: _tiles(x_pairs(), _bf16_pairs(w.view(np.uint32)[r0:r1]), r1 - r0, out)
+
+
+def matmul(x: np.ndarray, weights: list) -> np.ndarray:
+    """x (M, K) float32 @ concat(weights).T for bf16-bits (N_i, K) or quantized weights
+    -> (M, sum N_i).
 
     Decoding (M <= DECODE_ROWS), the widening is most of the work and each numpy call runs on
     one core, so the weight rows are split between threads (npllama.parallel: BLAS on one
@@ -60,18 +82,25 @@ def matmul(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     core: threads of ours on top would oversubscribe the cores (the 8B prefill runs
     1.15-1.27x faster without)."""
     x = np.asarray(x, dtype=np.float32)
-    x_pairs = np.concatenate([x[:, 1::2], x[:, 0::2]], axis=1)
-    total = sum(w.shape[0] for w in weights)
-    out = np.empty((x.shape[0], total), np.float32)
-    jobs, col = [], 0
+    pairs = []     # x's odd columns then its even ones (bf16's layout), made once if needed
+
+    def x_pairs():
+        if not pairs:
+            pairs.append(np.concatenate([x[:, 1::2], x[:, 0::2]], axis=1))
+        return pairs[0]
+    if any(not isinstance(w, QuantTensor) for w in weights):
+        x_pairs()                # made here: threads must not race to make it
+    out = np.empty((x.shape[0], sum(w.shape[0] for w in weights)), np.float32)
     decoding = x.shape[0] <= DECODE_ROWS
     n_threads = parallel.threads() if decoding else 1
+    jobs, col = [], 0
     for w in weights:
-        u = w.view(np.uint32)                                   # (N, K/2)
+        if isinstance(w, QuantTensor):
+            w.check()            # scales refused once, here, before any thread widens
         step = -(-w.shape[0] // n_threads)
         for r in range(0, w.shape[0], step):
-            o = out[:, col + r:col + min(r + step, w.shape[0])]
-            jobs.append(lambda u=u[r:r + step], o=o: _rows(x_pairs, u, o))
+            r1 = min(r + step, w.shape[0])
+            jobs.append(_job(x, x_pairs, w, r, r1, out[:, col + r:col + r1]))
         col += w.shape[0]
     if decoding:
         parallel.run(jobs)

@@ -16,11 +16,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import bf16, tiled
+from .quant import QuantTensor
 from .config import ModelArgs
 from ..errors import UsageError, WeightError
 from .ops import identity
 
-WEIGHT_MODES = ("auto", "resident", "tiled")
+WEIGHT_MODES = ("auto", "resident", "tiled", "quantized")
 WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
 # Present in some of Meta's older checkpoints and recomputed here, so safe to ignore.
 IGNORED_WEIGHTS = ("rope.freqs",)
@@ -49,6 +50,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def check_dtype(name: str, w: np.ndarray) -> None:
+    if isinstance(w, QuantTensor):
+        return   # its type and size were checked when it was made
     if w.dtype.name not in WEIGHT_DTYPES:
         raise WeightError(f"{name}: unsupported dtype {w.dtype} (expected float32, float16, float64 or bf16 as uint16)")
 
@@ -90,6 +93,8 @@ def check(args: ModelArgs, tensors: Mapping[str, np.ndarray], layers: range | No
 def as_float32(name: str, w) -> np.ndarray:
     """A weight as float32. uint16 (and ml_dtypes' bfloat16) arrays are bf16 bit patterns,
     widened exactly; float16/float64 are converted; float32 (memory maps too) is kept."""
+    if isinstance(w, QuantTensor):
+        return w.widen()
     w = np.asarray(w)
     check_dtype(name, w)
     if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
@@ -113,14 +118,19 @@ def choose_mode(tensors: Mapping[str, np.ndarray], requested: str, share: int = 
     "tiled": weights stay as stored, where they are (a memory map: the page cache streams
     them from disk when they do not fit in memory): bf16 widened a tile at a time, float32
     read in place by the matmuls; no copy of a weight is kept.
-    "auto": tiled only when the float32 copies would not fit comfortably in memory, of
-    which this model gets 1/share (pipeline stages sharing a machine)."""
+    "quantized": a GGUF's blocks (QuantTensors) stay as they are, mapped, and are widened a
+    tile at a time as bf16 is; for float weights it is "tiled".
+    "auto": tiled (quantized, for quantized tensors) only when the float32 copies would not
+    fit comfortably in memory, of which this model gets 1/share (pipeline stages sharing a
+    machine)."""
     if requested not in WEIGHT_MODES:
         raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
     if requested != "auto":
         return requested
     resident_bytes = sum(int(np.prod(w.shape)) * 4 for w in tensors.values())
-    return "tiled" if resident_bytes > 0.6 * available_memory() / share else "resident"
+    if resident_bytes <= 0.6 * available_memory() / share:
+        return "resident"
+    return "quantized" if any(isinstance(w, QuantTensor) for w in tensors.values()) else "tiled"
 
 
 class Weights(Mapping):
@@ -138,6 +148,11 @@ class Weights(Mapping):
         # What was made from the tensors, kept: compute forms by name, fused copies by
         # tuple of names.
         self._ready: dict = {}
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors as given (a quantized model's blocks: what tiling maps)."""
+        return sum(w.nbytes for w in self.tensors.values())
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.tensors[name]
@@ -175,9 +190,9 @@ class Weights(Mapping):
         one matmul; each result (..., out_i) rounded as its own torch op would be."""
         x2 = x.reshape(-1, x.shape[-1])
         raw = [self.tensors[n] for n in names]
-        if self.mode == "tiled" and all(tiled.supported(w) for w in raw):
+        if self.mode in ("tiled", "quantized") and all(tiled.supported(w) for w in raw):
             y = tiled.matmul(x2, raw)
-        elif self.mode == "tiled":
+        elif self.mode in ("tiled", "quantized"):
             # Each weight where it is: a float32 memory map goes to the matmul as it is (w.T is
             # a view), so nothing model-sized is copied; joining them would copy them.
             return [self.rnd((x2 @ self._compute_form(n).T).reshape(*x.shape[:-1], w.shape[0]))

@@ -20,6 +20,7 @@ Any of these, a syntax error or raise_exception is one TokenizerError/UsageError
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 import sys
@@ -28,6 +29,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from ..errors import TokenizerError, UsageError
+from .confined import Confined
 
 MAX_TEMPLATE_CHARS = 1 << 20     # Llama 3.1's chat template is 4.6 kB
 
@@ -284,24 +286,74 @@ def plain_data(value, where: str = "messages"):
     raise UsageError(f"{where}: {type(value).__name__} is not JSON data")
 
 
+class _Renderer:
+    """The compiled template: made, and run, inside the confined worker (confined.py), where
+    compiling a 700,000-character template or a filter that never returns to Python meets
+    the OS's limits. The budgets and line tracer above stop most templates sooner and with a
+    more precise message."""
+
+    def __init__(self, source: str, name: str, time_limit: float):
+        import jinja2
+        self.name, self.time_limit = name, time_limit
+        self.env = _new_environment()
+        try:
+            self.template = self.env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"{name}: chat template line {e.lineno}: {e.message}") from None
+        except (RecursionError, SyntaxError):   # SyntaxError: the generated Python nests too deeply
+            raise TokenizerError(f"{name}: chat template nests too deeply") from None
+
+    def __call__(self, variables: dict) -> str:
+        import jinja2
+        self.env.built = 0
+        deadline = time.monotonic() + self.time_limit
+
+        def tracer(frame, event, arg):  # every line run while rendering: the template's and jinja's
+            if time.monotonic() > deadline:
+                raise _Budget(f"rendering took longer than {self.time_limit} s")
+            return tracer
+
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            return self._generate(variables)
+        except _Budget as e:
+            raise UsageError(f"{self.name}: chat template stopped: {e}") from None
+        except RecursionError:
+            raise UsageError(f"{self.name}: chat template stopped: recursion too deep") from None
+        except MemoryError:
+            raise UsageError(f"{self.name}: chat template stopped: out of memory") from None
+        except jinja2.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined call
+            raise UsageError(f"{self.name}: chat template: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            raise UsageError(f"{self.name}: chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            sys.settrace(previous)
+            self.env.built = 0
+
+    def _generate(self, variables: dict) -> str:
+        out, n = [], 0
+        for piece in self.template.generate(**variables):
+            n += len(piece)
+            if n > MAX_OUTPUT:
+                raise _Budget(f"the prompt is longer than {MAX_OUTPUT:,} characters")
+            out.append(piece)
+        return "".join(out)
+
+
 class ChatTemplate:
-    """The tokenizer's chat_template, compiled once; `encode_dialog_prompt` as the built-in
-    chat formats have it."""
+    """The tokenizer's chat_template, compiled once (in a confined worker, which renders it
+    per conversation turn); `encode_dialog_prompt` as the built-in chat formats have it."""
 
     def __init__(self, tokenizer, source: str | None = None):   # tokenizer: a tokenizer.Tokenizer
-        import jinja2
         self.tokenizer = tokenizer
         self.source = tokenizer.chat_template if source is None else source
         if not isinstance(self.source, str) or len(self.source) > MAX_TEMPLATE_CHARS:
             raise TokenizerError(f"{tokenizer.name}: the chat template is not a string of at most "
                                  f"{MAX_TEMPLATE_CHARS:,} characters")
-        self.env = _new_environment()
-        try:
-            self.template = self.env.from_string(self.source)
-        except jinja2.TemplateSyntaxError as e:
-            raise TokenizerError(f"{tokenizer.name}: chat template line {e.lineno}: {e.message}") from None
-        except RecursionError:
-            raise TokenizerError(f"{tokenizer.name}: chat template nests too deeply") from None
+        # CPU seconds: the tracer's limit, plus one for the compile and the whole-second rlimit.
+        self.worker = Confined(f"{tokenizer.name}: chat template", f"{__name__}:_Renderer",
+                               (self.source, tokenizer.name, TIME_LIMIT), UsageError, cpu=math.ceil(TIME_LIMIT) + 1)
         # Longest first, so a token wins over the tokens it contains (transformers' order).
         control = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self.control_re = re.compile("|".join(map(re.escape, control)) or "(?!)")
@@ -352,41 +404,10 @@ class ChatTemplate:
         return value
 
     def _render(self, messages, add_generation_prompt, tools, documents, kwargs) -> str:
-        import jinja2
         variables = {**self.globals(), **plain_data(kwargs, "kwargs")}
         variables.update(messages=messages, tools=plain_data(tools, "tools"),
                          documents=plain_data(documents, "documents"), add_generation_prompt=add_generation_prompt)
-        self.env.built = 0
-        out, n = [], 0
-        deadline = time.monotonic() + TIME_LIMIT
-
-        def tracer(frame, event, arg):  # every line run while rendering: the template's and jinja's
-            if time.monotonic() > deadline:
-                raise _Budget(f"rendering took longer than {TIME_LIMIT} s")
-            return tracer
-
-        previous = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            for piece in self.template.generate(**variables):
-                n += len(piece)
-                if n > MAX_OUTPUT:
-                    raise _Budget(f"the prompt is longer than {MAX_OUTPUT:,} characters")
-                out.append(piece)
-        except _Budget as e:
-            raise UsageError(f"{self.tokenizer.name}: chat template stopped: {e}") from None
-        except RecursionError:
-            raise UsageError(f"{self.tokenizer.name}: chat template stopped: recursion too deep") from None
-        except MemoryError:
-            raise UsageError(f"{self.tokenizer.name}: chat template stopped: out of memory") from None
-        except jinja2.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined call
-            raise UsageError(f"{self.tokenizer.name}: chat template: {e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
-            raise UsageError(f"{self.tokenizer.name}: chat template failed: {type(e).__name__}: {e}") from None
-        finally:
-            sys.settrace(previous)
-            self.env.built = 0
-        return "".join(out)
+        return self.worker.call(variables)
 
     def _encode_marked(self, text: str) -> list[int]:
         """transformers' encode_marked_chat: pieces between markers are encoded separately,

@@ -41,6 +41,7 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 
 
 from .chat_template import MAX_TEMPLATE_CHARS
+from .confined import Confined
 from ..errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
 from ..untrusted import describe, inside, read_bounded, read_json
 
@@ -140,6 +141,10 @@ SPEC_FORMAT, SPEC_VERSION = "npllama-tokenizer", 2
 MAX_SPEC_BYTES = 64 * 1024**2    # tokenizer.json or .model: Llama 3's are ~2 MB; a 256k vocabulary ~6 MB
 MAX_TOKENS = 1 << 21             # ids; Llama 3 has 128256
 MAX_CONTROL_TOKENS = 1 << 16     # Llama 3 has 256; tiktoken takes ~0.2 s per 10,000
+# Control tokens up to this many characters in all are compiled here; more, and tiktoken's
+# Rust regex (an alternation of them) is first compiled in a confined worker: 6,000 tokens
+# of 3,000 characters take it to 3.2 GB and an abort. Llama 3's 256 have 7,000 characters.
+MAX_INLINE_CONTROL_CHARS = 1 << 17
 CHAT_FORMATS = {"llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                 "chatml": ("<|im_start|>", "<|im_end|>")}
 
@@ -247,6 +252,16 @@ def spec_json(spec: dict, path: str = "tokenizer.json") -> bytes:
     return json.dumps(spec, ensure_ascii=False).encode()
 
 
+def probe_control_tokens(pre_tokenizer: str, special_tokens: dict[str, int]):
+    """tiktoken's tables for these control tokens, built and used once (run confined: a
+    breach of its limits is the answer that matters), with the 256 byte ranks alone."""
+    ranks = {bytes([b]): b for b in range(256)}
+    probe = tiktoken.Encoding("npllama-probe", pat_str=PRE_TOKENIZERS[pre_tokenizer], mergeable_ranks=ranks,
+                              special_tokens={t: (1 << 22) + i for i, t in enumerate(special_tokens)})
+    probe.encode("".join(list(special_tokens)[:16]) + " probe", allowed_special="all")
+    return lambda: None
+
+
 def chat_format_of(special_tokens) -> str | None:
     """The built-in chat format whose control tokens a vocabulary has."""
     return next((name for name, need in CHAT_FORMATS.items() if all(t in special_tokens for t in need)), None)
@@ -269,6 +284,9 @@ class Tokenizer:
         self.name = name
         self.pre_tokenizer = pre_tokenizer
         self.special_tokens = dict(special_tokens)
+        if sum(map(len, self.special_tokens)) > MAX_INLINE_CONTROL_CHARS:
+            Confined(f"{name}: its control tokens", f"{__name__}:probe_control_tokens",
+                     (pre_tokenizer, self.special_tokens), TokenizerError).close()
         self.model = tiktoken.Encoding(name=name, pat_str=PRE_TOKENIZERS[pre_tokenizer], mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = self.model.n_vocab

@@ -1,14 +1,17 @@
 """GGUF files of the llama architecture (llama.cpp's format), read with the gguf package's
 reader; every tensor's type, dims, offset and alignment are then checked against the file
-and each other here, and quantized tensors are dequantized with gguf's own code."""
+and each other here. Converting dequantizes with gguf's own code (read_gguf); opening a GGUF
+directly keeps its blocks, mapped, as QuantTensors (open_gguf)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 
 import numpy as np
 
 from ...model.config import ModelArgs
+from ...model.quant import TYPES, QuantTensor, dequantize
 from ...errors import CheckpointError, ConfigError
 from .names import gguf_to_meta
 from .source import Source
@@ -54,8 +57,6 @@ def check_tensors(reader, path: str, size: int) -> None:
             raise CheckpointError(f"{path}: tensor {describe(name)} overlaps the one before it")
         end = start + nbytes
 
-
-DEQUANTIZABLE = None  # set on first use: the types gguf.quants can dequantize
 
 # GGUF metadata value types: fixed sizes; 8 is a string, 9 an array.
 GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -122,20 +123,49 @@ def check_layout(path: str, data) -> None:
         take(f"<{n_dims}QIQ")
 
 
-def read_gguf(path: str) -> Source:
+def parse_gguf(path: str):
+    """The checked header of a llama GGUF: (reader, args, Meta name -> gguf tensor, extra
+    files, a read-only map of the file). The file is opened once; its header is walked with
+    bounds (check_layout), parsed by gguf's reader through the same descriptor, and every
+    tensor's extent checked against that descriptor's size; tensor data is read from the map."""
     import gguf
     import mmap
     with open_regular(path) as f:   # a FIFO or device is refused before gguf maps it
         size = file_size(f)
         if size < 24:
             raise CheckpointError(f"{path}: too short for a GGUF file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            check_layout(path, data)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001  gguf's parser fails in many ways on a damaged file: name the file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        check_layout(path, data)
+        # /proc/self/fd/N is this descriptor: gguf's reader reads the very file checked above
+        same_file = f"/proc/self/fd/{f.fileno()}"
+        try:
+            reader = gguf.GGUFReader(same_file if os.path.exists(same_file) else path)
+        except Exception as e:  # noqa: BLE001  gguf's parser fails in many ways on a damaged file: name the file
+            raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     check_tensors(reader, path, size)
+    args = gguf_args(reader, path)
+    by_name = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
+                raise CheckpointError(f"{path}: rope_freqs.weight is not a float32 vector")
+            args = gguf_rope_scaling(args, np.asarray(t.data, dtype=np.float32), path)
+            continue
+        meta = gguf_to_meta(t.name)
+        if meta is None:
+            raise CheckpointError(f"{path}: unknown tensor {describe(t.name)}")
+        by_name[meta] = t
+    return reader, args, by_name, gguf_extra(reader, path), data
+
+
+def check_types(path: str, by_name: dict, supported) -> None:
+    for t in by_name.values():
+        if t.tensor_type not in supported:
+            raise CheckpointError(f"{path}: tensor {t.name}: type {t.tensor_type.name} is not supported")
+
+
+def gguf_args(reader, path: str) -> ModelArgs:
+    """The llama.* metadata as ModelArgs."""
     arch = gguf_field(reader, "general.architecture", str, path=path)
     if arch != "llama":
         raise CheckpointError(f"{path}: architecture {describe(arch)} is not llama")
@@ -156,24 +186,26 @@ def read_gguf(path: str) -> Source:
     rope_dim = g("rope.dimension_count")
     if rope_dim is not None and rope_dim != args.head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope dim {rope_dim}) are not supported")
-    by_name = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
-                raise CheckpointError(f"{path}: rope_freqs.weight is not a float32 vector")
-            args = gguf_rope_scaling(args, np.asarray(t.data, dtype=np.float32), path)
-            continue
-        meta = gguf_to_meta(t.name)
-        if meta is None:
-            raise CheckpointError(f"{path}: unknown tensor {describe(t.name)}")
-        by_name[meta] = t
-    global DEQUANTIZABLE
-    if DEQUANTIZABLE is None:
-        DEQUANTIZABLE = {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None} | \
-            {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    for name, t in by_name.items():
-        if t.tensor_type not in DEQUANTIZABLE:
-            raise CheckpointError(f"{path}: tensor {t.name}: type {t.tensor_type.name} is not supported")
+    return args
+
+
+def gguf_extra(reader, path: str) -> dict[str, bytes]:
+    """What a converted directory holds beside the tensors: the tokenizer, as tokenizer.json."""
+    if gguf_field(reader, "tokenizer.ggml.tokens", list, path=path) is None:
+        return {}
+    from ...text.tokenizer import spec_json
+    from ...text.tokenizer_import import gguf_tokenizer_spec
+    spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
+    return {"tokenizer.json": spec_json(spec)}
+
+
+def read_gguf(path: str) -> Source:
+    """A GGUF as a Source for conversion: each tensor dequantized to float32 with gguf's own
+    code (F16 kept as float16, BF16 as its bits)."""
+    import gguf
+    _, args, by_name, extra, _ = parse_gguf(path)
+    check_types(path, by_name, {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None}
+                | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16})
 
     def load(name: str) -> np.ndarray:
         t = by_name[name]
@@ -186,13 +218,29 @@ def read_gguf(path: str) -> Source:
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
     nbytes = sum(numel(s) * 4 for s in shapes.values())
-    extra = {}
-    if tokens is not None:
-        from ...text.tokenizer import spec_json
-        from ...text.tokenizer_import import gguf_tokenizer_spec
-        spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
-        extra["tokenizer.json"] = spec_json(spec)
     return Source(path, args, shapes, nbytes, load, extra_data=extra)
+
+
+def open_gguf(path: str) -> tuple[ModelArgs, dict, dict[str, bytes]]:
+    """A GGUF's params, its tensors by Meta's names and its tokenizer file, with no float copy:
+    each matrix a QuantTensor over its own blocks in a read-only map of the file (whatever
+    its type, F32 and F16 included), each vector (the norms: a few KB) widened to float32.
+    Shapes are checked against the params before a byte of tensor data is read."""
+    from .source import check_shapes
+    _, args, by_name, extra, data = parse_gguf(path)
+    check_types(path, by_name, set(TYPES))
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    check_shapes(args, shapes, path)
+    tensors = {}
+    for name, t in by_name.items():
+        qtype, shape = int(t.tensor_type), shapes[name]
+        nbytes = numel(shape) // TYPES[qtype][1] * TYPES[qtype][2]
+        raw = np.frombuffer(data, np.uint8, nbytes, t.data_offset)   # in the file: checked by check_tensors
+        if len(shape) == 1:
+            tensors[name] = dequantize(raw, qtype, shape[0], name).reshape(shape)
+        else:
+            tensors[name] = QuantTensor(raw, qtype, shape, name)
+    return args, tensors, extra
 
 
 def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> ModelArgs:

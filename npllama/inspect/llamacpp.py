@@ -1,0 +1,104 @@
+"""llama.cpp's `llama-eval-callback` output as something to compare a trace with.
+
+The callback prints each graph node's name, type, op and shape (ggml's ne, fastest axis
+first), its first and last 3 values along every axis (`%12.4f`) and their sum; nothing
+more. So a dump is compared by what it holds: those values and the sum, against the same
+entries of the npllama tensor its name maps to (namemaps "llamacpp"), in forward order,
+and the first tensor outside tolerance is named."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..errors import UsageError
+from ..model.observer import forward_key
+from .namemaps import compiled, map_name
+
+HEADER = re.compile(r"^common_debug_cb_eval:\s+(.+?) = \((\w+)\)\s+(\w+)\(.*\) = \{(\d+), (\d+), (\d+), (\d+)\}$")
+EDGE = 3        # values printed at each end of an axis (common_debug_print_tensor's n)
+
+
+def shown(n: int) -> list[int]:
+    return list(range(n)) if n <= 2 * EDGE else [*range(EDGE), *range(n - EDGE, n)]
+
+
+def parse(text: str, where: str = "dump") -> dict[str, dict]:
+    """{node name[OP]: {"ne": (ne0..ne3), "values": (rows, cols) array, "sum": float}} for
+    every float node the dump printed (the last of a name and op printed twice)."""
+    out, node = {}, None
+    for line in text.splitlines():
+        m = HEADER.match(line)
+        if m:
+            name, op, ne = m.group(1), m.group(3), tuple(int(m.group(i)) for i in range(4, 8))
+            node = {"ne": ne, "rows": [], "sum": None} if m.group(2) in ("f32", "f16", "bf16") else None
+            if node is not None:
+                out[f"{name}[{op}]"] = node
+        elif node is not None and line.strip().startswith("[") and line.strip().endswith("],") and "[" not in \
+                line.strip()[1:]:
+            node["rows"].append([float(v) for v in line.strip()[1:-2].replace("...,", "").split(",") if v.strip()])
+        elif node is not None and line.strip().startswith("sum = "):
+            node["sum"] = float(line.split("=")[1])
+    for key, node in out.items():
+        try:
+            node["values"] = np.array(node.pop("rows"), dtype=np.float64)
+        except ValueError:
+            raise UsageError(f"{where}: {key}: ragged values (not llama-eval-callback output)") from None
+    return out
+
+
+def trace_names(dump: dict) -> dict[str, str]:
+    """trace name -> the dump node it is; a node without an op suffix in the map (`attn_norm-0`)
+    is looked up by its bare name."""
+    table, out = compiled("llamacpp"), {}
+    for key in dump:
+        known, target = map_name(key, table)
+        if not known:
+            known, target = map_name(key.rsplit("[", 1)[0], table)
+        if target is not None:
+            out[target] = key
+    return out
+
+
+def sampled(x: np.ndarray, ne: tuple, name: str) -> tuple[np.ndarray, float]:
+    """The entries of npllama's tensor x the dump printed for a node of shape ne, and x's sum:
+    x laid out as ggml (ne3, ne2, ne1, ne0); a node of one position (llama.cpp keeps only
+    the last row before the head) compared with x's last; probabilities over more key slots
+    (the whole KV cache) padded with zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    if name.endswith("probs") and x.shape[-1] < ne[0]:
+        x = np.concatenate([x, np.zeros((*x.shape[:-1], ne[0] - x.shape[-1]))], -1)
+    if x.ndim == 2 and x.shape[0] > 1 and ne[1] == 1:
+        x = x[-1:]
+    if x.size != int(np.prod(ne)):
+        raise UsageError(f"shape {x.shape} does not hold the dump's ggml shape {list(ne)}")
+    g = x.reshape(ne[::-1])
+    rows = [g[i3, i2, i1][shown(ne[0])] for i3 in range(ne[3]) for i2 in shown(ne[2]) for i1 in shown(ne[1])]
+    return np.array(rows), float(x.sum())
+
+
+def compare_dump(dump: dict, tr: dict, rtol: float, out=None) -> tuple[bool, str | None, list]:
+    """Each node of the dump against npllama's trace tr, in forward order: printed values
+    within rtol * max |npllama tensor| + half the print's last digit, and the sum within rtol
+    * sum |npllama tensor|. Returns (all within, first outside, rows)."""
+    rows, first = [], None
+    for name, key in sorted(trace_names(dump).items(), key=lambda kv: forward_key(kv[0])):
+        if name not in tr:
+            continue
+        node = dump[key]
+        ours, total = sampled(tr[name], node["ne"], name)
+        scale = float(np.abs(np.asarray(tr[name], np.float64)).max())
+        err = float(np.abs(ours - node["values"]).max()) if ours.shape == node["values"].shape else np.inf
+        sum_err = abs(total - node["sum"])
+        ok = err <= rtol * scale + 5e-5 and sum_err <= rtol * float(np.abs(np.asarray(tr[name])).sum()) + 1e-3
+        rows.append((name, key, err / max(scale, 1e-30), sum_err, ok))
+        first = first or (None if ok else name)
+    if out is not None:
+        for name, key, rel, sum_err, ok in rows:
+            mark = "  <-- first outside tolerance" if name == first else ("  x" if not ok else "")
+            print(f"{name:<28} {key:<24} {rel:10.2e} {sum_err:11.3e}{mark}", file=out)
+        print(f"compared {len(rows)} llama.cpp tensors; " + ("all within tolerance" if first is None else
+              f"first outside tolerance: {first}"), file=out)
+    if not rows:
+        raise UsageError("the dump shares no tensor with the trace")
+    return first is None, first, rows
