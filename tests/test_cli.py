@@ -173,7 +173,7 @@ LONG = "hello" + " hello" * 300   # 301 tokens of the Llama 3 tokenizer
 def test_the_context_error_says_how_to_get_a_longer_context(model_dir, tmp_path):
     # The model was trained for 256 tokens, the prompt is 301. Below that, a longer --ctx is the way out; at
     # it, --ctx N --force-ctx (or a shorter prompt) is.
-    for argv, way in [(["generate", LONG, "--ctx", "64"], "--ctx N (max_seq_len=N in Python), up to the 256"),
+    for argv, way in [(["generate", LONG, "--ctx", "64"], "--ctx N, up to the 256"),
                       (["generate", LONG], "--ctx N --force-ctx"),
                       (["trace", LONG, "-o", str(tmp_path / "t.npz"), "--ctx", "64"], "up to the 256")]:
         r = run(*argv[:1], "-m", model_dir, *argv[1:], "--raw" if argv[0] == "generate" else "--no-scores")

@@ -94,9 +94,9 @@ class FeedForward:
 def ways_to_a_longer_context(max_seq_len: int, trained: int) -> str:
     """What every context-overflow error ends with: how to get out of it."""
     if max_seq_len < trained:
-        return (f"give a shorter prompt, or a longer context: --ctx N (max_seq_len=N in Python), up to the "
+        return (f"give a shorter prompt, or a longer context: --ctx N, up to the "
                 f"{trained:,} tokens the model was trained for")
-    return (f"give a shorter prompt, or --ctx N --force-ctx (max_seq_len=N in Python) to run past the {trained:,} "
+    return (f"give a shorter prompt, or --ctx N --force-ctx to run past the {trained:,} "
             "tokens the model was trained for (quality degrades)")
 
 
