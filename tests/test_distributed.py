@@ -340,3 +340,20 @@ def test_cli_stages_needs_ray(capsys):
     assert cli.main(["generate", "hi", "--stages", "2"]) == 1
     assert capsys.readouterr().err.strip() == "npllama: --stages goes with --ray (local, or the address of a " \
                                               "Ray cluster)"
+
+
+def test_microbatches_in_flight_give_the_one_process_rows(ray_runtime, untied):
+    """Two microbatches submitted before either is collected (both in the pipeline at once),
+    after a shared-prefix copy: each row's logits are the one-process model's, bit for bit
+    (the same numpy operations, stage by stage, on the same data)."""
+    one = Transformer(ARGS, checkpoint.open_tensors(untied), max_seq_len=32, max_batch_size=4)
+    a, b = (TOKENS[None, 5:7], [5], [1]), (np.array([[3], [4]]), [5, 5], [0, 2])
+    with Pipeline(untied, 2, max_seq_len=32, max_batch_size=4) as pipe:
+        for model in (one, pipe):
+            model.forward_rows(TOKENS[None, :5], [0], [0], last_only=False)
+            model.copy_rows(0, 1, 5)
+            model.copy_rows(0, 2, 5)
+        handles = [pipe.submit_rows(*a), pipe.submit_rows(*b)]
+        ours = [pipe.collect(h) for h in handles]
+    for got, args in zip(ours, (a, b)):
+        assert np.array_equal(got, one.forward_rows(*args))

@@ -43,14 +43,10 @@ def planned(arr, out_type: str):
     return (arr.shape[0], *row.shape[1:]), row.dtype, arr.shape[0] * row.nbytes, raw
 
 
-def export(src: str, dst: str, out_type: str = "f32") -> None:
+def gguf_writer(dst: str, args, file_type: int):
+    """A GGUFWriter to dst + ".partial" holding llama metadata for `args` (file_type: llama.cpp's
+    LLAMA_FTYPE) and the tokenizer "none"; the caller adds the tensors and renames the file."""
     import gguf
-
-    import npllama
-    from npllama.io import checkpoint
-    from npllama.io.formats.names import meta_to_gguf
-    args = npllama.ModelArgs.from_json(os.path.join(src, "params.json"))
-    tensors = checkpoint.open_tensors(src)
     w = gguf.GGUFWriter(dst + ".partial", "llama")
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
@@ -62,8 +58,20 @@ def export(src: str, dst: str, out_type: str = "f32") -> None:
     w.add_rope_freq_base(args.rope_theta)
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
-    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[out_type])
+    w.add_file_type(file_type)
     w.add_tokenizer_model("none")
+    return w
+
+
+def export(src: str, dst: str, out_type: str = "f32") -> None:
+    import gguf
+
+    import npllama
+    from npllama.io import checkpoint
+    from npllama.io.formats.names import meta_to_gguf
+    args = npllama.ModelArgs.from_json(os.path.join(src, "params.json"))
+    tensors = checkpoint.open_tensors(src)
+    w = gguf_writer(dst, args, {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[out_type])
     out = {}                                              # GGUF name -> the tensor to write
     if args.use_scaled_rope:
         # llama.cpp's form of Llama 3.1 scaling: a divisor per rotation frequency.

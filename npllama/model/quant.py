@@ -54,12 +54,25 @@ def _high_bits(qh: np.ndarray, n_bits: int, group: int) -> np.ndarray:
     return (q & np.uint8(1)).reshape(n, -1)
 
 
+# The arithmetic below runs in place on the one float32 array each decoder makes (the same
+# operations in the same order: the results are unchanged), so widening a tile allocates
+# one tile, not one per operation.
+
+def _scaled(d: np.ndarray, q: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    # d * q (+ m), q's integers as float32, in place
+    r = q.astype(np.float32)
+    np.multiply(d, r, out=r)
+    if m is not None:
+        np.add(r, m, out=r)
+    return r
+
+
 def _q4_0(b):
-    return _f16(b, 0) * (_nibbles(b[:, 2:], 16).astype(np.int8) - np.int8(8)).astype(np.float32)
+    return _scaled(_f16(b, 0), _nibbles(b[:, 2:], 16).astype(np.int8) - np.int8(8))
 
 
 def _q4_1(b):
-    return (_f16(b, 0) * _nibbles(b[:, 4:], 16).astype(np.float32)) + _f16(b, 2)
+    return _scaled(_f16(b, 0), _nibbles(b[:, 4:], 16), _f16(b, 2))
 
 
 def _q5_bits(qh4: np.ndarray, ql: np.ndarray) -> np.ndarray:
@@ -69,11 +82,11 @@ def _q5_bits(qh4: np.ndarray, ql: np.ndarray) -> np.ndarray:
 
 
 def _q5_0(b):
-    return _f16(b, 0) * (_q5_bits(b[:, 2:6], b[:, 6:]).astype(np.int8) - np.int8(16)).astype(np.float32)
+    return _scaled(_f16(b, 0), _q5_bits(b[:, 2:6], b[:, 6:]).astype(np.int8) - np.int8(16))
 
 
 def _q5_1(b):
-    return (_f16(b, 0) * _q5_bits(b[:, 4:8], b[:, 8:]).astype(np.float32)) + _f16(b, 2)
+    return _scaled(_f16(b, 0), _q5_bits(b[:, 4:8], b[:, 8:]), _f16(b, 2))
 
 
 def _q8_0(b):
@@ -96,7 +109,8 @@ def _k_affine(b: np.ndarray, q: np.ndarray) -> np.ndarray:
     sc, mn = _k_scales(b[:, 4:16])
     d = (_f16(b, 0) * sc.astype(np.float32)).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mn.astype(np.float32)).reshape(n, 8, 1)
-    return (d * q.reshape(n, 8, 32).astype(np.float32) - dm).reshape(n, QK_K)
+    r = _scaled(d, q.reshape(n, 8, 32))
+    return np.subtract(r, dm, out=r).reshape(n, QK_K)
 
 
 def _q4_k(b):
@@ -113,7 +127,7 @@ def _q6_k(b):
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
     q = (ql | (qh.reshape(n, 8, 32) << np.uint8(4))).astype(np.int8) - np.int8(32)
     d = (_f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)).reshape(n, 16, 1)
-    return (d * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+    return _scaled(d, q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
 def _f32(b):
@@ -183,6 +197,7 @@ class QuantTensor:
         self.qtype, self.shape, self.name = qtype, (rows, cols), name
         self.ndim = 2
         self.checked = False
+        self.in_place = qtype == 8      # rows(out=) writes into out (else: a new array)
 
     @property
     def type_name(self) -> str:

@@ -42,15 +42,15 @@ def _buffer(rows: int, k: int) -> np.ndarray:
     return bufs[(rows, k)]
 
 
-def _tiles(x: np.ndarray, widen, n: int, out: np.ndarray) -> None:
+def _tiles(x: np.ndarray, widen, n: int, out: np.ndarray, in_place: bool = True) -> None:
     # out (M, n) = x @ W.T for n rows of W, a tile of rows at a time: widen(r0, r1, buf)
-    # gives rows r0:r1 as float32 (k, K), in buf where it can.
+    # gives rows r0:r1 as float32 (k, K), in buf if in_place (else buf is None).
     k_dim = x.shape[1]
     rows = max(1, min(n, (TILE_BYTES if x.shape[0] <= DECODE_ROWS else PREFILL_TILE_BYTES) // (4 * k_dim)))
-    buf = _buffer(rows, k_dim)
+    buf = _buffer(rows, k_dim) if in_place else None
     for r in range(0, n, rows):
         k = min(rows, n - r)
-        np.matmul(x, widen(r, r + k, buf[:k]).T, out=out[:, r:r + k])
+        np.matmul(x, widen(r, r + k, None if buf is None else buf[:k]).T, out=out[:, r:r + k])
 
 
 def _bf16_pairs(u: np.ndarray):
@@ -68,7 +68,7 @@ def _bf16_pairs(u: np.ndarray):
 def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray):
     # out = x @ w[r0:r1].T, as a call for a thread
     if isinstance(w, QuantTensor):
-        return lambda: _tiles(x, lambda a, b, f: w.rows(r0 + a, r0 + b, f), r1 - r0, out)
+        return lambda: _tiles(x, lambda a, b, f: w.rows(r0 + a, r0 + b, f), r1 - r0, out, w.in_place)
     return lambda: _tiles(x_pairs(), _bf16_pairs(w.view(np.uint32)[r0:r1]), r1 - r0, out)
 
 

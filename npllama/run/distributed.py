@@ -111,6 +111,14 @@ class Stage:
         record = IGNORE if trace is None else Recorder(out, trace["layers"], trace["squeeze"])
         return self.model.forward_stage(x, start_pos, record, last_only), out
 
+    def forward_rows(self, x: np.ndarray, positions: np.ndarray, rows: np.ndarray, last_only: bool) -> np.ndarray:
+        """forward_stage on a microbatch: row b of x is its own sequence in cache row rows[b]
+        at position positions[b] (continuous batching over the pipeline, npllama serve --ray)."""
+        return self.model.forward_stage(x, positions, last_only=last_only, rows=rows)
+
+    def copy_rows(self, src: int, dst: int, n: int) -> None:
+        self.model.copy_rows(src, dst, n)
+
 
 @dataclass
 class Node:
@@ -148,6 +156,7 @@ class Pipeline:
     forward = __call__ = Transformer.forward
     check_tokens = Transformer.check_tokens
     check_positions = Transformer.check_positions
+    check_rows = Transformer.check_rows
 
     def __init__(self, path: str, stages: int | None = None, dtype: str = "float32", max_seq_len: int | None = None,
                  max_batch_size: int = 1, weights_mode: str = "auto", timeout: float | None = None,
@@ -216,6 +225,44 @@ class Pipeline:
             # copies: arrays fetched from Ray's object store are read-only views of it
             record.out.update({record.prefix + name: np.array(v) for name, v in part.items()})
         return np.array(logits)
+
+    def submit_rows(self, tokens, start_pos, rows, last_only: bool = True) -> list:
+        """Starts a microbatch through the stages without waiting for it: tokens (B, T), row
+        b its own sequence in cache row rows[b] at positions start_pos[b].. (forward_rows'
+        arguments) -> a handle for collect. Each stage runs its tasks in the order they were
+        submitted, so microbatches submitted one after another keep every stage busy: stage 1
+        runs microbatch 0 while stage 0 runs microbatch 1."""
+        if self.broken:
+            raise StageError(self.broken)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise UsageError(f"forward_rows takes tokens (B, T), got shape {tokens.shape}")
+        self.check_tokens(tokens, 0)
+        rows, start_pos = self.check_rows(*tokens.shape, start_pos, rows)
+        x, refs = tokens, []
+        for stage in self.stages:
+            x = stage.forward_rows.remote(x, start_pos, rows, last_only)
+            refs.append(x)
+        return refs, last_only
+
+    def collect(self, handle: tuple) -> np.ndarray:
+        """A submitted microbatch's logits: (B, vocab) with last_only, else (B, T, vocab)."""
+        if self.broken:
+            raise StageError(self.broken)
+        refs, last_only = handle
+        logits = np.array(self._results(refs[-1:], self.timeout, "during a forward pass", refs)[0])
+        return logits[:, 0] if last_only else logits
+
+    def forward_rows(self, tokens, start_pos, rows, last_only: bool = True) -> np.ndarray:
+        """Transformer.forward_rows over the stages."""
+        return self.collect(self.submit_rows(tokens, start_pos, rows, last_only))
+
+    def copy_rows(self, src: int, dst: int, n: int) -> None:
+        """Transformer.copy_rows in every stage; queued behind the tasks already submitted."""
+        self.check_rows(1, n, [0], [dst])
+        self.check_rows(1, n, [0], [src])
+        for stage in self.stages:
+            stage.copy_rows.remote(src, dst, n)
 
     def _results(self, refs: list, timeout: float | None, doing: str, per_stage: list | None = None) -> list:
         """ray.get(refs); per_stage: each stage's own result, in order (default refs). A stage

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Write a llama-architecture GGUF of random weights in one block type, tensor by tensor (an
+8B shape writes in the memory of one tensor), for tests and benchmarks of quantized weights.
+
+    python tools/random_gguf.py OUT.gguf --type Q8_0 --preset llama3.2-1b
+
+Types the gguf library can quantize (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16, F32) are
+quantized from random float32 weights scaled like a trained model's (npllama.testing's);
+K-quants (Q4_K, Q5_K, Q6_K), which it cannot, are random blocks whose float16 scales are set
+so that each tensor has that same spread. Norms are F32. For llama.cpp's own quantization of
+a file, write F16 and run llama-quantize on it.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from npllama.model.quant import BY_NAME, SCALE_OFFSETS, TYPES, dequantize  # noqa: E402
+
+ROWS_PER_CHUNK = 4096   # quantized this many rows at a time: gguf's quantize makes temporaries
+
+
+def _set_f16(blocks: np.ndarray, offset: int, value) -> None:
+    blocks[:, offset:offset + 2] = np.array(value, np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def random_blocks(rng, qtype: int, rows: int, cols: int, std: float) -> np.ndarray:
+    """(rows, row_bytes) random blocks of a K-quant whose values have standard deviation ~std
+    and mean ~0: random integers, with d (and dmin, which offsets the unsigned integers) set
+    from what the integers give with unit scales."""
+    _, block, size = TYPES[qtype]
+    blocks = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    offsets = SCALE_OFFSETS[qtype]
+    for off in offsets:
+        _set_f16(blocks, off, 0.0)
+    _set_f16(blocks, offsets[0], 1.0)
+    a = dequantize(blocks, qtype, block).astype(np.float64)            # d * scale * q
+    ratio = 0.0
+    if len(offsets) == 2:
+        _set_f16(blocks, offsets[0], 0.0)
+        _set_f16(blocks, offsets[1], 1.0)
+        b = -dequantize(blocks, qtype, block).astype(np.float64)       # dmin * min
+        ratio = a.mean() / b.mean()
+        a = a - ratio * b
+        _set_f16(blocks, offsets[1], std / a.std() * ratio)
+    _set_f16(blocks, offsets[0], std / a.std())
+    return blocks.reshape(rows, -1)
+
+
+def tensor(rng, name: str, shape: tuple, qtype: int):
+    """One tensor as the GGUF stores it: (data, raw GGML type or None)."""
+    import gguf
+    if len(shape) == 1:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32), None
+    std = 1.0 if name == "tok_embeddings.weight" else 1 / np.sqrt(shape[1])
+    if qtype in SCALE_OFFSETS and TYPES[qtype][1] == 256:
+        return random_blocks(rng, qtype, *shape, std), qtype
+    parts = []
+    for r in range(0, shape[0], ROWS_PER_CHUNK):
+        w = (std * rng.standard_normal((min(ROWS_PER_CHUNK, shape[0] - r), shape[1]))).astype(np.float32)
+        parts.append(gguf.quants.quantize(w, gguf.GGMLQuantizationType(qtype)))
+    return np.concatenate(parts), qtype
+
+
+def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None) -> str:
+    """A random GGUF of `args` at dst, its matrices in `qtype` (a name such as "Q4_K" or a
+    ggml type id) but for those `types` names (Meta's tensor name -> type)."""
+    import gguf
+
+    from npllama.io.formats.names import meta_to_gguf
+    from npllama.model.weights import expected_shapes
+    from tools.export_gguf import gguf_writer
+    as_id = lambda q: BY_NAME[q] if isinstance(q, str) else q  # noqa: E731
+    qtype = as_id(qtype)
+    per_name = {n: as_id((types or {}).get(n, qtype)) for n in expected_shapes(args)}
+    shapes = {n: s for n, s in expected_shapes(args).items() if not (tied and n == "output.weight")}
+    w = gguf_writer(dst, args, 0 if qtype == 0 else 1)
+    for name, shape in shapes.items():   # the table first, from the shapes: sizes are known
+        raw = per_name[name] if len(shape) == 2 else 0
+        _, block, size = TYPES[raw]
+        dtype = {0: np.float32, 1: np.float16, 30: np.uint16}.get(raw, np.uint8)
+        nbytes = int(np.prod(shape)) // block * size
+        byte_shape = shape if dtype is not np.uint8 else (shape[0], shape[1] // block * size)
+        w.add_tensor_info(meta_to_gguf(name), byte_shape, np.dtype(dtype), nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType(raw) if raw not in (0, 1) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        w.write_tensor_data(tensor(rng, name, shape, per_name[name])[0])
+    w.close()
+    os.replace(dst + ".partial", dst)
+    return dst
+
+
+def main():
+    from npllama.model.config import preset
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dst")
+    p.add_argument("--type", default="Q8_0", choices=sorted(BY_NAME))
+    p.add_argument("--preset", default="llama3.2-1b")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    write(a.dst, preset(a.preset), a.type, a.seed)
+    print(f"wrote {a.dst}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
