@@ -217,5 +217,11 @@ def test_cli_trace_chunks_and_strict_compare(tmp_path):
     r = run_cli("compare", few, one)
     assert r.returncode == 1 and "missing from A" in r.stdout, r.stdout + r.stderr
     assert run_cli("compare", few, one, "--allow-missing").returncode == 0
+    r = run_cli("golden", "-m", model_dir, "Hello there, general Kenobi", "-o", str(tmp_path / "gold"),
+                "--chunks", "3,1,1", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "gold" / "golden.json").read_text())["chunks"][:3] == [3, 1, 1]   # then 1 a call
+    r = run_cli("compare", str(tmp_path / "gold"), one, "--allow-missing")   # the bundle holds a selection
+    assert r.returncode == 0, r.stdout + r.stderr
     r = run_cli("trace", "-m", model_dir, "x", "-o", str(tmp_path / "bad.npz"), "--chunks", "3,0")
     assert r.returncode == 2 and "--chunks" in r.stderr and "Traceback" not in r.stderr

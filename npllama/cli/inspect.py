@@ -100,6 +100,7 @@ def add_golden(sub) -> None:
                     help="length of the greedy continuation (default 32)")
     add_model_args(gd)
     add_token_args(gd)
+    add_chunks_arg(gd)
     gd.set_defaults(func=cmd_golden)
 
 
@@ -180,7 +181,7 @@ def cmd_golden(a) -> int:
     ids = token_ids(a, gen)
     if ids is not None and prompt is not None:
         raise UsageError("give a prompt or --tokens/--tokens-file, not both")
-    write_golden(gen, a.output, prompt, a.max_new_tokens, force=a.force, tokens=ids)
+    write_golden(gen, a.output, prompt, a.max_new_tokens, force=a.force, tokens=ids, chunks=a.chunks)
     print(f"wrote {a.output}", file=sys.stderr)
     return 0
 
