@@ -11,9 +11,6 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-_BLAS = parallel.openblas()
-_BLAS_THREADS = _BLAS[0]() if _BLAS else None
-
 
 @pytest.fixture(autouse=True)
 def fresh_thread_count():
@@ -21,6 +18,4 @@ def fresh_thread_count():
     later tests must see the process's own again: the BLAS thread count changes summation
     order, and tests compare bit for bit across processes."""
     yield
-    parallel._threads = None
-    if _BLAS and _BLAS[0]() != _BLAS_THREADS:
-        _BLAS[1](_BLAS_THREADS)
+    parallel.set_threads(None)

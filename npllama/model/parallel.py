@@ -38,6 +38,7 @@ _pool_size = 0
 _blas: tuple | None = None       # (get_num_threads, set_num_threads) of numpy's OpenBLAS, or ()
 _lock = threading.Lock()
 _threads: int | None = None      # set_threads(n); None: $NPLLAMA_THREADS or the cores
+_blas_default: int | None = None  # OpenBLAS's count before the first set_threads
 
 
 def threads() -> int:
@@ -67,17 +68,20 @@ def idle_cores() -> int:
     return max(1, min(cores(), round(cores() - load)))
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int | None) -> None:
     """Run numpy work on n threads: npllama's own (see run) and, as far as it can be set,
-    OpenBLAS's process-wide count, so that -t 1 keeps the process on one core throughout."""
-    global _threads
-    if n < 1:
+    OpenBLAS's process-wide count, so that -t 1 keeps the process on one core throughout.
+    None goes back to the defaults: $NPLLAMA_THREADS or the cores, and OpenBLAS's own count."""
+    global _threads, _blas_default
+    if n is not None and n < 1:
         raise UsageError(f"the thread count must be >= 1, got {n}")
-    _threads = n
     get_set = openblas()
     if get_set:
         with _lock:
-            get_set[1](n)
+            if _blas_default is None:
+                _blas_default = get_set[0]()
+            get_set[1](_blas_default if n is None else n)
+    _threads = n
 
 
 def openblas() -> tuple:
