@@ -105,7 +105,7 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Ge
         print("\n".join(model.describe()), file=sys.stderr)
     else:
         model = load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size, weights_mode=a.weights_mode)
-    return Generator(model, load_tokenizer(path))
+    return Generator(model, load_tokenizer(path), progress=sys.stderr)
 
 
 def encode_prompt(tok, text: str) -> list[int]:

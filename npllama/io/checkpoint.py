@@ -11,19 +11,20 @@ bf16 tensors are stored as uint16 bit patterns and recorded as "bfloat16" in the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import struct
-import sys
-import time
 import zipfile
 from typing import Iterable
 
 import numpy as np
 
 from .atomic import check_directory, staged_directory
+from ..model import bf16
 from ..model.config import ModelArgs
+from ..progress import Progress
 from ..untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, read_json
 
 FORMAT = "npllama"
@@ -55,30 +56,6 @@ def map_npy_member(z: ZipReader, member: str, dtype: np.dtype, shape: tuple[int,
 
 # --- writing -----------------------------------------------------------------------------
 
-class Progress:
-    """One line per tensor on stderr: count, bytes done / total, rate."""
-
-    def __init__(self, total_bytes: int, n: int, stream=None, quiet: bool = False):
-        self.total, self.n, self.done, self.i = total_bytes, n, 0, 0
-        self.t0 = time.perf_counter()
-        self.stream = stream or sys.stderr
-        self.quiet = quiet
-
-    def step(self, name: str, nbytes: int) -> None:
-        self.i += 1
-        self.done += nbytes
-        if self.quiet:
-            return
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {name:<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
-                f"  {self.done / dt / 1e6:7.0f} MB/s")
-        # On a terminal one line updates in place; in a log, a line per tensor.
-        if self.stream.isatty():
-            print("\r" + line, end="\n" if self.i == self.n else "", file=self.stream, flush=True)
-        else:
-            print(line, file=self.stream, flush=True)
-
-
 def _aligned_zipinfo(name: str, offset: int, npy_bytes: int) -> zipfile.ZipInfo:
     """A ZipInfo whose data starts on a 64-byte boundary (numpy pads the .npy header to 64),
     so the mapped arrays are aligned: pad with an extra field of an unused id."""
@@ -95,7 +72,6 @@ def _aligned_zipinfo(name: str, offset: int, npy_bytes: int) -> zipfile.ZipInfo:
 
 
 def _npy_header(arr: np.ndarray) -> bytes:
-    import io
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
     return buf.getvalue()
@@ -111,12 +87,11 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     "bfloat16", "float16" or "float32"; None keeps each as it comes. The directory appears
     under `dst` only when complete; an existing `dst` is replaced only with force.
     """
-    from ..model import bf16  # local: keeps this module's import light
     if dtype is not None and dtype not in STORAGE:
         raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
     with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
         index = {"format": FORMAT, "version": FORMAT_VERSION, "converter": CONVERTER, "tensors": {}, "shards": {}}
-        progress = Progress(total_bytes, n_tensors, quiet=quiet)
+        progress = Progress("convert", total_bytes, "GB", scale=1e9, stream=io.StringIO() if quiet else None)
         shard_names: list[str] = []
         zf = None
         for name, arr in tensors:
@@ -139,9 +114,10 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
                 out.write(header)
                 out.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
             index["tensors"][name] = {"shard": shard_names[-1], "dtype": logical, "shape": list(arr.shape)}
-            progress.step(name, arr.nbytes)
+            progress.update(progress.done + arr.nbytes, name)
         if zf is not None:
             zf.close()
+        progress.close(summary=True)
         # Final names say how many shards there are, which is known only now.
         renames = {s: f"model-{i + 1:05d}-of-{len(shard_names):05d}.npz" for i, s in enumerate(shard_names)}
         for old, new in renames.items():

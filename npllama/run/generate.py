@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import UsageError, WeightError
 from ..model.model import Transformer, ways_to_a_longer_context
+from ..progress import Progress
 from ..text.tokenizer import Tokenizer
 
 
@@ -108,6 +109,7 @@ class Generator:
     tokenizer: Tokenizer
     cached: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    progress: object = None     # a stream (stderr) for a long prefill's progress line, or None
 
     def _forward(self, tokens: np.ndarray, start_pos: int, phase: str) -> np.ndarray:
         t0 = time.perf_counter()
@@ -127,6 +129,21 @@ class Generator:
         else:
             self.timings.generated_tokens += tokens.shape[0] if tokens.ndim == 2 else 1
             self.timings.generated_seconds += dt
+        return logits
+
+    def _prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        """The prompt tokens (T,) or (B, T) from start_pos -> the last position's logits.
+        With a progress stream, a prompt longer than the model's prefill chunk is fed a chunk
+        per call with a progress line between them: forward itself would run these same
+        chunks through the cache one after another, so the logits are the same."""
+        n, T = getattr(self.model, "prefill_chunk", 0), tokens.shape[-1]
+        if self.progress is None or not 0 < n < T:
+            return self._forward(tokens, start_pos, "prompt")
+        bar = Progress("prefill", T, "tokens", stream=self.progress)
+        for s in range(0, T, n):
+            logits = self._forward(tokens[..., s:s + n], start_pos + s, "prompt")
+            bar.update(min(s + n, T))
+        bar.close()
         return logits
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
@@ -160,7 +177,7 @@ class Generator:
         while k < min(len(self.cached), len(prompt) - 1) and self.cached[k] == prompt[k]:
             k += 1
         self.cached = prompt[:k]
-        logits = self._forward(np.array(prompt[k:]), k, "prompt")
+        logits = self._prefill(np.array(prompt[k:]), k)
         self.cached = list(prompt)
         decoder = self.tokenizer.stream_decoder()
         text, held = "", ""
@@ -241,7 +258,7 @@ class Generator:
         stops = set(self.tokenizer.stop_ids)
         prev = min(map(len, prompts))
         feed = np.where(tokens[:, :prev] == pad, 0, tokens[:, :prev])
-        logits = self._forward(feed, 0, "prompt")
+        logits = self._prefill(feed, 0)
         for cur in range(prev, total):
             for i in range(B):
                 if done[i] or cur < len(prompts[i]):
