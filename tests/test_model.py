@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from llama_models.sku_list import resolve_model
 
 from npllama import ConfigError, ModelArgs, Transformer, WeightError, preset
 from npllama.model import bf16
@@ -213,6 +214,19 @@ def test_tied_head_uses_embeddings():
                                          ("llama3.2-1b", 8192), ("llama3.2-3b", 8192)])
 def test_ffn_hidden_size_of_released_shapes(name, hidden):
     assert preset(name).ffn_dim == hidden
+
+
+@pytest.mark.parametrize("name,meta", [("llama3-8b", "Llama-3-8B"), ("llama3-70b", "Llama-3-70B"),
+                                       ("llama3.1-8b", "Llama3.1-8B"), ("llama3.1-405b", "Llama3.1-405B"),
+                                       ("llama3.2-1b", "Llama3.2-1B"), ("llama3.2-3b", "Llama3.2-3B")])
+def test_released_shapes_have_metas_shape_and_trained_context(name, meta):
+    # Meta's own registry (llama-models' sku_list) is the oracle for what each release is.
+    model = resolve_model(meta)
+    arch = model.arch_args
+    a = preset(name)
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads) == (arch["dim"], arch["n_layers"], arch["n_heads"],
+                                                            arch["n_kv_heads"])
+    assert a.max_seq_len == model.max_seq_length
 
 
 def test_params_json_forms(tmp_path):

@@ -108,9 +108,7 @@ class ModelArgs:
             if params.get("dim") in (2048, 3072) and params.get("n_layers") in (16, 28):
                 kw["rope_scaling_factor"] = 32.0
         if "max_seq_len" not in kw and "max_seq_len" not in overrides:
-            # Meta's params.json does not state the trained context: Llama 3.1/3.2 (scaled
-            # RoPE) were trained to 131072 tokens, Llama 3 to 8192.
-            kw["max_seq_len"] = 131072 if kw.get("use_scaled_rope") is True else 8192
+            kw["max_seq_len"] = trained_context(kw)
         kw.update(overrides)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim",
                      "max_seq_len", "original_max_position_embeddings"):
@@ -137,6 +135,12 @@ class ModelArgs:
         return d
 
 
+def trained_context(params: dict) -> int:
+    """The context a Meta checkpoint was trained for, which its params.json does not state:
+    Llama 3.1/3.2 (scaled RoPE) were trained to 131072 tokens, Llama 3 to 8192."""
+    return 131072 if params.get("use_scaled_rope") is True else 8192
+
+
 # The released shapes (Meta's params.json, vocab 128256).
 PRESETS = {
     "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
@@ -161,5 +165,6 @@ PRESETS = {
 def preset(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return ModelArgs(**{**PRESETS[name], **overrides})
+    kw = PRESETS[name]
+    return ModelArgs(**{**kw, "max_seq_len": trained_context(kw), **overrides})
 
