@@ -70,6 +70,14 @@ def test_chat_through_a_pipe_answers_and_exits(model_dir):
     assert (first, second) == (len(prompt1), len(prompt2) - shared)
 
 
+def test_chat_refuses_a_line_that_is_not_utf8_and_answers_the_next(model_dir):
+    r = subprocess.run([sys.executable, "-m", "npllama", "chat", "-m", model_dir, "--max-new-tokens", "2"],
+                       input=b"caf\xe9\nHello\n", capture_output=True, timeout=300)
+    err = r.stderr.decode()
+    assert "stdin line 1: not UTF-8 text (byte 0xe9 at byte 3); line skipped" in err, err
+    assert err.count("tok/s") == 2 and r.returncode == 1   # the second line answered; the refusal in the exit code
+
+
 def test_errors_are_one_line(model_dir, tmp_path):
     for argv, msg in [(("generate", "-m", str(tmp_path / "nope"), "x"), "not a directory"),
                       (("generate", "-m", model_dir, "x", "--temperature", "-1"), "temperature"),

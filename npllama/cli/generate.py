@@ -125,20 +125,30 @@ def cmd_chat(a) -> int:
     fmt = chat_format(gen.tokenizer, gen.tokenizer.default_system)
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)
-    interactive = sys.stdin.isatty()
+    interactive, refused = sys.stdin.isatty(), 0
     try:
-        while True:
-            if interactive:
-                print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                break
+        for n, raw in enumerate(iter(lambda: prompt_line(interactive), b""), 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                # As for a prompt argument: the tokenizer would make the bytes U+FFFD unsaid.
+                print(f"npllama chat: stdin line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start}); "
+                      "line skipped", file=sys.stderr)
+                refused += 1
+                continue
             if line.strip():
-                messages = chat_turn(gen, fmt, system, messages + [{"role": "user", "content": line.rstrip("\n")}],
+                messages = chat_turn(gen, fmt, system, messages + [{"role": "user", "content": line}],
                                      a.max_new_tokens, sampling)
     except KeyboardInterrupt:
         print(file=sys.stderr)
-    return 0
+    return 1 if refused else 0
+
+
+def prompt_line(interactive: bool) -> bytes:
+    """The next line of stdin as bytes (b"" at its end), after a "> " prompt on a terminal."""
+    if interactive:
+        print("> ", end="", flush=True)
+    return sys.stdin.buffer.readline()
 
 
 def chat_turn(gen, fmt, system: list[dict], messages: list[dict], max_new_tokens: int, sampling) -> list[dict]:
