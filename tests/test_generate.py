@@ -119,8 +119,9 @@ def test_stops_on_stop_string_and_stop_token(weights):
 
 def test_stream_pieces_concatenate_to_text(weights):
     g = generator(weights)
-    pieces = [p for p, _, _ in g.stream(PROMPT, 25)]
-    assert "".join(pieces) == g.result.text == TOK.decode(g.result.tokens)
+    stream = g.stream(PROMPT, 25)
+    pieces = [p for p, _, _ in stream]
+    assert "".join(pieces) == stream.result.text == TOK.decode(stream.result.tokens)
 
 
 def test_batched_equals_one_by_one(weights):
@@ -142,7 +143,8 @@ def test_prefix_reuse_prefills_only_the_new_tokens(weights):
     turn2 = PROMPT + first.tokens + list(b" and then")
     before = g.timings.prompt_tokens
     second = g.generate(turn2, 10)
-    assert g.timings.prompt_tokens - before == len(b" and then")
+    # The last generated token was never fed (nothing came after it), so it is new too.
+    assert g.timings.prompt_tokens - before == 1 + len(b" and then")
     assert second.tokens == generator(weights).generate(turn2, 10).tokens
 
 
@@ -155,7 +157,9 @@ def test_edge_cases_and_errors(weights):
     with pytest.raises(ValueError, match="exceeds the context of 128"):
         g.generate([1] * 129, 5)
     r = g.generate([1] * 120, 50)  # runs into the context: stops there
-    assert r.stop_reason == "length" and len(r.tokens) == 9
+    # Prompt and output together fill the 128 positions, as in Meta's generate
+    # (total_len = min(max_seq_len, prompt + max_gen_len)).
+    assert r.stop_reason == "length" and len(r.tokens) == 8
     for bad in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_p=1.5),
                 dict(top_k=-2)):
         with pytest.raises(ValueError):

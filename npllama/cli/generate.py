@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..errors import UsageError
+from ..run.generate import Options
 from ..text.tokenizer import chat_format
 from .common import (add_model_args, add_sampling_args, add_token_args, at_least, encode_prompt, open_model, piece,
                      prompt_or_tokens, sampling_params, utf8)
@@ -43,12 +44,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(a) -> int:
-    sampling = sampling_params(a)
+    per_token = bool(a.json or a.show_ids or a.logprobs)
+    opts = Options(a.max_new_tokens, sampling_params(a), a.stop or (), logprobs=per_token, top_logprobs=a.logprobs)
     gen = open_model(a)
     prompt, echo = generate_prompt(a, gen)
-    per_token = bool(a.json or a.show_ids or a.logprobs)
-    stream = gen.stream(prompt, a.max_new_tokens, sampling, stop_strings=a.stop or (), logprobs=per_token,
-                        top_logprobs=a.logprobs)
+    stream = gen.start([prompt], opts)
     if per_token:
         per_token_output(gen, prompt, stream, a.json)
     else:
@@ -92,19 +92,19 @@ def per_token_output(gen, prompt: list[int], stream, as_json: bool) -> None:
         print("---", file=out)
     shown = 0
     for _ in stream:
-        shown = show_tokens(gen, shown, as_json)
-    show_tokens(gen, shown, as_json)
+        shown = show_tokens(tok, stream.result, shown, as_json)
+    show_tokens(tok, stream.result, shown, as_json)
     if as_json:
-        r, t = gen.result, gen.timings
+        r, t = stream.result, gen.timings
         print(json.dumps({"prompt_ids": list(prompt), "ids": r.tokens, "text": r.text, "stop_reason": r.stop_reason,
                           "prompt_tokens": t.prompt_tokens, "prompt_seconds": t.prompt_seconds,
                           "generated_tokens": t.generated_tokens, "generated_seconds": t.generated_seconds},
                          ensure_ascii=False), file=out)
 
 
-def show_tokens(gen, shown: int, as_json: bool) -> int:
-    """Print the result's tokens from `shown` on, one line each; returns how many are shown."""
-    tok, out, r = gen.tokenizer, sys.stdout, gen.result
+def show_tokens(tok, r, shown: int, as_json: bool) -> int:
+    """Print the result r's tokens from `shown` on, one line each; returns how many are shown."""
+    out = sys.stdout
     for i in range(shown, len(r.tokens)):
         t, top = r.tokens[i], (r.top_logprobs[i] if r.top_logprobs else [])
         if as_json:
@@ -159,12 +159,13 @@ def chat_turn(gen, fmt, system: list[dict], messages: list[dict], max_new_tokens
               f"{gen.model.max_seq_len}; starting over from this message", file=sys.stderr)
         messages = system + messages[-1:]
         prompt = fmt.encode_dialog_prompt(messages)
-    for text_piece, _, _ in gen.stream(prompt, max_new_tokens, sampling):
+    stream = gen.stream(prompt, max_new_tokens, sampling)
+    for text_piece, _, _ in stream:
         sys.stdout.write(text_piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(gen.timings.line(), file=sys.stderr)
     gen.timings.__init__()
-    return messages + [{"role": "assistant", "content": gen.result.text}]
+    return messages + [{"role": "assistant", "content": stream.result.text}]
 

@@ -147,138 +147,183 @@ class Generator:
         return logits
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop_strings: Sequence[str] = (), logprobs: bool = False,
-               top_logprobs: int = 0) -> Iterator[tuple[str, int, float | None]]:
-        """Yields (text piece, token, logprob) as tokens are generated; the text pieces
-        concatenate to the decoded output and never split a UTF-8 character. A stop token is
-        not yielded; text from a stop string on is not yielded. top_logprobs=k records the k
-        most likely tokens of every step in self.result.top_logprobs (filled before each yield)."""
-        sampling = sampling or SamplingParams()
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise UsageError("empty prompt: give at least one token (e.g. bos)")
-        if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if any(not s for s in stop_strings):
-            raise UsageError("stop strings must be non-empty")
-        if top_logprobs < 0:
-            raise UsageError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        limit = self.model.max_seq_len
-        if len(prompt) > limit:
-            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the context of {limit} tokens; "
-                             f"{ways_to_a_longer_context(limit, self.model.args.max_seq_len)}")
-        self.result = Result([], "", "length", [] if logprobs else None, len(prompt),
-                             [] if top_logprobs else None)
-        if max_new_tokens == 0:
-            return
-        rng = np.random.default_rng(sampling.seed)
-        # Reuse the cached prefix; at least one prompt token is fed, to get logits.
-        k = 0
-        while k < min(len(self.cached), len(prompt) - 1) and self.cached[k] == prompt[k]:
-            k += 1
-        self.cached = prompt[:k]
-        logits = self._prefill(np.array(prompt[k:]), k)
-        self.cached = list(prompt)
-        decoder = self.tokenizer.stream_decoder()
-        text, held = "", ""
-        stops = set(self.tokenizer.stop_ids)
-        longest_stop = max((len(s) for s in stop_strings), default=0)
-        for _ in range(max_new_tokens):
-            token = sample(logits, sampling, rng)
-            lp = float(np.log(softmax64(logits)[token])) if logprobs else None
-            if token in stops:
-                self.result.stop_reason = "stop_token"
-                break
-            self.result.tokens.append(token)
-            if logprobs:
-                self.result.logprobs.append(lp)
-            if top_logprobs:
-                self.result.top_logprobs.append(most_likely(logits, top_logprobs))
-            held += decoder.add(token)
-            hit = [held.find(s) for s in stop_strings if s in held]
-            if hit:
-                piece = held[:min(hit)]
-                text += piece
-                if piece:
-                    yield piece, token, lp
-                self.result.stop_reason = "stop_string"
-                break
-            # Hold back text that could still become the start of a stop string.
-            cut = max(len(held) - (longest_stop - 1), 0) if longest_stop else len(held)
-            piece, held = held[:cut], held[cut:]
-            text += piece
-            yield piece, token, lp
-            if len(self.cached) >= limit:
-                break
-            logits = self._forward(np.array([token]), len(self.cached), "decode")
-            self.cached.append(token)
-        if self.result.stop_reason != "stop_string":
-            held += decoder.flush()
-            text += held
-            if held:
-                yield held, -1, None
-        self.result.text = text
+               stop_strings: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0) -> "Stream":
+        """A generation from one prompt, as a Stream: iterate it for (text piece, token,
+        logprob) as tokens come; its `result` is filled as it goes."""
+        return self.start([prompt], Options(max_new_tokens, sampling, stop_strings, logprobs, top_logprobs))
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                  stop_strings: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0) -> Result:
-        for _ in self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs, top_logprobs):
-            pass
-        return self.result
+        return self.stream(prompt, max_new_tokens, sampling, stop_strings, logprobs, top_logprobs).run().result
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
-                       sampling: SamplingParams | None = None, logprobs: bool = False) -> list[Result]:
+                       sampling: SamplingParams | None = None, logprobs: bool = False,
+                       stop_strings: Sequence[str] = (), top_logprobs: int = 0) -> list[Result]:
         """Prompts of different lengths together, as Meta's generate does: rows are padded on
         the right, every row keeps its own positions from 0, the shortest prompt sets where
         decoding starts, longer rows keep feeding their prompt tokens, and each row stops on
         its own. Rows sample independently (row i uses seed + i)."""
-        sampling = sampling or SamplingParams()
-        prompts = [[int(t) for t in p] for p in prompts]
-        B = len(prompts)
-        if B == 0:
+        if len(prompts) == 0:
             return []
-        if B > self.model.max_batch_size:
-            raise UsageError(f"{B} prompts exceed max_batch_size={self.model.max_batch_size}")
+        return self.start(prompts, Options(max_new_tokens, sampling, stop_strings, logprobs, top_logprobs)).run().results
+
+    def start(self, prompts: Sequence[Sequence[int]], opts: "Options") -> "Stream":
+        """The Stream of a generation from these prompts (one or a batch), checked before any
+        model work."""
+        prompts = [[int(t) for t in p] for p in prompts]
         if min(map(len, prompts)) == 0:
-            raise UsageError("empty prompt in the batch: give at least one token (e.g. bos)")
-        if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        limit = self.model.max_seq_len
-        if max(map(len, prompts)) > limit:
-            raise UsageError(f"a prompt of {max(map(len, prompts))} tokens exceeds the context of {limit} tokens; "
+            raise UsageError("empty prompt: give at least one token (e.g. bos)")
+        if len(prompts) > getattr(self.model, "max_batch_size", 1):
+            raise UsageError(f"{len(prompts)} prompts exceed max_batch_size={self.model.max_batch_size}")
+        limit, longest = self.model.max_seq_len, max(map(len, prompts))
+        if longest > limit:
+            raise UsageError(f"a prompt of {longest} tokens exceeds the context of {limit} tokens; "
                              f"{ways_to_a_longer_context(limit, self.model.args.max_seq_len)}")
-        self.cached = []  # the cache now holds other rows' tokens
-        total = min(limit, max(len(p) + max_new_tokens for p in prompts))
-        pad = -1
-        tokens = np.full((B, total), pad, dtype=np.int64)
+        seed = opts.sampling.seed
+        outputs = [Output(self.tokenizer, len(p), opts, np.random.default_rng(None if seed is None else seed + i))
+                   for i, p in enumerate(prompts)]
+        return Stream(outputs, self._run(prompts, outputs))
+
+    def _reuse(self, prompt: list[int]) -> int:
+        """How many leading tokens of a single prompt the cache already holds (at least one
+        prompt token is fed, to get logits); the cache is then taken to hold just those."""
+        k = 0
+        while k < min(len(self.cached), len(prompt) - 1) and self.cached[k] == prompt[k]:
+            k += 1
+        self.cached = prompt[:k]
+        return k
+
+    def _run(self, prompts: list[list[int]], outputs: list["Output"]) -> Iterator[tuple[int, str, int, float | None]]:
+        """The one generation loop, for one prompt or a batch -> (row, text piece, token, logprob)
+        per generated token. Decoding starts after the shortest prompt; a longer row feeds its
+        own prompt tokens until it has none left."""
+        B, single = len(prompts), len(prompts) == 1
+        start = self._reuse(prompts[0]) if single else 0
+        if not single:
+            self.cached = []  # the cache now holds other rows' tokens
+        total = min(self.model.max_seq_len, max(len(p) + outputs[0].opts.max_new_tokens for p in prompts))
+        prev = min(map(len, prompts))
+        if all(o.done for o in outputs) or prev >= total:
+            return
+        tokens = np.zeros((B, total), dtype=np.int64)  # (B, total); done rows feed dummy 0s
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
-        rngs = [np.random.default_rng(None if sampling.seed is None else sampling.seed + i) for i in range(B)]
-        results = [Result([], "", "length", [] if logprobs else None, len(p)) for p in prompts]
-        done = np.array([max_new_tokens == 0] * B)
-        stops = set(self.tokenizer.stop_ids)
-        prev = min(map(len, prompts))
-        feed = np.where(tokens[:, :prev] == pad, 0, tokens[:, :prev])
-        logits = self._prefill(feed, 0)
+        logits = self._prefill(tokens[:, start:prev], start)      # (B, vocab)
+        if single:
+            self.cached = list(prompts[0])
         for cur in range(prev, total):
-            for i in range(B):
-                if done[i] or cur < len(prompts[i]):
-                    continue
-                token = sample(logits[i], sampling, rngs[i])
-                if token in stops:
-                    done[i] = True
-                    results[i].stop_reason = "stop_token"
-                    continue
-                tokens[i, cur] = token
-                results[i].tokens.append(token)
-                if logprobs:
-                    results[i].logprobs.append(float(np.log(softmax64(logits[i])[token])))
-                if len(results[i].tokens) >= max_new_tokens:
-                    done[i] = True
-            if done.all() or cur == total - 1:
+            for i, out in enumerate(outputs):
+                if not out.done and cur >= len(prompts[i]):
+                    piece, token, lp = out.step(logits[i])
+                    if token is not None:
+                        tokens[i, cur] = token
+                        if piece or out.result.stop_reason != "stop_string":
+                            yield i, piece, token, lp
+            if all(o.done for o in outputs) or cur == total - 1:
                 break
-            # rows that are done (or padding) feed a dummy token; their outputs are ignored
-            step = np.where(tokens[:, cur] == pad, 0, tokens[:, cur])[:, None]
-            logits = self._forward(step, cur, "decode")
-        for r in results:
-            r.text = self.tokenizer.decode(r.tokens)
-        return results
+            logits = self._forward(tokens[:, cur:cur + 1], cur, "decode")
+            if single:
+                self.cached.append(int(tokens[0, cur]))
+        for i, out in enumerate(outputs):
+            tail = out.finish()
+            if tail:
+                yield i, tail, -1, None
+
+
+@dataclass
+class Options:
+    """What a generation asks for, checked once when it is made (before any model work)."""
+    max_new_tokens: int = 256
+    sampling: SamplingParams | None = None
+    stop_strings: Sequence[str] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        self.sampling = self.sampling or SamplingParams()
+        self.stop_strings = tuple(self.stop_strings)
+        if self.max_new_tokens < 0:
+            raise UsageError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise UsageError("stop strings must be non-empty")
+        if self.top_logprobs < 0:
+            raise UsageError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+
+class Output:
+    """One sequence of a generation: samples its tokens from the logits it is given, decodes
+    them into text pieces that never split a UTF-8 character, and holds back text that could
+    still become the start of a stop string. Its `result` is filled as it goes."""
+
+    def __init__(self, tokenizer: Tokenizer, n_prompt: int, opts: Options, rng: np.random.Generator):
+        self.opts, self.rng = opts, rng
+        self.result = Result([], "", "length", [] if opts.logprobs else None, n_prompt,
+                             [] if opts.top_logprobs else None)
+        self.decoder, self.stops, self.held = tokenizer.stream_decoder(), set(tokenizer.stop_ids), ""
+        self.longest_stop = max(map(len, opts.stop_strings), default=0)
+        self.done = opts.max_new_tokens == 0
+
+    def step(self, logits: np.ndarray) -> tuple[str, int | None, float | None]:
+        """The next token from (vocab,) logits -> (text piece, token, logprob); token None
+        when it is a stop token (which is not part of the output)."""
+        o, r = self.opts, self.result
+        token = sample(logits, o.sampling, self.rng)
+        if token in self.stops:
+            r.stop_reason, self.done = "stop_token", True
+            return "", None, None
+        lp = float(np.log(softmax64(logits)[token])) if o.logprobs else None
+        r.tokens.append(token)
+        if o.logprobs:
+            r.logprobs.append(lp)
+        if o.top_logprobs:
+            r.top_logprobs.append(most_likely(logits, o.top_logprobs))
+        self.done = len(r.tokens) >= o.max_new_tokens
+        return self._text(self.decoder.add(token)), token, lp
+
+    def _text(self, new: str) -> str:
+        self.held += new
+        hits = [self.held.find(s) for s in self.opts.stop_strings if s in self.held]
+        if hits:
+            piece, self.held = self.held[:min(hits)], ""
+            self.result.stop_reason, self.done = "stop_string", True
+        else:
+            cut = max(len(self.held) - (self.longest_stop - 1), 0) if self.longest_stop else len(self.held)
+            piece, self.held = self.held[:cut], self.held[cut:]
+        self.result.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """The text still held back (and the decoder's tail), unless a stop string ended it."""
+        if self.result.stop_reason == "stop_string":
+            return ""
+        tail, self.held = self.held + self.decoder.flush(), ""
+        self.result.text += tail
+        return tail
+
+
+class Stream:
+    """A generation as it runs. Iterating yields (text piece, token, logprob) of its first
+    sequence (a single prompt's only one) per generated token, then (tail, -1, None) for text
+    held back to the end; the pieces concatenate to its text. `result` (`results`, one per
+    prompt) is filled as it goes and complete once the stream is exhausted (`run()`)."""
+
+    def __init__(self, outputs: list[Output], steps: Iterator[tuple[int, str, int, float | None]]):
+        self.outputs, self._steps = outputs, steps
+
+    @property
+    def result(self) -> Result:
+        return self.outputs[0].result
+
+    @property
+    def results(self) -> list[Result]:
+        return [o.result for o in self.outputs]
+
+    def __iter__(self) -> Iterator[tuple[str, int, float | None]]:
+        for row, piece, token, lp in self._steps:
+            if row == 0:
+                yield piece, token, lp
+
+    def run(self) -> "Stream":
+        for _ in self._steps:
+            pass
+        return self
