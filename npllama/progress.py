@@ -51,4 +51,5 @@ class Progress:
         """The final line: on a terminal (it ends the redrawn one), in a log if the work took
         long enough to have printed something or a summary is wanted (quick work stays silent)."""
         if self.tty or self.printed or summary:
+            self.detail = ""
             self._show("\n")

@@ -20,7 +20,8 @@ import numpy as np
 
 from .model.config import ModelArgs
 from .errors import MissingDependencyError
-from .model.model import Transformer, as_float32, expected_shapes
+from .model.model import Transformer
+from .model.weights import as_float32, expected_shapes
 from .inspect import locate
 from .inspect.compare import compare, normalise
 from .inspect.namemaps import rename

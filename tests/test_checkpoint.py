@@ -372,7 +372,7 @@ def test_missing_or_misshapen_tensors_are_clear_errors(tmp_path, weights):
         convert(str(src), str(tmp_path / "out"), quiet=True)
     bad = dict(weights, **{"layers.0.attention.wk.weight": weights["layers.0.attention.wk.weight"][:8]})
     r = run_cli("convert", str(save_meta(tmp_path / "meta2", bad)), str(tmp_path / "out"))
-    assert r.returncode == 1 and "layers.0.attention.wk.weight has shape (8, 128)" in r.stderr
+    assert r.returncode == 1 and "layers.0.attention.wk.weight: shape (8, 128), the params say" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written is left
     # a converted directory whose index lies about a shape
     convert(str(save_meta(tmp_path / "meta3", weights)), str(tmp_path / "ok"), quiet=True)
@@ -414,7 +414,7 @@ def test_loading_maps_instead_of_reading(tmp_path):
     # ~1.1 GB of float32 weights; loading must not read them.
     args = npllama.ModelArgs(dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, vocab_size=100_000,
                              multiple_of=256, ffn_dim_multiplier=1.5)
-    from npllama.model.model import expected_shapes
+    from npllama.model.weights import expected_shapes
     shapes = expected_shapes(args)
     total = sum(int(np.prod(s)) * 4 for s in shapes.values())
     rng = np.random.default_rng(0)

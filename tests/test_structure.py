@@ -23,11 +23,11 @@ PACKAGE = os.path.dirname(os.path.abspath(npllama.__file__))
 
 
 # The layers, bottom first: a module may import its own layer and those below it, never one
-# above. errors, version and untrusted (the one hardened file-reading layer, which the
+# above. errors, version, progress and untrusted (the one hardened file-reading layer, which the
 # tokenizers use as much as the checkpoint readers) are the base; the top-level facade
 # (__init__, __main__, testing) may import anything. serve is the HTTP server over run.
 LAYERS = ["base", "model", "text", "io", "run", "inspect", "bench", "serve", "cli", "facade"]
-BASE, FACADE = {"errors", "version", "untrusted"}, {"__init__", "__main__", "testing"}
+BASE, FACADE = {"errors", "version", "progress", "untrusted"}, {"__init__", "__main__", "testing"}
 
 
 def layer_of(module: str) -> str:

@@ -54,7 +54,7 @@ def _args(vocab: int = 8):
 
 def _weights(args, seed: int = 0):
     import numpy as np
-    from npllama.model.model import expected_shapes
+    from npllama.model.weights import expected_shapes
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in expected_shapes(args).items()}
 
@@ -224,7 +224,7 @@ def _touch(arrays) -> None:
 def read_converted(case: str, src: str) -> None:
     from npllama.io import checkpoint
     from npllama.io.convert import convert
-    from npllama.model.model import expected_shapes
+    from npllama.model.weights import expected_shapes
     out = os.path.join(case, "out")
     convert(src, out, quiet=True)
     try:

@@ -11,7 +11,7 @@ from ..io.checkpoint import nonfinite, open_tensors, read_checked, verify
 from ..io.convert import convert
 from ..io.hub import default_model, resolve_model
 from ..model.memory import choose_context
-from ..model.weights import available_memory
+from ..model.memory import available_memory
 from ..text.tokenizer import load as load_tokenizer
 
 

@@ -148,7 +148,9 @@ def prompt_line(interactive: bool) -> bytes:
     """The next line of stdin as bytes (b"" at its end), after a "> " prompt on a terminal."""
     if interactive:
         print("> ", end="", flush=True)
-    return sys.stdin.buffer.readline()
+    if hasattr(sys.stdin, "buffer"):
+        return sys.stdin.buffer.readline()
+    return sys.stdin.readline().encode("utf-8", "surrogateescape")   # a text stream put in its place
 
 
 def chat_turn(gen, fmt, system: list[dict], messages: list[dict], max_new_tokens: int, sampling) -> list[dict]:

@@ -6,7 +6,7 @@ import os
 from ..errors import UsageError
 from ..model import memory
 from ..model.config import ModelArgs, preset
-from ..model.weights import available_memory
+from ..model.memory import available_memory
 from .common import at_least
 
 

@@ -38,6 +38,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 from ..errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
+from ..model.weights import check_shapes
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -183,10 +184,10 @@ def read_index(path: str) -> dict:
 
 def read_checked(path: str) -> tuple[ModelArgs, dict]:
     """params.json and index.json, every tensor the index lists checked against the params."""
-    from .formats.source import check_shapes
     index = read_index(path)
     args = ModelArgs.from_json(inside(path, "params.json"))
-    check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"))
+    check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"),
+                 error=CheckpointError)
     return args, index
 
 

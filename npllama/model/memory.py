@@ -5,6 +5,8 @@ the model was trained for. `npllama memory` prints it; tests/test_long.py holds 
 run's peak RSS to it."""
 from __future__ import annotations
 
+import os
+
 from . import ops
 from .config import ModelArgs
 from ..errors import UsageError
@@ -13,6 +15,18 @@ GiB = 1024**3
 PREFILL_CHUNK = 1024      # tokens per forward pass when prefilling a longer prompt
 RESERVE = 512 << 20       # left free: the interpreter, numpy, BLAS's buffers, the tokenizer
 CONTEXT_STEP = 256        # a default context that is cut short is a multiple of this
+
+
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), else all RAM."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32") -> int:

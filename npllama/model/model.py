@@ -14,11 +14,10 @@ import numpy as np
 
 from . import bf16, memory
 from .config import ModelArgs
-from ..errors import UsageError, WeightError  # noqa: F401  (WeightError: re-exported, as before)
+from ..errors import UsageError
 from .ops import apply_rotary_emb, blocked_attention, identity, precompute_freqs_cis, rms_norm, swiglu
 from .observer import IGNORE, recorder
-# expected_shapes is documented as npllama.model.expected_shapes; as_float32 was here before.
-from .weights import Weights, as_float32, available_memory, expected_shapes  # noqa: F401
+from .weights import Weights
 
 DTYPES = ("float32", "bfloat16")
 
@@ -160,7 +159,7 @@ class Transformer:
         # A pipeline stage needs memory for its own layers only (and embeddings and head, counted
         # in every stage: an overestimate by at most those).
         held_args = args if len(self.held) == args.n_layers else replace(args, n_layers=len(self.held))
-        self.max_seq_len = memory.choose_context(held_args, max_seq_len, available_memory(), max_batch_size, dtype,
+        self.max_seq_len = memory.choose_context(held_args, max_seq_len, memory.available_memory(), max_batch_size, dtype,
                                                  self.weights_mode, prefill_chunk, self.weights.stored_bytes)
         scaling = None
         if args.use_scaled_rope:

@@ -10,12 +10,12 @@ matmuls does.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import numpy as np
 
 from . import bf16, tiled
+from .memory import available_memory
 from .quant import QuantTensor
 from .config import ModelArgs
 from ..errors import UsageError, WeightError
@@ -67,27 +67,38 @@ def held_names(args: ModelArgs, layers: range, tied: bool) -> list[str]:
     return list(dict.fromkeys(names))   # a tied model held whole names its embeddings once
 
 
+def check_shapes(args: ModelArgs, shapes: Mapping[str, tuple], where: str = "", layers: range | None = None,
+                 error: type = WeightError) -> list[str]:
+    """Tensor names and shapes against the params, before any data is read (a file's reader
+    calls it with its tensor list, the model with its arrays): no name is one the params do
+    not have (tensors of other layers are allowed: a pipeline stage holds some), and every
+    tensor a model holding `layers` (default all) uses is there with the shape the params
+    imply; output.weight may be absent (a tied head). -> the held names, in forward order.
+    `where` (a file) starts the error message."""
+    expected, at = expected_shapes(args), f"{where}: " if where else ""
+    unknown = sorted(set(shapes) - set(expected) - set(IGNORED_WEIGHTS))
+    if unknown:
+        raise error(f"{at}unexpected tensors for these params: {', '.join(n[:80] for n in unknown[:5])}"
+                    + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    held = held_names(args, range(args.n_layers) if layers is None else layers, "output.weight" not in shapes)
+    missing = [n for n in held if n not in shapes]
+    if missing:
+        raise error(f"{at}missing tensor {missing[0]} (expected shape {expected[missing[0]]})"
+                    + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+    for name in held:
+        if tuple(shapes[name]) != expected[name]:
+            raise error(f"{at}{name}: shape {tuple(shapes[name])}, the params say {expected[name]}")
+    return held
+
+
 def check(args: ModelArgs, tensors: Mapping[str, np.ndarray], layers: range | None = None) -> dict[str, np.ndarray]:
     """The tensors a model holding `layers` (default all) uses, by Meta's names, after
-    checking names, shapes and dtypes only: no weight data is read, so a memory-mapped
-    checkpoint stays on disk until a forward pass touches it. Tensors of the params' other
-    layers are allowed and left out; names the params do not have are an error."""
-    shapes = expected_shapes(args)
-    unknown = sorted(set(tensors) - set(shapes) - set(IGNORED_WEIGHTS))
-    if unknown:
-        raise WeightError(f"unexpected tensors for these params: {', '.join(unknown[:5])}"
-                          + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
-    out = {}
-    for name in held_names(args, range(args.n_layers) if layers is None else layers, "output.weight" not in tensors):
-        shape = shapes[name]
-        if name not in tensors:
-            raise WeightError(f"missing tensor {name} (expected shape {shape})")
-        w = tensors[name]
-        if tuple(w.shape) != shape:
-            raise WeightError(f"{name}: shape {tuple(w.shape)} does not match the params' {shape}")
-        check_dtype(name, w)
-        out[name] = w
-    return out
+    checking names, shapes (check_shapes) and dtypes only: no weight data is read, so a
+    memory-mapped checkpoint stays on disk until a forward pass touches it."""
+    held = check_shapes(args, {n: tuple(w.shape) for n, w in tensors.items()}, layers=layers)
+    for name in held:
+        check_dtype(name, tensors[name])
+    return {name: tensors[name] for name in held}
 
 
 def as_float32(name: str, w) -> np.ndarray:
@@ -100,17 +111,6 @@ def as_float32(name: str, w) -> np.ndarray:
     if w.dtype == np.uint16 or w.dtype.name == "bfloat16":
         return bf16.from_bits(w.view(np.uint16))
     return w.astype(np.float32, copy=False)
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def choose_mode(tensors: Mapping[str, np.ndarray], requested: str, share: int = 1) -> str:

@@ -16,6 +16,7 @@ from ...errors import CheckpointError, ConfigError
 from .names import gguf_to_meta
 from .source import Source
 from ...untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
+from ...model.weights import check_shapes
 
 
 def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
@@ -226,11 +227,10 @@ def open_gguf(path: str) -> tuple[ModelArgs, dict, dict[str, bytes]]:
     each matrix a QuantTensor over its own blocks in a read-only map of the file (whatever
     its type, F32 and F16 included), each vector (the norms: a few KB) widened to float32.
     Shapes are checked against the params before a byte of tensor data is read."""
-    from .source import check_shapes
     _, args, by_name, extra, data = parse_gguf(path)
     check_types(path, by_name, set(TYPES))
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
-    check_shapes(args, shapes, path)
+    check_shapes(args, shapes, path, error=CheckpointError)
     tensors = {}
     for name, t in by_name.items():
         qtype, shape = int(t.tensor_type), shapes[name]

@@ -17,6 +17,7 @@ from ...model.config import ModelArgs
 from ...errors import CheckpointError
 from .source import Source
 from ...untrusted import ZipReader, check_shape, describe, inside, numel, strided_span
+from ...model.weights import IGNORED_WEIGHTS
 
 MAX_PICKLE_BYTES = 64 * 1024**2     # a 405B shard's data.pkl is ~100 KB
 
@@ -182,7 +183,7 @@ def read_meta(src: str) -> Source:
         if set(f.tensors) != set(names):
             differ = sorted(set(names) ^ set(f.tensors))[:3]
             raise CheckpointError(f"{f.path}: tensor names differ from {files[0].path} ({', '.join(differ)})")
-    names = [n for n in names if n != "rope.freqs"]  # older checkpoints; recomputed from the params
+    names = [n for n in names if n not in IGNORED_WEIGHTS]
     shapes = {n: merged_shape(n, files) for n in names}
 
     def load(name: str) -> np.ndarray:

@@ -10,25 +10,7 @@ import numpy as np
 
 from ...model.config import ModelArgs
 from ...errors import CheckpointError
-
-
-def check_shapes(args: ModelArgs, shapes: dict[str, tuple[int, ...]], where: str, ignored=("rope.freqs",)) -> None:
-    """Every tensor the params need is there with the shape they imply, and nothing else
-    (output.weight may be absent: a tied head). `where` names the file in the error."""
-    from ...model.model import expected_shapes
-    from ...untrusted import describe
-    expected = expected_shapes(args)
-    missing = sorted(set(expected) - set(shapes) - {"output.weight"})
-    if missing:
-        more = f" (+{len(missing) - 1} more)" if missing[1:] else ""
-        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}")
-    for name, shape in shapes.items():
-        if name in ignored:
-            continue
-        if name not in expected:
-            raise CheckpointError(f"{where}: unexpected tensor {describe(name)} for these params")
-        if tuple(shape) != expected[name]:
-            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(shape)}, the params say {expected[name]}")
+from ...model.weights import check_shapes
 
 
 @dataclass
@@ -42,7 +24,7 @@ class Source:
     extra_data: dict[str, bytes] = field(default_factory=dict)   # name in DST -> contents
 
     def check(self) -> None:
-        check_shapes(self.args, self.shapes, self.path)
+        check_shapes(self.args, self.shapes, self.path, error=CheckpointError)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, array) in a fixed order, each read only when reached; check() first."""
