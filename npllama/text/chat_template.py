@@ -19,6 +19,7 @@ is bounded:
 Any of these, a syntax error or raise_exception is one TokenizerError/UsageError line."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,6 +28,14 @@ import sys
 import time
 from datetime import datetime
 from typing import Any, Sequence
+
+import jinja2
+import jinja2.compiler
+import jinja2.ext
+import jinja2.nodes
+import jinja2.runtime
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TokenizerError, UsageError
 from .confined import Confined
@@ -126,131 +135,135 @@ def _predicted(name: str, a: list, kw: dict) -> int:
     return 0
 
 
-def _new_environment():
-    import jinja2
-    import jinja2.compiler
-    import jinja2.ext
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+class _CodeGenerator(jinja2.compiler.CodeGenerator):
+    def visit_Concat(self, node, frame):  # `a ~ b`: charged like `+`
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
-    class CodeGenerator(jinja2.compiler.CodeGenerator):
-        def visit_Concat(self, node, frame):  # `a ~ b`: charged like `+`
-            self.write("environment.checked_concat((")
-            for arg in node.nodes:
-                self.visit(arg, frame)
-                self.write(", ")
-            self.write("))")
 
-    class GenerationBlocks(jinja2.ext.Extension):
-        """transformers' {% generation %}...{% endgeneration %} (marks assistant tokens for
-        training masks): renders its body unchanged."""
-        tags = {"generation"}
+class _GenerationBlocks(jinja2.ext.Extension):
+    """transformers' {% generation %}...{% endgeneration %} (marks assistant tokens for
+    training masks): renders its body unchanged."""
+    tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def _body(self, caller):
-            return caller()
+    def _body(self, caller):
+        return caller()
 
-    class Namespace(jinja2.utils.Namespace):
-        """namespace(): no underscore attributes (a way to CPython's internals)."""
-        def __init__(*args, **kwargs):
-            self, attrs = args[0], dict(*args[1:], **kwargs)
-            for name in attrs:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
 
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
+class _Namespace(jinja2.utils.Namespace):
+    """namespace(): no underscore attributes (a way to CPython's internals)."""
+    def __init__(*args, **kwargs):
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
 
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
 
-    class Sandbox(ImmutableSandboxedEnvironment):
-        code_generator_class = CodeGenerator
-        intercepted_binops = frozenset(["*", "**", "+", "%", "//", "-"])
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
-        def charge(self, value):
-            self.built += _size(value, MAX_BUILT - self.built)
-            if self.built > MAX_BUILT:
-                raise _Budget(f"the template builds more than {MAX_BUILT:,} characters")
-            return value
 
-        def precharge(self, n: int, what: str):
-            if self.built + n > MAX_BUILT:
-                raise _Budget(f"{what} would build more than {MAX_BUILT:,} characters")
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja's immutable sandbox, with every binary operator, call and `~` checked against
+    the per-render budget before it builds anything (`built`: characters so far)."""
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+", "%", "//", "-"])
 
-        def checked_concat(self, parts):
-            self.precharge(sum(_size(p, MAX_BUILT) for p in parts), "~")
-            return self.charge("".join(map(str, parts)))
+    def charge(self, value):
+        self.built += _size(value, MAX_BUILT - self.built)
+        if self.built > MAX_BUILT:
+            raise _Budget(f"the template builds more than {MAX_BUILT:,} characters")
+        return value
 
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and \
-                    abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
-                raise _Budget(f"a power with more than {MAX_INT_BITS} bits")
-            if operator == "*":
-                seq, n = (left, right) if isinstance(right, int) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                    self.precharge(_size(seq, MAX_BUILT) * max(n, 0), "*")
-                elif isinstance(seq, int) and isinstance(n, int) and \
-                        seq.bit_length() + n.bit_length() > MAX_INT_BITS:
-                    raise _Budget(f"a product with more than {MAX_INT_BITS} bits")
-            if operator == "+" and isinstance(left, (str, list, tuple)):
-                self.precharge(_size(left, MAX_BUILT) + _size(right, MAX_BUILT), "+")
-            if operator == "%" and isinstance(left, str):
-                _check_format(left, "%")
-                self.precharge(len(left) + _size(right, MAX_BUILT), "%")
-            return self.charge(super().call_binop(context, operator, left, right))
+    def precharge(self, n: int, what: str):
+        if self.built + n > MAX_BUILT:
+            raise _Budget(f"{what} would build more than {MAX_BUILT:,} characters")
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
-            target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-            name = getattr(target, "__name__", "")
-            this = getattr(target, "__self__", None)
-            if name == "join" and isinstance(this, str) and args and not hasattr(args[0], "__len__"):
-                args = (list(args[0]), *args[1:])  # a generator: its items are counted first
-            if isinstance(this, str) or name == "generate_lorem_ipsum":
-                __self.precharge(_predicted(name, [this, *args] if isinstance(this, str) else list(args), kwargs),
-                                 name)
-            return __self.charge(super().call(__context, __obj, *args, **kwargs))
+    def checked_concat(self, parts):
+        self.precharge(sum(_size(p, MAX_BUILT) for p in parts), "~")
+        return self.charge("".join(map(str, parts)))
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
+            raise _Budget(f"a power with more than {MAX_INT_BITS} bits")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                self.precharge(_size(seq, MAX_BUILT) * max(n, 0), "*")
+            elif isinstance(seq, int) and isinstance(n, int) and \
+                    seq.bit_length() + n.bit_length() > MAX_INT_BITS:
+                raise _Budget(f"a product with more than {MAX_INT_BITS} bits")
+        if operator == "+" and isinstance(left, (str, list, tuple)):
+            self.precharge(_size(left, MAX_BUILT) + _size(right, MAX_BUILT), "+")
+        if operator == "%" and isinstance(left, str):
+            _check_format(left, "%")
+            self.precharge(len(left) + _size(right, MAX_BUILT), "%")
+        return self.charge(super().call_binop(context, operator, left, right))
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # transformers' tojson: no HTML escaping, json.dumps's options
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        name = getattr(target, "__name__", "")
+        this = getattr(target, "__self__", None)
+        if name == "join" and isinstance(this, str) and args and not hasattr(args[0], "__len__"):
+            args = (list(args[0]), *args[1:])  # a generator: its items are counted first
+        if isinstance(this, str) or name == "generate_lorem_ipsum":
+            __self.precharge(_predicted(name, [this, *args] if isinstance(this, str) else list(args), kwargs),
+                             name)
+        return __self.charge(super().call(__context, __obj, *args, **kwargs))
 
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
 
-    class TemplateDict:
-        """dict(...) and dict.fromkeys(...) without the dict type itself (its attributes)."""
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
 
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
 
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: no HTML escaping, json.dumps's options
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """dict(...) and dict.fromkeys(...) without the dict type itself (its attributes)."""
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _new_environment() -> "_Sandbox":
+    """The sandbox a template is compiled and rendered in, with transformers' settings and
+    globals, every filter charged to the budget."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols])
     env.built = 0
-    env.filters["tojson"] = tojson
+    env.filters["tojson"] = _tojson
     for name, f in list(env.filters.items()):
         env.filters[name] = _charged_filter(env, name, f)
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
-                       namespace=Namespace)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
+                       namespace=_Namespace)
     return env
 
 
 def _charged_filter(env, name: str, f):
     """A filter that checks what it will build against the budget, and charges what it built.
     (jinja marks some filters with pass_context etc. on the function: keep those marks.)"""
-    import functools
-
     @functools.wraps(f)
     def filtered(*args, **kwargs):
         n_context = sum(map(_is_jinja_context, args[:1]))
@@ -267,8 +280,6 @@ def _charged_filter(env, name: str, f):
 
 
 def _is_jinja_context(a) -> bool:
-    import jinja2.nodes
-    import jinja2.runtime
     return isinstance(a, (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment))
 
 
@@ -293,7 +304,6 @@ class _Renderer:
     more precise message."""
 
     def __init__(self, source: str, name: str, time_limit: float):
-        import jinja2
         self.name, self.time_limit = name, time_limit
         self.env = _new_environment()
         try:
@@ -304,7 +314,6 @@ class _Renderer:
             raise TokenizerError(f"{name}: chat template nests too deeply") from None
 
     def __call__(self, variables: dict) -> str:
-        import jinja2
         self.env.built = 0
         deadline = time.monotonic() + self.time_limit
 

@@ -40,7 +40,7 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-from .chat_template import MAX_TEMPLATE_CHARS
+from .chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
 from .confined import Confined
 from ..errors import TokenizerError, UsageError  # noqa: F401  (TokenizerError re-exported)
 from ..untrusted import describe, inside, read_bounded, read_json
@@ -472,7 +472,6 @@ def chat_format(tokenizer: Tokenizer, default_system: str | None = None):
     """How this tokenizer's model wants a conversation: its own chat template when the
     checkpoint has one, else the built-in format its control tokens imply."""
     if tokenizer.chat_template:
-        from .chat_template import ChatTemplate
         return ChatTemplate(tokenizer)
     if tokenizer.chat_format == "llama3":
         return ChatFormat(tokenizer)

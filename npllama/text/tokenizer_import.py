@@ -12,6 +12,7 @@ import os
 from ..errors import TokenizerError
 from ..untrusted import inside, read_bounded, read_json
 from .tokenizer import LLAMA3_PAT_STR, LLAMA3_RANKS, LLAMA3_SHA256, chat_format_of
+from . import chat_template
 
 MAX_HF_TOKENIZER_BYTES = 100 * 1024**2   # Llama 3's tokenizer.json is 9 MB
 MAX_CONFIG_BYTES = 16 * 1024**2          # Llama 3's tokenizer_config.json is 50 kB
@@ -288,11 +289,10 @@ def hf_tokenizer_spec(src: str) -> dict | None:
 def _chat_template(src: str, cfg: dict, cfg_path: str) -> str | None:
     """The folder's chat template: chat_template.jinja (transformers >= 4.43 saves it so), else
     tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
-    from .chat_template import MAX_TEMPLATE_CHARS
     jinja = _hf_file(src, "chat_template.jinja")
     if jinja is not None:
         try:
-            text = read_bounded(jinja, MAX_TEMPLATE_CHARS * 4, TokenizerError).decode("utf-8")
+            text = read_bounded(jinja, chat_template.MAX_TEMPLATE_CHARS * 4, TokenizerError).decode("utf-8")
         except UnicodeDecodeError as e:
             raise TokenizerError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         return text.replace("\r\n", "\n").replace("\r", "\n")   # read in text mode, as transformers reads it
