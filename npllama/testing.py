@@ -26,6 +26,7 @@ from .inspect import locate
 from .inspect.compare import compare, normalise
 from .inspect.namemaps import rename
 from .inspect.tracefile import schedule, stitch, trace
+from .io.formats.names import meta_to_hf, meta_to_hf_qk
 
 
 def _strategies():
@@ -156,7 +157,6 @@ def to_hf(args: ModelArgs, weights: dict) -> tuple[dict[str, np.ndarray], dict]:
 def hf_tensors(args: ModelArgs, weights: dict):
     """to_hf's state dict one (name, float32 array) at a time, so that a large model can be
     copied into torch without a second whole copy of it in numpy."""
-    from .io.formats.names import meta_to_hf, meta_to_hf_qk
     for name, x in weights.items():
         x = as_float32(name, x)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):

@@ -22,6 +22,8 @@ import zipfile
 import zlib
 from typing import Any
 
+import numpy as np
+
 from .errors import CheckpointError, printable  # noqa: F401  (printable: used by every reader)
 
 MAX_DIMS = 8
@@ -298,7 +300,6 @@ def npy_header(f, start: int, size: int, where: str, error=CheckpointError) -> t
     """(dtype, shape, data offset in the file) of the .npy array in bytes [start, start + size)
     of the open file f: a plain dtype in C order whose data lies inside those bytes. Nothing
     is allocated from the header."""
-    import numpy as np
     f.seek(start)
     head = f.read(min(size, 12))
     if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6:8] not in (b"\x01\x00", b"\x02\x00"):

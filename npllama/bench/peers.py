@@ -16,10 +16,13 @@ import time
 
 import numpy as np
 
-from ..model.config import ModelArgs, preset
 from ..errors import UsageError
+from ..io.atomic import check_file, write_file
+from ..io.checkpoint import load, open_tensors, write_checkpoint
 from ..io.hub import cache_dir
-from ..model.weights import expected_shapes
+from ..model import bf16, parallel
+from ..model.config import ModelArgs, preset
+from ..model.weights import choose_mode, expected_shapes
 
 SHAPES = {"tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
           "llama3.2-1b": None, "llama3.2-3b": None, "llama3-8b": None}
@@ -45,8 +48,6 @@ STORES = {"bfloat16": "bf16", "float32": "f32"}
 def build(shape: str, root: str, quiet: bool = False, store: str = "bfloat16") -> str:
     """A checkpoint of random weights at `shape`, stored as `store` (bfloat16 or float32),
     written tensor by tensor (an 8B model is never held in memory), cached under root."""
-    from ..model import bf16
-    from ..io.checkpoint import write_checkpoint
     out = os.path.join(root, f"{shape}-{STORES[store]}")
     if os.path.isfile(os.path.join(out, "index.json")):
         return out
@@ -99,7 +100,6 @@ def summary(xs: list[float]) -> dict:
 def run_npllama(path: str, dtype: str, reps: int, weights: str, prompt_len: int = 128, gen_len: int = 32,
                 between=lambda: None) -> dict:
     """npllama's pp and tg rates; between() runs after each repetition (an interleaved peer's)."""
-    from ..io.checkpoint import load
     t0 = time.perf_counter()
     model = load(path, dtype=dtype, weights_mode=weights, max_seq_len=prompt_len + gen_len)
     load_s = time.perf_counter() - t0
@@ -130,7 +130,6 @@ def measure_bounds(args: ModelArgs, seconds: float = 1.0) -> dict:
     once, each through its own large block (llama.cpp's threads each take rows of a matrix).
     A float32 GEMV far larger than the caches is timed both as one BLAS call (BLAS's
     threads) and split between npllama's threads (BLAS on one thread each); the faster wins."""
-    from ..model import parallel
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8192, 8192), dtype=np.float32)        # 256 MB, 8x the largest L3 here
     x = rng.standard_normal((1, 8192), dtype=np.float32)
@@ -272,10 +271,6 @@ class LlamaBench:
 
 
 def main(a) -> int:
-    from ..model import parallel
-    from ..io.atomic import check_file, write_file
-    from ..io.checkpoint import open_tensors
-    from ..model.weights import choose_mode
     peers = a.vs or []
     for peer in peers:
         if peer != "torch":

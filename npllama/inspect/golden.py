@@ -12,6 +12,8 @@ import numpy as np
 from ..version import __version__
 from ..io.atomic import check_directory, staged_directory
 from .tracefile import trace
+from ..errors import NpllamaError
+from ..untrusted import inside, read_json
 
 README = """# npllama golden vectors
 
@@ -59,8 +61,6 @@ def selected_names(n_layers: int) -> list[str]:
 
 def is_bundle(path: str) -> bool:
     """Whether a directory holds a golden.json npllama wrote (what --force may replace)."""
-    from ..errors import NpllamaError
-    from ..untrusted import inside, read_json
     try:
         meta = read_json(inside(path, "golden.json"))
     except NpllamaError:

@@ -33,6 +33,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import UsageError
+from ..io.atomic import staged_file
+from ..untrusted import file_size, open_regular
 
 MAGIC = b"_logits_"
 HEADER = struct.Struct("<8siii")
@@ -195,7 +197,6 @@ def dequantize_log_probs(rows: np.ndarray, n_vocab: int) -> np.ndarray:
 def base_writer(path: str, chunks: np.ndarray, n_vocab: int) -> Iterator[Callable[[np.ndarray], None]]:
     """Yields add(logits), which appends a chunk's rows to the base file at path; the file
     appears when the block ends without error, complete (atomic.staged_file)."""
-    from ..io.atomic import staged_file
     n_chunk, n_ctx = chunks.shape
     with staged_file(path, "KL-divergence base file") as tmp, open(tmp, "wb") as f:
         f.write(HEADER.pack(MAGIC, n_ctx, n_vocab, n_chunk))
@@ -217,7 +218,6 @@ class BaseFile:
     def open(cls, path: str) -> "BaseFile":
         """Untrusted input: a regular file whose size must be exactly what its header's counts
         make before anything is read past the header; nothing is allocated from a count."""
-        from ..untrusted import file_size, open_regular
         with open_regular(path, UsageError) as f:
             size = file_size(f)
             header = f.read(HEADER.size)

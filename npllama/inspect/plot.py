@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from ..errors import MissingDependencyError, UsageError
+from ..io.atomic import write_file
 
 
 def new_figure(**kwargs):
@@ -26,7 +27,6 @@ def save(fig, path: str) -> None:
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise UsageError(f"{path}: cannot write .{fmt} images (one of: {', '.join(sorted(supported))})")
-    from ..io.atomic import write_file
     write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"), "image")
 
 

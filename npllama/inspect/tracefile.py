@@ -4,13 +4,17 @@ the hardened zip reader."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
+from ..io.atomic import write_file
+from ..model.observer import QK_LAYOUTS, Recorder, forward_key
+from ..untrusted import (MAX_JSON_BYTES, ZipReader, describe, file_size, inside, npy_header, npy_member, numel,
+                         open_regular, parse_json, read_json)
 from ..version import __version__
-from ..model.observer import QK_LAYOUTS, Recorder
 
 SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
 
@@ -91,7 +95,6 @@ def check_scores_budget(args, T: int, layers, scores_budget: int) -> None:
 def save(path: str, tr: dict) -> None:
     """An .npz of the arrays, with the metadata as a JSON string member (no pickles),
     written atomically."""
-    from ..io.atomic import write_file
     arrays = {k: v for k, v in tr.items() if k != "__meta__"}
     arrays["__meta__"] = np.array(json.dumps(tr.get("__meta__", {})))
 
@@ -103,16 +106,12 @@ def save(path: str, tr: dict) -> None:
 
 def load(path: str) -> dict:
     """A trace: a golden bundle's directory (load_bundle) or a trace file (load_npz)."""
-    import os
     return load_bundle(path) if os.path.isdir(path) else load_npz(path)
 
 
 def load_bundle(path: str) -> dict:
     """A golden bundle (npllama golden) as a trace: golden.json's metadata and the .npy
     files it lists, each a trace name, memory-mapped after its header is checked."""
-    from ..errors import CheckpointError
-    from ..untrusted import describe, file_size, inside, numel, npy_header, open_regular, read_json
-    from ..model.observer import forward_key
     meta = read_json(inside(path, "golden.json"))
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"{path}: golden.json is not a golden bundle's (no \"files\" object)")
@@ -136,8 +135,6 @@ def load_npz(path: str) -> dict:
     """A trace file: an uncompressed .npz (np.savez, as save writes) of numeric arrays and a
     JSON `__meta__`. Arrays are memory-mapped: a header cannot make it allocate more than
     the file holds, and no pickle is ever read."""
-    from ..errors import CheckpointError
-    from ..untrusted import MAX_JSON_BYTES, ZipReader, describe, npy_member, numel, parse_json
     tr, meta = {}, None
     with ZipReader(path) as z:
         for member in z.members:

@@ -8,6 +8,7 @@ from typing import Optional
 
 
 from ..errors import ConfigError  # noqa: F401  (re-exported)
+from ..untrusted import read_json
 
 
 # Far beyond every released Llama (405B: dim 16384, 126 layers, 128 heads, 128256 tokens,
@@ -121,7 +122,6 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> "ModelArgs":
-        from ..untrusted import read_json
         params = read_json(os.fspath(path), ConfigError)
         try:
             return cls.from_dict(params, **overrides)

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Iterable, Iterator, Sequence
 
+import regex
 import tiktoken
 
 # The Llama 3 tokenizer.model (as in Meta's llama-models 0.3.0).
@@ -121,7 +122,6 @@ def split_like_tiktoken(pat_str: str, s: str) -> list[str]:
     characters (U+323B0 among them) letters or numbers where tiktoken's Rust regex, and HF
     tokenizers' Oniguruma, see neither. Such characters are replaced, for the split only, by
     an ASCII stand-in of the class tiktoken gives them, so the pieces are tiktoken's."""
-    import regex
     s = as_tiktoken_encodes(s)
     beyond_ascii = "".join(sorted({c for c in s if c >= "\x80"}))
     if not beyond_ascii:
