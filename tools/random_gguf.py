@@ -65,9 +65,27 @@ def tensor(rng, name: str, shape: tuple, qtype: int):
     return np.concatenate(parts), qtype
 
 
-def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None) -> str:
+def add_byte_vocabulary(w, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary of vocab_size tokens: the 256 bytes (GPT-2's stand-ins, no
+    merges), then ChatML's control tokens (<|im_end|> the eos) and reserved ones."""
+    from npllama.text.tokenizer_import import gpt2_byte_decoder
+    if vocab_size < 258:
+        raise ValueError(f"a byte vocabulary needs at least 258 tokens, not {vocab_size}")
+    alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
+    control = ["<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(vocab_size - 258)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(alphabet + control)
+    w.add_token_types([1] * 256 + [3] * len(control))
+    w.add_token_merges([])
+    w.add_eos_token_id(257)
+
+
+def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None,
+          tokenizer: bool = False) -> str:
     """A random GGUF of `args` at dst, its matrices in `qtype` (a name such as "Q4_K" or a
-    ggml type id) but for those `types` names (Meta's tensor name -> type)."""
+    ggml type id) but for those `types` names (Meta's tensor name -> type); tokenizer: with
+    a byte vocabulary (add_byte_vocabulary) instead of none."""
     import gguf
 
     from npllama.io.formats.names import meta_to_gguf
@@ -77,7 +95,9 @@ def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, t
     qtype = as_id(qtype)
     per_name = {n: as_id((types or {}).get(n, qtype)) for n in expected_shapes(args)}
     shapes = {n: s for n, s in expected_shapes(args).items() if not (tied and n == "output.weight")}
-    w = gguf_writer(dst, args, 0 if qtype == 0 else 1)
+    w = gguf_writer(dst, args, 0 if qtype == 0 else 1, tokenizer)
+    if tokenizer:
+        add_byte_vocabulary(w, args.vocab_size)
     for name, shape in shapes.items():   # the table first, from the shapes: sizes are known
         raw = per_name[name] if len(shape) == 2 else 0
         _, block, size = TYPES[raw]
