@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from npllama.model.quant import BY_NAME, SCALE_OFFSETS, TYPES, dequantize  # noqa: E402
 
 ROWS_PER_CHUNK = 4096   # quantized this many rows at a time: gguf's quantize makes temporaries
+SAMPLE_BLOCKS = 1 << 16
 
 
 def _set_f16(blocks: np.ndarray, offset: int, value) -> None:
@@ -37,12 +38,15 @@ def random_blocks(rng, qtype: int, rows: int, cols: int, std: float) -> np.ndarr
     for off in offsets:
         _set_f16(blocks, off, 0.0)
     _set_f16(blocks, offsets[0], 1.0)
-    a = dequantize(blocks, qtype, block).astype(np.float64)            # d * scale * q
+    # The blocks are independent and alike: a sample's spread is the tensor's (and an 8B
+    # embedding table is not widened, in float64, to measure it).
+    sample = blocks[:SAMPLE_BLOCKS]
+    a = dequantize(sample, qtype, block).astype(np.float64)            # d * scale * q
     ratio = 0.0
     if len(offsets) == 2:
         _set_f16(blocks, offsets[0], 0.0)
         _set_f16(blocks, offsets[1], 1.0)
-        b = -dequantize(blocks, qtype, block).astype(np.float64)       # dmin * min
+        b = -dequantize(sample, qtype, block).astype(np.float64)       # dmin * min
         ratio = a.mean() / b.mean()
         a = a - ratio * b
         _set_f16(blocks, offsets[1], std / a.std() * ratio)
@@ -123,9 +127,10 @@ def main():
     p.add_argument("dst")
     p.add_argument("--type", default="Q8_0", choices=sorted(BY_NAME))
     p.add_argument("--preset", default="llama3.2-1b")
+    p.add_argument("--head", choices=sorted(BY_NAME), help="the output head's type (a Q4_K_M file's is Q6_K)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    write(a.dst, preset(a.preset), a.type, a.seed)
+    write(a.dst, preset(a.preset), a.type, a.seed, types={"output.weight": a.head} if a.head else None)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 
