@@ -6,9 +6,11 @@ import os
 import sys
 import types
 
+import gguf
 import numpy as np
 
 from npllama import ModelArgs
+from npllama.io.formats.names import gguf_to_meta
 from npllama.testing import random_weights  # noqa: F401  (the strategies' weights, used by every test here)
 
 
@@ -17,6 +19,14 @@ def small_args(**kw) -> ModelArgs:
                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=64)
     base.update(kw)
     return ModelArgs(**base)
+
+
+def gguf_float32(path: str) -> dict:
+    """A GGUF's tensors by Meta's names, dequantized to float32 by the gguf library (llama.cpp's
+    own Python package: an implementation of the block formats independent of npllama's)."""
+    reader = gguf.GGUFReader(path)
+    return {gguf_to_meta(t.name): gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            for t in reader.tensors}
 
 
 # --- HF transformers (the model builder is tools/trace_hf.py's, shared with its CLI) -------

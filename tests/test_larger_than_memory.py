@@ -13,7 +13,8 @@ import pytest
 import npllama
 from npllama.model import bf16, weights
 from npllama.io.checkpoint import write_checkpoint
-from oracles import random_weights, small_args
+from oracles import gguf_float32, random_weights, small_args
+from tools.random_gguf import write as write_gguf
 
 FP32_TOL = 1e-5   # float32, only the summation order inside the matmuls differs (as test_model's)
 
@@ -80,6 +81,8 @@ CAPPED = """
 import resource, sys
 import numpy as np
 import npllama
+sys.path.insert(0, sys.argv[5])
+from test_larger_than_memory import greedy_logits
 path, mode, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = npllama.load(path, weights_mode=mode, max_seq_len=16)
 np.ones((256, 256), np.float32) @ np.ones((256, 256), np.float32)   # BLAS's own buffers, before the cap
@@ -90,16 +93,28 @@ def vm_data():
 
 cap = vm_data() + headroom
 resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-tokens = np.array([1, 2, 3, 5, 8, 13, 21, 34])
 try:
-    logits = [model.forward(tokens), model.forward(tokens[-1:], start_pos=len(tokens), last_only=True)]
+    logits = greedy_logits(model, int(sys.argv[6]))
 except MemoryError:
     sys.exit(3)
-np.save(out, np.concatenate([logits[0], logits[1][None]]))
+np.save(out, logits)
 """
+
+def greedy_logits(model, steps: int = 1) -> np.ndarray:
+    """A prompt's logits, then `steps` greedy decoding steps' (the capped run's and its
+    reference's): (8 + steps, vocab)."""
+    tokens = np.array([1, 2, 3, 5, 8, 13, 21, 34])
+    logits = [model.forward(tokens)]
+    token = tokens[-1]
+    for i in range(steps):
+        logits.append(model.forward(np.array([token]), start_pos=len(tokens) + i, last_only=True)[None])
+        token = int(np.argmax(logits[-1]))
+    return np.concatenate(logits)
+
 
 ARGS = small_args(dim=512, n_heads=8, n_kv_heads=4, n_layers=4, vocab_size=32000, multiple_of=256)
 HEADROOM = 64 * 2**20
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -110,18 +125,35 @@ def test_a_model_larger_than_its_memory_cap_runs_tiled(tmp_path, dtype):
 
     def run(mode):
         out = str(tmp_path / f"{mode}.npy")
-        r = subprocess.run([sys.executable, "-c", CAPPED, path, mode, out, str(HEADROOM)], capture_output=True,
-                           text=True, timeout=300, cwd=os.getcwd())
-        return r, out
+        return capped(path, mode, out), out
 
     r, _ = run("resident")
     assert r.returncode == 3, r.stderr                                  # the cap bites: copies do not fit
     r, out = run("tiled")
     assert r.returncode == 0, r.stderr
-    ref = npllama.load(path, weights_mode="resident", max_seq_len=16)
-    tokens = np.array([1, 2, 3, 5, 8, 13, 21, 34])
-    want = np.concatenate([ref.forward(tokens), ref.forward(tokens[-1:], start_pos=8, last_only=True)[None]])
+    want = greedy_logits(npllama.load(path, weights_mode="resident", max_seq_len=16))
     got = np.load(out)
+    assert np.abs(got - want).max() < FP32_TOL * np.abs(want).max()
+
+
+def capped(path: str, mode: str, out: str, steps: int = 1) -> subprocess.CompletedProcess:
+    """CAPPED in a fresh interpreter: its exit code 3 when the cap refused memory."""
+    return subprocess.run([sys.executable, "-c", CAPPED, path, mode, out, str(HEADROOM), TESTS, str(steps)],
+                          capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+
+
+def test_a_quantized_model_whose_float32_copy_exceeds_the_cap_runs_quantized(tmp_path):
+    # Q4_K, as most of a Q4_K_M file is, the head Q8_0 (widened in place) and one matrix Q6_K
+    types = {"output.weight": "Q8_0", "layers.1.feed_forward.w2.weight": "Q6_K"}
+    path = write_gguf(str(tmp_path / "m.gguf"), ARGS, "Q4_K", types=types)
+    as_float32 = sum(int(np.prod(s)) * 4 for s in weights.expected_shapes(ARGS).values())
+    assert as_float32 > 2.5 * HEADROOM and os.path.getsize(path) < HEADROOM    # 181 MB; 34 MB
+    assert capped(path, "resident", str(tmp_path / "resident.npy")).returncode == 3
+    r = capped(path, "quantized", str(tmp_path / "quantized.npy"), steps=4)
+    assert r.returncode == 0, r.stderr
+    # the float32 model of the gguf library's dequantization (FP32_TOL: the summation order only)
+    want = greedy_logits(npllama.Transformer(ARGS, gguf_float32(path), weights_mode="resident", max_seq_len=16), 4)
+    got = np.load(str(tmp_path / "quantized.npy"))
     assert np.abs(got - want).max() < FP32_TOL * np.abs(want).max()
 
 

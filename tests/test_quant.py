@@ -70,6 +70,24 @@ def test_quant_tensor_rows_and_take_match_whole_matrix():
     assert np.array_equal(t.take(np.array([[5, 0], [1, 1]])), full[[[5, 0], [1, 1]]])
 
 
+def test_q8_0_widened_in_place_is_bit_identical_to_gguf():
+    # the tiled matmul's path (rows into its buffer), on random bytes: every int8, and scales
+    # drawn from every finite float16 (subnormals and 65504 included)
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (64, 8 * 34), dtype=np.uint8)
+    blocks = raw.reshape(-1, 34)
+    bits = rng.integers(0, 0x7C00, blocks.shape[0], dtype=np.uint16) | (rng.integers(0, 2, blocks.shape[0],
+                                                                                  dtype=np.uint16) << 15)
+    blocks[:, :2] = bits.reshape(-1, 1).view(np.uint8)
+    t = QuantTensor(raw.reshape(-1), 8, (64, 256), "w")
+    t.check()
+    out = np.full((40, 256), np.nan, np.float32)
+    got = t.rows(7, 47, out)
+    assert got is out
+    want = gguf.quants.dequantize(raw[7:47], gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_bad_sizes_refused():
     with pytest.raises(WeightError, match="w: 40 columns"):
         QuantTensor(np.zeros(34, np.uint8), 8, (1, 40), "w")

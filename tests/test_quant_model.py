@@ -14,10 +14,10 @@ import pytest
 import npllama
 from npllama.errors import WeightError
 from npllama.io import hub
-from npllama.io.formats.names import gguf_to_meta
 from npllama.model import weights
 from npllama.model.config import ModelArgs
 from npllama.model.quant import TYPES, QuantTensor
+from oracles import gguf_float32
 from tools.random_gguf import write
 
 # The quantized model widens exactly the values gguf dequantizes (test_quant: bit for bit),
@@ -39,14 +39,6 @@ def mapped(a: np.ndarray) -> bool:
             return False
         a = a.base
     return isinstance(a.obj if isinstance(a, memoryview) else a, mmap.mmap)
-
-
-def gguf_float32(path: str) -> dict:
-    """The GGUF's tensors by Meta's names, dequantized by the gguf library."""
-    reader = gguf.GGUFReader(path)
-    tensors = {gguf_to_meta(t.name): gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-               for t in reader.tensors}
-    return tensors
 
 
 def assert_logits_equal(path: str, args: ModelArgs, prompt: np.ndarray, steps: int = 3) -> None:

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from npllama.model.quant import BY_NAME, SCALE_OFFSETS, TYPES, dequantize  # noqa: E402
 
 ROWS_PER_CHUNK = 4096   # quantized this many rows at a time: gguf's quantize makes temporaries
+SAMPLE_BLOCKS = 1 << 16
 
 
 def _set_f16(blocks: np.ndarray, offset: int, value) -> None:
@@ -37,12 +38,15 @@ def random_blocks(rng, qtype: int, rows: int, cols: int, std: float) -> np.ndarr
     for off in offsets:
         _set_f16(blocks, off, 0.0)
     _set_f16(blocks, offsets[0], 1.0)
-    a = dequantize(blocks, qtype, block).astype(np.float64)            # d * scale * q
+    # The blocks are independent and alike: a sample's spread is the tensor's (and an 8B
+    # embedding table is not widened, in float64, to measure it).
+    sample = blocks[:SAMPLE_BLOCKS]
+    a = dequantize(sample, qtype, block).astype(np.float64)            # d * scale * q
     ratio = 0.0
     if len(offsets) == 2:
         _set_f16(blocks, offsets[0], 0.0)
         _set_f16(blocks, offsets[1], 1.0)
-        b = -dequantize(blocks, qtype, block).astype(np.float64)       # dmin * min
+        b = -dequantize(sample, qtype, block).astype(np.float64)       # dmin * min
         ratio = a.mean() / b.mean()
         a = a - ratio * b
         _set_f16(blocks, offsets[1], std / a.std() * ratio)
@@ -65,9 +69,27 @@ def tensor(rng, name: str, shape: tuple, qtype: int):
     return np.concatenate(parts), qtype
 
 
-def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None) -> str:
+def add_byte_vocabulary(w, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary of vocab_size tokens: the 256 bytes (GPT-2's stand-ins, no
+    merges), then ChatML's control tokens (<|im_end|> the eos) and reserved ones."""
+    from npllama.text.tokenizer_import import gpt2_byte_decoder
+    if vocab_size < 258:
+        raise ValueError(f"a byte vocabulary needs at least 258 tokens, not {vocab_size}")
+    alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
+    control = ["<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(vocab_size - 258)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(alphabet + control)
+    w.add_token_types([1] * 256 + [3] * len(control))
+    w.add_token_merges([])
+    w.add_eos_token_id(257)
+
+
+def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None,
+          tokenizer: bool = False) -> str:
     """A random GGUF of `args` at dst, its matrices in `qtype` (a name such as "Q4_K" or a
-    ggml type id) but for those `types` names (Meta's tensor name -> type)."""
+    ggml type id) but for those `types` names (Meta's tensor name -> type); tokenizer: with
+    a byte vocabulary (add_byte_vocabulary) instead of none."""
     import gguf
 
     from npllama.io.formats.names import meta_to_gguf
@@ -77,7 +99,9 @@ def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, t
     qtype = as_id(qtype)
     per_name = {n: as_id((types or {}).get(n, qtype)) for n in expected_shapes(args)}
     shapes = {n: s for n, s in expected_shapes(args).items() if not (tied and n == "output.weight")}
-    w = gguf_writer(dst, args, 0 if qtype == 0 else 1)
+    w = gguf_writer(dst, args, 0 if qtype == 0 else 1, tokenizer)
+    if tokenizer:
+        add_byte_vocabulary(w, args.vocab_size)
     for name, shape in shapes.items():   # the table first, from the shapes: sizes are known
         raw = per_name[name] if len(shape) == 2 else 0
         _, block, size = TYPES[raw]
@@ -103,9 +127,10 @@ def main():
     p.add_argument("dst")
     p.add_argument("--type", default="Q8_0", choices=sorted(BY_NAME))
     p.add_argument("--preset", default="llama3.2-1b")
+    p.add_argument("--head", choices=sorted(BY_NAME), help="the output head's type (a Q4_K_M file's is Q6_K)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    write(a.dst, preset(a.preset), a.type, a.seed)
+    write(a.dst, preset(a.preset), a.type, a.seed, types={"output.weight": a.head} if a.head else None)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 

@@ -6,12 +6,13 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..io.checkpoint import load, read_checked
-from ..io.hub import default_model, resolve_model
+from ..io.checkpoint import load, make_model, read_checked, runs_as_gguf
+from ..io.formats.gguf_file import open_gguf
+from ..io.hub import default_gguf, default_model, resolve_model
 from ..io.tokens import parse_token_ids, read_token_ids
 from ..run import distributed
 from ..run.generate import Generator, SamplingParams
-from ..text.tokenizer import load as load_tokenizer
+from ..text.tokenizer import from_files as tokenizer_from_files, load as load_tokenizer
 
 
 def at_least(minimum: int):
@@ -49,10 +50,12 @@ def add_model_args(p, ctx: bool = True):
                    "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
                    "~/.cache/npllama")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
-    p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled"], default="auto",
-                   help="weights as resident float32 copies, or left in the memory-mapped file as stored (tiled: "
-                   "bf16 widened tile by tile, float32 read in place; the page cache streams what does not fit) "
-                   "(default auto: tiled when float32 copies would not fit in memory)")
+    p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled", "quantized"],
+                   default="auto", help="weights as resident float32 copies, or left in the memory-mapped file as "
+                   "stored (tiled: bf16 widened tile by tile, float32 read in place; the page cache streams what does "
+                   "not fit); quantized: a .gguf run as it is, its blocks mapped and widened tile by tile (no "
+                   "conversion, no float copy) (default auto: tiled, or quantized for a .gguf, when float32 copies "
+                   "would not fit in memory)")
     p.add_argument("--ray", metavar="local|ADDRESS", help="run the layers as a pipeline of stages on Ray: local "
                    "starts Ray on this machine, an address (HOST:PORT of `ray start --head`, or auto) joins a "
                    "cluster; the checkpoint must be at the same path on every node (pip install npllama[ray])")
@@ -88,17 +91,21 @@ def sampling_params(a) -> SamplingParams:
 
 
 def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Generator:
-    """The model directory named by -m (or the default model), loaded, with its tokenizer."""
+    """The model named by -m (or the default model), loaded, with its tokenizer: a GGUF run
+    as it is (runs_as_gguf), anything else converted once and loaded from the cache."""
     ctx = max_seq_len or getattr(a, "ctx", None)
     if ctx is not None and ctx <= 0:
         raise UsageError(f"--ctx must be a positive number of tokens, got {ctx}")
-    path = default_model() if a.model is None else resolve_model(a.model)
-    trained = read_checked(path)[0].max_seq_len
-    if ctx is not None and ctx > trained and not a.force_ctx:
-        raise UsageError(f"a context of {ctx} tokens is longer than the {trained} tokens this model was trained for; "
-                         "add --force-ctx to run it anyway (quality degrades past the trained context)")
     if a.stages is not None and a.ray is None:
         raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
+    source = a.model if a.model is not None else default_gguf() if a.weights_mode == "quantized" else None
+    if source is not None and runs_as_gguf(source, a.weights_mode):
+        if a.ray is not None:
+            raise UsageError("--ray runs converted checkpoints: a .gguf run quantized runs in one process (drop "
+                             "--ray, or pass --weights tiled to convert it)")
+        return open_gguf_model(a, source, ctx, max_batch_size)
+    path = default_model() if a.model is None else resolve_model(a.model)
+    check_context(a, ctx, read_checked(path)[0].max_seq_len)
     if a.ray is not None:
         model = distributed.load(path, a.stages, a.ray, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
                                  weights_mode=a.weights_mode)
@@ -106,6 +113,24 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Ge
     else:
         model = load(path, dtype=a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size, weights_mode=a.weights_mode)
     return Generator(model, load_tokenizer(path), progress=sys.stderr)
+
+
+def check_context(a, ctx: int | None, trained: int) -> None:
+    """A --ctx past the model's trained context is refused unless --force-ctx."""
+    if ctx is not None and ctx > trained and not a.force_ctx:
+        raise UsageError(f"a context of {ctx} tokens is longer than the {trained} tokens this model was trained for; "
+                         "add --force-ctx to run it anyway (quality degrades past the trained context)")
+
+
+def open_gguf_model(a, path: str, ctx: int | None, max_batch_size: int) -> Generator:
+    """A GGUF as it is, quantized; its header parsed once (gguf's reader takes seconds on a
+    large vocabulary)."""
+    args, tensors, files = open_gguf(path)
+    check_context(a, ctx, args.max_seq_len)
+    tokenizer = tokenizer_from_files(files, path)
+    model = make_model(path, args, tensors, a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
+                       weights_mode="quantized")
+    return Generator(model, tokenizer)
 
 
 def encode_prompt(tok, text: str) -> list[int]:

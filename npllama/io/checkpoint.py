@@ -24,7 +24,10 @@ import numpy as np
 from .atomic import check_directory, staged_directory
 from ..model import bf16
 from ..model.config import ModelArgs
+from ..model.model import Transformer
+from ..model.weights import check_shapes, fits_resident
 from ..progress import Progress
+from .formats.gguf_file import gguf_values, open_gguf
 from ..untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, read_json
 
 FORMAT = "npllama"
@@ -38,7 +41,6 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 from ..errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
-from ..model.weights import check_shapes
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -272,18 +274,29 @@ def is_gguf(path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load(path, dtype: str = "float32", **kwargs) -> "Transformer":
+def runs_as_gguf(path, weights_mode: str) -> bool:
+    """Whether -m PATH runs as the GGUF file itself, its blocks mapped (no conversion, no
+    float copy): a GGUF with weights_mode "quantized", or "auto" when float32 copies of its
+    weights would not fit in memory (model.weights.fits_resident, decided from the header).
+    Anything else is converted once into the cache, as before."""
+    if weights_mode not in ("quantized", "auto") or not is_gguf(path):
+        return False
+    return weights_mode == "quantized" or not fits_resident(4 * gguf_values(str(path)))
+
+
+def make_model(path, args: ModelArgs, tensors: dict, dtype: str = "float32", **kwargs) -> Transformer:
+    """A Transformer of opened tensors (open_checkpoint's, open_gguf's), remembering the path
+    they came from; kwargs are Transformer's."""
+    model = Transformer(args, tensors, dtype=dtype, **kwargs)
+    model.path = path
+    return model
+
+
+def load(path, dtype: str = "float32", **kwargs) -> Transformer:
     """A converted checkpoint directory (see `npllama convert`), or a GGUF file opened as it
     is (its blocks mapped, as QuantTensors: weights_mode "quantized" tiles them, "auto"
     when float copies would not fit), as a ready Transformer; kwargs are Transformer's
     (max_seq_len, max_batch_size, weights_mode). The weights stay memory-mapped until a
     forward pass uses them."""
-    from ..model.model import Transformer  # local: the readers above need only the params
-    if is_gguf(path):
-        from .formats.gguf_file import open_gguf
-        args, tensors, _ = open_gguf(str(path))
-    else:
-        args, tensors = open_checkpoint(path)
-    model = Transformer(args, tensors, dtype=dtype, **kwargs)
-    model.path = path
-    return model
+    args, tensors = open_gguf(str(path))[:2] if is_gguf(path) else open_checkpoint(path)
+    return make_model(path, args, tensors, dtype, **kwargs)

@@ -78,14 +78,18 @@ def up_to_date(out: str) -> bool:
     return isinstance(index, dict) and index.get("converter") == CONVERTER
 
 
+def default_gguf() -> str:
+    """The default model's GGUF file (verified; downloaded on first use)."""
+    return fetch_gguf(os.path.join(cache_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
 def default_model() -> str:
     """The converted default model directory, made on first use (and again after an
     npllama whose converters write more)."""
-    root = cache_dir()
-    out = os.path.join(root, NAME)
+    out = os.path.join(cache_dir(), NAME)
     if up_to_date(out):
         return out
-    gguf_path = fetch_gguf(os.path.join(root, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    gguf_path = default_gguf()
     from .convert import convert
     print(f"npllama: converting to {out} ...", file=sys.stderr, flush=True)
     convert(gguf_path, out, force=True)   # replaces only a folder npllama wrote

@@ -113,6 +113,12 @@ def as_float32(name: str, w) -> np.ndarray:
     return w.astype(np.float32, copy=False)
 
 
+def fits_resident(resident_bytes: int, share: int = 1) -> bool:
+    """Whether float32 copies of this many bytes fit comfortably (60%) in the memory this
+    model gets: 1/share of what is available (pipeline stages sharing a machine)."""
+    return resident_bytes <= 0.6 * available_memory() / share
+
+
 def choose_mode(tensors: Mapping[str, np.ndarray], requested: str, share: int = 1) -> str:
     """"resident": float32 copies made on first use (fastest, 4 bytes a weight in memory).
     "tiled": weights stay as stored, where they are (a memory map: the page cache streams
@@ -127,8 +133,7 @@ def choose_mode(tensors: Mapping[str, np.ndarray], requested: str, share: int = 
         raise UsageError(f"weights mode must be one of {WEIGHT_MODES}, got {requested!r}")
     if requested != "auto":
         return requested
-    resident_bytes = sum(int(np.prod(w.shape)) * 4 for w in tensors.values())
-    if resident_bytes <= 0.6 * available_memory() / share:
+    if fits_resident(sum(int(np.prod(w.shape)) * 4 for w in tensors.values()), share):
         return "resident"
     return "quantized" if any(isinstance(w, QuantTensor) for w in tensors.values()) else "tiled"
 

@@ -490,3 +490,16 @@ def load(path: str) -> Tokenizer:
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model (the checkpoint it was converted "
                              "from had no tokenizer)")
     return Tokenizer.from_json(path) if path.endswith(".json") else Tokenizer.llama3(path)
+
+
+def from_files(files: dict[str, bytes], name: str) -> Tokenizer:
+    """The tokenizer among the files a conversion would write (a GGUF run as it is: its
+    tokenizer.json, made in memory by the GGUF reader and checked there), named `name`."""
+    if "tokenizer.json" not in files:
+        raise TokenizerError(f"{name}: no tokenizer (its GGUF vocabulary is absent or 'none'): it runs token ids "
+                             "but cannot generate, chat or trace text")
+    try:
+        spec = json.loads(files["tokenizer.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{name}: its tokenizer is not JSON ({e})") from None
+    return Tokenizer.from_spec(*check_spec(spec, name), name=name)

@@ -65,10 +65,11 @@ MAX_GGUF_COUNT = 1 << 20      # tensors, metadata keys, array elements: Llama 3'
 MAX_GGUF_STRING = 1 << 24
 
 
-def check_layout(path: str, data) -> None:
+def check_layout(path: str, data) -> int:
     """Walk a GGUF's header (metadata and tensor infos) with every length and count bounded
     by the bytes left, before gguf's reader, which handles arrays element by element and
-    loops without end on an array whose declared length runs past the file."""
+    loops without end on an array whose declared length runs past the file. Returns the
+    number of values its tensors hold (what float32 copies of them would take / 4)."""
     size = len(data)
     pos = 0
 
@@ -116,12 +117,25 @@ def check_layout(path: str, data) -> None:
     for _ in range(count(n_kv, 12, "metadata")):
         string("key")
         value(take("<I")[0])
+    values = 0
     for _ in range(count(n_tensors, 24, "tensor")):
         string("tensor name")
         (n_dims,) = take("<I")
         if n_dims > 4:
             raise CheckpointError(f"{path}: a tensor with {n_dims} dims at byte {pos} (GGUF has at most 4)")
-        take(f"<{n_dims}QIQ")
+        values += numel(take(f"<{n_dims}QIQ")[:n_dims])
+    return values
+
+
+def gguf_values(path: str) -> int:
+    """How many values a GGUF's tensors hold, from its header alone (checked as check_layout
+    checks it; gguf's reader, which takes seconds on a large vocabulary, is not run)."""
+    import mmap
+    with open_regular(path) as f:
+        if file_size(f) < 24:
+            raise CheckpointError(f"{path}: too short for a GGUF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return check_layout(path, data)
 
 
 def parse_gguf(path: str):
