@@ -11,9 +11,18 @@ Same tokens as alone: the attention of each row is exactly its single-sequence a
 projections are one GEMM over all rows, and BLAS may sum a row of a GEMM in another order
 than the GEMV of a single sequence. tests/test_serve_engine.py measures it: see README,
 Serving, for whether the logprobs are bit-identical.
+
+Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps
+up to one microbatch per stage in flight: the runnable requests are split into microbatches,
+each submitted without waiting, and a step collects only the oldest one and submits its rows'
+next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. A request's
+rows are computed by the same stage models as on one machine, so its tokens are the same.
+A forward pass that fails (a stage died) fails every request and leaves the engine broken:
+requests get the error, new ones are refused, /health says so.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import NpllamaError, UsageError
+from ..errors import NpllamaError, UsageError, printable
 from .generate import SamplingParams, most_likely, sample, softmax64
 
 
@@ -33,11 +42,16 @@ class Draining(NpllamaError, RuntimeError):
     """The engine is shutting down and takes no new request (HTTP 503)."""
 
 
+class Broken(NpllamaError, RuntimeError):
+    """A forward pass failed (a pipeline stage died): the engine takes no new request (HTTP 503)."""
+
+
 @dataclass
 class Request:
     """One sequence: its prompt, how to sample it, and what it produced so far.
     on_token(request, token, logprob, top) is called from the engine's thread per token;
-    on_done(request) once, with finish_reason set ("stop", "length" or "cancelled")."""
+    on_done(request) once, with finish_reason set ("stop", "length", "cancelled" or "error",
+    the error's message then in `error`)."""
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -49,6 +63,7 @@ class Request:
     finish_reason: str | None = None
     slot: int | None = None
     cancelled: bool = False
+    error: str | None = None
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.sampling.seed)
@@ -64,6 +79,12 @@ class Engine:
         self.held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # tokens in each cache row
         self.lock = threading.Condition()
         self.draining = False
+        self.broken: str | None = None                             # why the engine stopped
+        # A Pipeline (submit_rows/collect) takes one microbatch per stage in flight; a model in
+        # this process computes at submission, so one "microbatch" of every row per step.
+        self.pipelined = hasattr(model, "submit_rows")
+        self.depth = len(model.stages) if self.pipelined else 1
+        self.inflight: deque[tuple[object, list[Request]]] = deque()   # (handle or logits, its requests)
 
     # --- the request side (any thread) ---------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -73,6 +94,8 @@ class Engine:
             raise UsageError(f"prompt of {len(req.prompt)} tokens plus max_tokens {req.max_tokens} exceeds the "
                              f"context of {self.model.max_seq_len} tokens")
         with self.lock:
+            if self.broken:
+                raise Broken(f"the server cannot answer: {self.broken}")
             if self.draining:
                 raise Draining("the server is shutting down")
             if len(self.waiting) + len(self.active) >= self.model.max_batch_size + self.max_queue:
@@ -94,7 +117,17 @@ class Engine:
 
     # --- the engine side (one thread) ----------------------------------------------------
     def step(self) -> bool:
-        """Admit, prefill, one batched decode step. False when there was nothing to do."""
+        """Admit and prefill, submit the runnable rows' next tokens, collect the oldest
+        microbatch in flight. False when there was nothing to do."""
+        admitted = self._admit()
+        for req in admitted:
+            self._emit(req, self._prefill(req))
+        submitted = self._submit_ready()
+        collected = self._collect_oldest()
+        return bool(admitted or submitted or collected)
+
+    def _admit(self) -> list[Request]:
+        """Drops cancelled requests, moves waiting ones into free slots -> those admitted."""
         with self.lock:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
@@ -108,18 +141,35 @@ class Engine:
                 req.slot = free.pop(0)
                 self.active[req.slot] = req
                 admitted.append(req)
-        for req in admitted:
-            self._emit(req, self._prefill(req))
-        batch = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled]
-        if batch:
-            tokens = np.array([[r.tokens[-1]] for r in batch])                 # (B, 1)
-            positions = np.array([len(self.held[r.slot]) for r in batch])     # (B,)
-            logits = self.model.forward_rows(tokens, positions, [r.slot for r in batch])  # (B, vocab)
-            for r, row in zip(batch, logits):
-                self.held[r.slot].append(r.tokens[-1])
-                self._emit(r, row)
-        return bool(admitted or batch)
+        return admitted
 
+    def _submit_ready(self) -> int:
+        """The runnable requests not in flight, split into as many microbatches as the
+        pipeline has room for, each submitted: one new token per row, at the row's own
+        position, into its own cache row -> how many rows were submitted."""
+        flying = {id(r) for _, group in self.inflight for r in group}
+        ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and id(r) not in flying]
+        k = min(self.depth - len(self.inflight), len(ready))
+        for i in range(max(k, 0)):
+            group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
+            tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)
+            positions = np.array([len(self.held[r.slot]) for r in group])     # (b,)
+            rows = [r.slot for r in group]
+            run = self.model.submit_rows if self.pipelined else self.model.forward_rows
+            self.inflight.append((run(tokens, positions, rows), group))
+            for r in group:
+                self.held[r.slot].append(r.tokens[-1])    # in the cache row once the microbatch has run
+        return len(ready) if k > 0 else 0
+
+    def _collect_oldest(self) -> bool:
+        """The oldest microbatch's logits (b, vocab): each row's next token sampled."""
+        if not self.inflight:
+            return False
+        handle, group = self.inflight.popleft()
+        logits = self.model.collect(handle) if self.pipelined else handle
+        for r, row in zip(group, logits):
+            self._emit(r, row)
+        return True
     def _prefill(self, req: Request) -> np.ndarray:
         """The prompt into req's cache row, from the longest prefix some row holds already
         (at least one token is fed, for the logits) -> the last position's logits (vocab,)."""
@@ -157,16 +207,36 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         with self.lock:
             req.finish_reason = req.finish_reason or reason
-            if req.slot is not None:
-                self.active.pop(req.slot, None)
+            if req.slot is not None and self.active.get(req.slot) is req:
+                del self.active[req.slot]
             self.lock.notify_all()
         if req.on_done is not None:
             req.on_done(req)
 
+    def fail(self, e: Exception) -> None:
+        """A step raised (a stage died, or a bug): every request ends with the error, and the
+        engine takes no more (its model's state is unknown: a pipeline's caches are gone)."""
+        message = str(e) if isinstance(e, NpllamaError) else f"{type(e).__name__}: {e}"
+        with self.lock:
+            self.broken = message
+            failed = list(self.waiting) + list(self.active.values()) + [r for _, g in self.inflight for r in g]
+            self.waiting.clear()
+            self.inflight.clear()
+        for req in {id(r): r for r in failed}.values():
+            if req.finish_reason is None:
+                req.error = message
+                self._finish(req, "error")
+        print(f"npllama serve: the engine stopped: {printable(message)}", file=sys.stderr, flush=True)
+
     def run(self, stop: threading.Event) -> None:
         """Step until stop is set and every request is done (a drain)."""
         while True:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:   # noqa: BLE001 - whatever it was, no request may wait forever
+                self.fail(e)
+                busy = False
+            if not busy:
                 with self.lock:
                     if stop.is_set() and not self.waiting and not self.active:
                         return
