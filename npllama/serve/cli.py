@@ -74,6 +74,7 @@ def run(a, open_model) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((a.host, a.port))
+    sock.listen(2048)   # connections queue from now on: a client that read the URL below is not refused
     print(f"npllama serve: http://{a.host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
