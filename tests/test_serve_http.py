@@ -171,3 +171,27 @@ def test_curl(tiny):
                           json.dumps({"prompt": "Hi", "max_tokens": 3, "temperature": 0})],
                          capture_output=True, text=True, timeout=90)
     assert json.loads(out.stdout)["usage"]["completion_tokens"] == 3
+
+
+def test_disconnect_before_a_whole_answer_frees_the_slot(weights):
+    s = Server(Generator(Transformer(ARGS, weights, max_batch_size=1), TOK), slots=1)
+    finished, step = [], s.engine.step
+    finish = s.engine._finish
+    s.engine._finish = lambda req, reason: (finished.append(reason), finish(req, reason))[1]
+    s.engine.step = lambda: False                  # the engine idles: the request waits for it
+    try:
+        with pytest.raises(httpx.ReadTimeout):     # the client gives up and closes the connection
+            httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 20},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(30, read=0.5))
+        for _ in range(200):                       # the server sees the disconnect
+            if any(r.cancelled for r in s.engine.waiting):
+                break
+            threading.Event().wait(0.05)
+        s.engine.step = step
+        for _ in range(400):
+            if finished:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        s.close()
+    assert finished == ["cancelled"] and s.engine.n_active() == 0 and not s.engine.active

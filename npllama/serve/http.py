@@ -214,8 +214,21 @@ class Completions:
             return error(503, str(e), "server_error")
         except UsageError as e:
             return error(400, str(e), param="max_tokens")
-        respond = self.stream_response if ask.stream else self.whole_response
-        return await respond(ask, req, relay, is_chat)
+        if ask.stream:
+            return await self.stream_response(ask, req, relay, is_chat)
+        watch = asyncio.create_task(self.cancel_on_disconnect(request, req))
+        try:
+            return await self.whole_response(ask, req, relay, is_chat)
+        finally:
+            watch.cancel()
+
+    async def cancel_on_disconnect(self, request: HTTPRequest, req: Request) -> None:
+        """A client that goes away before its whole answer is ready frees its slot (a stream
+        finds out when a write fails). The body is read: the next ASGI message is the
+        disconnect (request.is_disconnected() never sees it behind the middleware)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(req)
 
     def head(self, is_chat: bool, stream: bool) -> dict:
         kind = "chat.completion" if is_chat else "text_completion"
