@@ -70,10 +70,12 @@ request = st.builds(lambda n, m, t, seed, shared: Request(
     st.integers(1, 12), st.integers(0, 12), st.sampled_from([0.0, 0.8]), st.integers(0, 2**31), st.booleans())
 
 
-@given(mix=st.lists(st.tuples(st.integers(0, 15), request), min_size=1, max_size=7))
+@given(mix=st.lists(st.tuples(st.integers(0, 15), request), min_size=1, max_size=7),
+       prefill=st.sampled_from([1, 5, 64]))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_tokens_in_any_mix_equal_tokens_alone(weights, mix):
-    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids)
+def test_tokens_in_any_mix_equal_tokens_alone(weights, mix, prefill):
+    """prefill: prompt tokens fed per step (prompts chunked across steps, or whole)."""
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids, prefill_per_step=prefill)
     run_mix(engine, mix)
     for _, req in mix:
         ref = alone(weights, req)
@@ -195,3 +197,19 @@ def test_a_failing_step_fails_every_request_and_refuses_new_ones(weights):
     assert all("stage 1" in r.error for r in reqs) and not engine.active and not engine.waiting
     with pytest.raises(Broken, match="stage 1 .* died"):
         engine.submit(Request([256], 2))
+
+
+def test_a_long_prompt_does_not_stall_the_running_streams(weights):
+    """While a 40-token prompt is fed 8 tokens a step, a request already decoding gets a
+    token every step; the long one's tokens are still its tokens alone."""
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=2), TOK.stop_ids, prefill_per_step=8)
+    running = engine.submit(Request([256, 7, 8], 20))
+    engine.step()
+    long = engine.submit(Request([256] + list(np.random.default_rng(1).integers(0, 256, 39)), 4))
+    counts = []
+    while not long.tokens:
+        engine.step()
+        counts.append(len(running.tokens))
+    assert len(counts) == 5 and counts == list(range(counts[0], counts[0] + 5))   # 40 / 8 steps, one token each
+    run_mix(engine, [])
+    assert long.tokens == alone(weights, long).tokens and running.tokens == alone(weights, running).tokens

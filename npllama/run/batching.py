@@ -1,11 +1,13 @@
 """Continuous batching: requests join and leave the running batch at every decode step.
 
 Each request holds one cache row (a slot) of a Transformer made with max_batch_size = the
-number of slots. A step admits waiting requests into free slots (each prompt prefilled alone,
-in its own row, after copying the longest prefix any slot already holds: a shared system
-prompt is prefilled once), then runs ONE forward pass (Transformer.forward_rows) for every
-active request, each at its own position with its own cache rows, and samples each row with
-the request's own generator (generate.sample, seeded as Generator.stream seeds it).
+number of slots. A step admits waiting requests into free slots (copying the longest prefix
+any slot already holds: a shared system prompt is prefilled once), feeds up to
+prefill_per_step prompt tokens (each prompt alone, in its own row, a chunk a step: a long
+prompt does not stall the streams already running), then runs ONE forward pass
+(Transformer.forward_rows) for every decoding request, each at its own position with its own
+cache rows, and samples each row with the request's own generator (generate.sample, seeded as
+Generator.stream seeds it).
 
 Same tokens as alone: the attention of each row is exactly its single-sequence attention; the
 projections are one GEMM over all rows, and BLAS may sum a row of a GEMM in another order
@@ -64,6 +66,7 @@ class Request:
     slot: int | None = None
     cancelled: bool = False
     error: str | None = None
+    fed: int = 0                 # prompt tokens in its cache row so far (chunked prefill)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.sampling.seed)
@@ -72,8 +75,12 @@ class Request:
 class Engine:
     """The slots of one model, the queue in front of them, and the step that runs them."""
 
-    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64):  # max_queue: waiting beyond the slots
+    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64):
+        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step
+        if prefill_per_step < 1:
+            raise UsageError(f"prefill_per_step must be >= 1, got {prefill_per_step}")
         self.model, self.stops, self.max_queue = model, set(stop_ids), max_queue
+        self.prefill_per_step = prefill_per_step
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}                       # slot -> request
         self.held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # tokens in each cache row
@@ -117,14 +124,17 @@ class Engine:
 
     # --- the engine side (one thread) ----------------------------------------------------
     def step(self) -> bool:
-        """Admit and prefill, submit the runnable rows' next tokens, collect the oldest
-        microbatch in flight. False when there was nothing to do."""
+        """Admit (copying a cached shared prefix), feed up to prefill_per_step prompt tokens,
+        submit the decoding rows' next tokens, collect the oldest microbatch in flight. A long
+        prompt is fed a chunk a step, between decode steps: the other streams go on. False
+        when there was nothing to do."""
         admitted = self._admit()
         for req in admitted:
-            self._emit(req, self._prefill(req))
+            self._reuse_prefix(req)
+        fed = self._prefill_step()
         submitted = self._submit_ready()
         collected = self._collect_oldest()
-        return bool(admitted or submitted or collected)
+        return bool(admitted or fed or submitted or collected)
 
     def _admit(self) -> list[Request]:
         """Drops cancelled requests, moves waiting ones into free slots -> those admitted."""
@@ -148,7 +158,8 @@ class Engine:
         pipeline has room for, each submitted: one new token per row, at the row's own
         position, into its own cache row -> how many rows were submitted."""
         flying = {id(r) for _, group in self.inflight for r in group}
-        ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and id(r) not in flying]
+        ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and
+                 r.fed == len(r.prompt) and id(r) not in flying]
         k = min(self.depth - len(self.inflight), len(ready))
         for i in range(max(k, 0)):
             group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
@@ -170,9 +181,9 @@ class Engine:
         for r, row in zip(group, logits):
             self._emit(r, row)
         return True
-    def _prefill(self, req: Request) -> np.ndarray:
-        """The prompt into req's cache row, from the longest prefix some row holds already
-        (at least one token is fed, for the logits) -> the last position's logits (vocab,)."""
+    def _reuse_prefix(self, req: Request) -> None:
+        """The longest prefix of req's prompt some cache row holds already, copied into req's
+        row (at least one token is left to feed, for the logits)."""
         limit = len(req.prompt) - 1
         best, src = 0, req.slot
         for slot, held in enumerate(self.held):
@@ -183,8 +194,25 @@ class Engine:
                 best, src = k, slot
         if src != req.slot:
             self.model.copy_rows(src, req.slot, best)
-        self.held[req.slot] = list(req.prompt)
-        return self.model.forward_rows(np.array([req.prompt[best:]]), [best], [req.slot])[0]
+        self.held[req.slot] = req.prompt[:best]
+        req.fed = best
+
+    def _prefill_step(self) -> int:
+        """Up to prefill_per_step prompt tokens into the cache rows of the requests being
+        prefilled, oldest first, a chunk each; a prompt fed to its end samples its first
+        token -> how many tokens were fed."""
+        budget = self.prefill_per_step
+        for req in [r for r in self.active.values() if r.fed < len(r.prompt) and r.finish_reason is None]:
+            if budget == 0:
+                break
+            chunk = req.prompt[req.fed:req.fed + budget]
+            logits = self.model.forward_rows(np.array([chunk]), [req.fed], [req.slot])[0]   # (vocab,)
+            req.fed += len(chunk)
+            self.held[req.slot] = req.prompt[:req.fed]
+            budget -= len(chunk)
+            if req.fed == len(req.prompt):
+                self._emit(req, logits)
+        return self.prefill_per_step - budget
 
     def _emit(self, req: Request, logits: np.ndarray) -> None:
         """Sample req's next token from its logits, as Generator.stream does."""
