@@ -27,18 +27,20 @@ MAX_TOP_LOGPROBS = 20
 def body_schema(is_chat: bool) -> dict:
     """The request body in the OpenAPI schema (the handlers read it themselves, to answer a
     malformed one in OpenAI's error shape): what schemathesis fuzzes."""
-    number, integer = {"type": "number"}, {"type": "integer"}
-    props = {"max_tokens": integer, "temperature": number, "top_p": number, "seed": integer,
-             "stream": {"type": "boolean"}, "stop": {"type": "array", "items": {"type": "string"}}}
+    # Optional fields may be null, as in OpenAI's API (null: the default).
+    number, integer, boolean = {"type": ["number", "null"]}, {"type": ["integer", "null"]}, {"type": ["boolean", "null"]}
+    props = {"max_tokens": integer, "temperature": number, "top_p": number, "seed": integer, "stream": boolean,
+             "stop": {"type": ["array", "null"], "items": {"type": "string"}},
+             "stream_options": {"type": ["object", "null"], "properties": {"include_usage": boolean}}}
     if is_chat:
         props.update(messages={"type": "array", "items": {"type": "object", "properties": {
             "role": {"type": "string"}, "content": {"type": "string"}}, "required": ["role", "content"]}},
-            logprobs={"type": "boolean"}, top_logprobs=integer)
+            logprobs=boolean, top_logprobs=integer)
     else:
         props.update(prompt={"type": "string"}, logprobs=integer)
     schema = {"type": "object", "properties": props, "required": ["messages" if is_chat else "prompt"]}
     answer = {"description": "the completion; with stream, server-sent events", "content": {
-        "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}
+        "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {}}}}   # events: chunks, [DONE]
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {"200": answer}}
 
@@ -65,6 +67,37 @@ class Ask:
     want_logprobs: bool
     stop: list
     stream: bool
+    stream_usage: bool = False      # stream_options.include_usage: a last chunk with usage
+
+
+JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+              dict: "an object"}
+
+
+def field(body: dict, key: str, kinds: tuple, default=None):
+    """body[key] if it is of one of kinds (true and false are no numbers), default if absent
+    or null; ValueError naming the field otherwise."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        raise ValueError(f"{key} must be {' or '.join(JSON_TYPES[k] for k in kinds)}")
+    return v
+
+
+def parse_prompt(body: dict, is_chat: bool, chat, tokenizer) -> list:
+    if is_chat:
+        if chat is None:
+            raise ValueError("this model has no chat template: use /v1/completions")
+        return chat.encode_dialog_prompt(field(body, "messages", (list,), None) or [])
+    p = field(body, "prompt", (str, list), None)
+    if p is None:
+        raise ValueError("prompt is required")
+    if isinstance(p, str):
+        return tokenizer.encode(p, bos=tokenizer.add_bos)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        raise ValueError("a prompt array must hold token ids (integers)")
+    return p
 
 
 def parse(raw: bytes, is_chat: bool, chat, tokenizer, context: int) -> Ask:
@@ -72,25 +105,26 @@ def parse(raw: bytes, is_chat: bool, chat, tokenizer, context: int) -> Ask:
     body = json.loads(raw)
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
-    if is_chat and chat is None:
-        raise ValueError("this model has no chat template: use /v1/completions")
+    prompt = parse_prompt(body, is_chat, chat, tokenizer)
     if is_chat:
-        prompt = chat.encode_dialog_prompt(body["messages"])
+        n_top, want = field(body, "top_logprobs", (int,), 0), field(body, "logprobs", (bool,), False)
     else:
-        p = body["prompt"]
-        prompt = tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else [int(t) for t in p]
-    n_top = int(body.get("top_logprobs") or 0) if is_chat else int(body.get("logprobs") or 0)
-    want = bool(body.get("logprobs")) if is_chat else body.get("logprobs") is not None
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else [str(s) for s in stop if s]
-    temperature = body.get("temperature")
-    sampling = SamplingParams(temperature=1.0 if temperature is None else float(temperature),
-                              top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"))
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    max_tokens = context - len(prompt) if max_tokens is None else int(max_tokens)
-    if max_tokens < 0 or not 0 <= n_top <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"max_tokens must be >= 0 and logprobs at most {MAX_TOP_LOGPROBS}")
-    return Ask(prompt, max_tokens, sampling, n_top, want, stop, bool(body.get("stream")))
+        n_top = field(body, "logprobs", (int,), None)
+        want, n_top = n_top is not None, n_top or 0
+    stop = field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(x, str) for x in stop):
+        raise ValueError("stop must be a string or an array of strings")
+    seed = field(body, "seed", (int,), None)
+    sampling = SamplingParams(temperature=float(field(body, "temperature", (int, float), 1.0)),
+                              top_p=float(field(body, "top_p", (int, float), 1.0)), seed=seed)
+    max_tokens = field(body, "max_tokens", (int,), field(body, "max_completion_tokens", (int,), None))
+    max_tokens = context - len(prompt) if max_tokens is None else max_tokens
+    if max_tokens < 0 or not 0 <= n_top <= MAX_TOP_LOGPROBS or (seed is not None and seed < 0):
+        raise ValueError(f"max_tokens and seed must be >= 0 and logprobs at most {MAX_TOP_LOGPROBS}")
+    options = field(body, "stream_options", (dict,), {})
+    return Ask(prompt, max_tokens, sampling, n_top, want, [x for x in stop if x], field(body, "stream", (bool,), False),
+               field(options, "include_usage", (bool,), False))
 
 
 def logprob_entry(tokenizer, is_chat: bool, token: int, lp: float, top) -> dict:
@@ -163,6 +197,11 @@ class Relay:
             yield self.text[self.sent:], None
 
 
+def usage(ask: Ask, req: Request) -> dict:
+    n = len(req.tokens)
+    return {"prompt_tokens": len(ask.prompt), "completion_tokens": n, "total_tokens": len(ask.prompt) + n}
+
+
 def failed(req: Request):
     return error(500, f"the request failed: {req.error}", "server_error")
 
@@ -214,17 +253,17 @@ class Completions:
             return error(503, str(e), "server_error")
         except UsageError as e:
             return error(400, str(e), param="max_tokens")
-        if ask.stream:
-            return await self.stream_response(ask, req, relay, is_chat)
+        # Until the answer (or a stream's first token) is ready; a stream then finds a client
+        # gone when a write fails.
         watch = asyncio.create_task(self.cancel_on_disconnect(request, req))
         try:
-            return await self.whole_response(ask, req, relay, is_chat)
+            respond = self.stream_response if ask.stream else self.whole_response
+            return await respond(ask, req, relay, is_chat)
         finally:
             watch.cancel()
 
     async def cancel_on_disconnect(self, request: HTTPRequest, req: Request) -> None:
-        """A client that goes away before its whole answer is ready frees its slot (a stream
-        finds out when a write fails). The body is read: the next ASGI message is the
+        """A client that goes away before its answer is ready frees its slot. The body is read: the next ASGI message is the
         disconnect (request.is_disconnected() never sees it behind the middleware)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -260,7 +299,10 @@ class Completions:
                 yield f"data: {failed(req).body.decode()}\n\n"
                 return
             last = choice(is_chat, True, "", [], ask.want_logprobs, self.finish(req))
-            yield f"data: {json.dumps({**top, 'choices': [last]})}\n\ndata: [DONE]\n\n"
+            yield f"data: {json.dumps({**top, 'choices': [last]})}\n\n"
+            if ask.stream_usage:
+                yield f"data: {json.dumps({**top, 'choices': [], 'usage': usage(ask, req)})}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             self.engine.cancel(req)   # a client gone mid-stream frees its slot; a no-op once done
 
@@ -272,12 +314,10 @@ class Completions:
         if req.finish_reason == "error":
             return failed(req)
         lps = [logprob_entry(self.tokenizer, is_chat, *t) for _, t in parts if t]
-        n = len(req.tokens)
         return JSONResponse({**self.head(is_chat, False),
                              "choices": [choice(is_chat, False, "".join(p for p, _ in parts), lps,
                                                 ask.want_logprobs, self.finish(req))],
-                             "usage": {"prompt_tokens": len(ask.prompt), "completion_tokens": n,
-                                       "total_tokens": len(ask.prompt) + n}})
+                             "usage": usage(ask, req)})
 
 
 def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None):
