@@ -28,33 +28,12 @@ from npllama.run.generate import Generator
 from npllama.model.model import Transformer
 from npllama.text.tokenizer import chat_format, load as load_tokenizer
 from npllama.model.weights import expected_shapes, held_names
+from ray_cluster import MARK, wait_gone
 from oracles import (byte_tokenizer, llama3_tokenizer_path, random_weights, small_args, write_byte_model,
                      write_random_model)
 
 ARGS = small_args(n_layers=4, vocab_size=260, max_seq_len=64)   # byte_tokenizer's vocabulary
-MARK = "NPLLAMA_TEST_RAY"
-
-
-def marked_processes(mark: str) -> list[int]:
-    """Processes whose environment holds MARK=mark: every process of a Ray runtime started
-    with it in the environment (Ray's servers, and workers, which inherit the raylet's)."""
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0") and int(pid) != os.getpid():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def wait_gone(mark: str, seconds: float = 30) -> list[int]:
-    deadline = time.time() + seconds
-    while marked_processes(mark) and time.time() < deadline:
-        time.sleep(0.2)
-    return marked_processes(mark)
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")

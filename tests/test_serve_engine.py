@@ -1,13 +1,16 @@
 """Continuous batching (npllama/run/batching.py): a batched step with each row at its own
 position equals each sequence alone, and a request's tokens in any concurrent mix equal the
 tokens npllama's Generator gives it alone."""
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npllama import Transformer
 from npllama.run.generate import Generator, SamplingParams
-from npllama.run.batching import Engine, QueueFull, Request
+from npllama.errors import StageError
+from npllama.run.batching import Broken, Engine, QueueFull, Request
 from oracles import byte_tokenizer, random_weights, small_args
 
 ARGS = small_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=64)
@@ -67,10 +70,12 @@ request = st.builds(lambda n, m, t, seed, shared: Request(
     st.integers(1, 12), st.integers(0, 12), st.sampled_from([0.0, 0.8]), st.integers(0, 2**31), st.booleans())
 
 
-@given(mix=st.lists(st.tuples(st.integers(0, 15), request), min_size=1, max_size=7))
+@given(mix=st.lists(st.tuples(st.integers(0, 15), request), min_size=1, max_size=7),
+       prefill=st.sampled_from([1, 5, 64]))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_tokens_in_any_mix_equal_tokens_alone(weights, mix):
-    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids)
+def test_tokens_in_any_mix_equal_tokens_alone(weights, mix, prefill):
+    """prefill: prompt tokens fed per step (prompts chunked across steps, or whole)."""
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids, prefill_per_step=prefill)
     run_mix(engine, mix)
     for _, req in mix:
         ref = alone(weights, req)
@@ -127,3 +132,84 @@ def test_npllama_imports_and_serve_says_what_to_install_without_the_extra():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == (
         "npllama: npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'")
+
+
+class InOrder:
+    """A Transformer with a Pipeline's submit_rows/collect and `stages`: work runs at
+    submission, in submission order, as a pipeline's stages run their tasks; collect hands the
+    logits back later. Counts the microbatches in flight, to see that they overlap."""
+
+    def __init__(self, model, n_stages):
+        self.model, self.stages, self.flying, self.most = model, range(n_stages), 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def submit_rows(self, tokens, start_pos, rows):
+        self.flying += 1
+        self.most = max(self.most, self.flying)
+        return self.model.forward_rows(tokens, start_pos, rows)
+
+    def collect(self, handle):
+        self.flying -= 1
+        return handle
+
+
+@given(mix=st.lists(st.tuples(st.integers(0, 6), request), min_size=1, max_size=6), n_stages=st.integers(2, 3))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_microbatches_in_flight_give_the_one_machine_tokens(weights, mix, n_stages):
+    """The engine over a pipeline of n stages (up to n microbatches in flight) gives every
+    request the tokens the one-machine engine gives it in the same mix."""
+    copy = lambda: [(t, Request(r.prompt, r.max_tokens, r.sampling)) for t, r in mix]  # noqa: E731
+    one, piped = copy(), copy()
+    run_mix(Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids), one)
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), n_stages)
+    engine = Engine(model, TOK.stop_ids)
+    run_mix(engine, piped)
+    for (_, a), (_, b) in zip(one, piped):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=TOL)
+    assert model.flying == 0 and not engine.inflight and not engine.active
+
+
+def test_requests_decoding_together_are_split_into_microbatches(weights):
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), 2)
+    engine = Engine(model, TOK.stop_ids)
+    reqs = [Request([256] + list(b"abcd"[:i + 1]), 8) for i in range(SLOTS)]   # greedy: never a stop id here
+    run_mix(engine, [(0, r) for r in reqs])
+    assert model.most == 2 and all(len(r.tokens) == 8 for r in reqs)
+
+
+def test_a_failing_step_fails_every_request_and_refuses_new_ones(weights):
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=2), 2)
+    engine = Engine(model, TOK.stop_ids)
+    done = []
+    reqs = [engine.submit(Request([256, i], 20, on_done=done.append)) for i in range(3)]
+    engine.step()
+
+    def dead(handle):
+        raise StageError("stage 1 (layers 2..3) on node x died during a forward pass")
+    model.collect = dead
+    stop = threading.Event()
+    stop.set()
+    engine.run(stop)                      # returns: the failed step ended every request
+    assert [r.finish_reason for r in reqs] == ["error"] * 3 and len(done) == 3
+    assert all("stage 1" in r.error for r in reqs) and not engine.active and not engine.waiting
+    with pytest.raises(Broken, match="stage 1 .* died"):
+        engine.submit(Request([256], 2))
+
+
+def test_a_long_prompt_does_not_stall_the_running_streams(weights):
+    """While a 40-token prompt is fed 8 tokens a step, a request already decoding gets a
+    token every step; the long one's tokens are still its tokens alone."""
+    engine = Engine(Transformer(ARGS, weights, max_batch_size=2), TOK.stop_ids, prefill_per_step=8)
+    running = engine.submit(Request([256, 7, 8], 20))
+    engine.step()
+    long = engine.submit(Request([256] + list(np.random.default_rng(1).integers(0, 256, 39)), 4))
+    counts = []
+    while not long.tokens:
+        engine.step()
+        counts.append(len(running.tokens))
+    assert len(counts) == 5 and counts == list(range(counts[0], counts[0] + 5))   # 40 / 8 steps, one token each
+    run_mix(engine, [])
+    assert long.tokens == alone(weights, long).tokens and running.tokens == alone(weights, running).tokens

@@ -77,9 +77,12 @@ def test_completion_equals_generator_alone_with_logprobs(tiny, weights):
 
 def test_streaming_concatenates_to_the_same_text(tiny, weights):
     stream = tiny.client().completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=0,
-                                              stream=True)
-    text = "".join(c.choices[0].text for c in stream)
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == TOK.decode(alone(weights, TOK.encode("Once", bos=TOK.add_bos), 10).tokens)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10     # include_usage's last chunk
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_stop_string_cuts_the_text_streamed_or_not(tiny, weights):
@@ -117,10 +120,16 @@ def test_errors_in_openai_shape(tiny):
              (httpx.post(tiny.url + "/v1/completions", json={"prompt": "x"}), 401),
              (httpx.get(tiny.url + "/v1/nothing", headers=h), 404),
              (httpx.post(tiny.url + "/v1/completions", content=b" " * (2 << 20), headers=h), 413)]
+    # wrong JSON types (true is no number) and a negative seed: 400, not a 500 or a default
+    cases += [(httpx.post(tiny.url + "/v1/completions", json={"prompt": "x", **bad}, headers=h), 400)
+              for bad in ({"seed": -1}, {"temperature": True}, {"max_tokens": [3]}, {"stream": 0}, {"stop": [1]},
+                          {"prompt": [1, "a"]}, {"stream_options": []})]
     for r, status in cases:
         assert r.status_code == status, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(tiny.url + "/v1/models", headers=h).json()["data"][0]["id"] == "tiny"
+    none = httpx.post(tiny.url + "/v1/completions", json={"prompt": "x", "max_tokens": 0, "top_p": None}, headers=h)
+    assert none.json()["usage"]["completion_tokens"] == 0      # 0 is 0 tokens, not the whole context
 
 
 def test_disconnect_mid_stream_frees_the_slot(tiny):
@@ -171,3 +180,30 @@ def test_curl(tiny):
                           json.dumps({"prompt": "Hi", "max_tokens": 3, "temperature": 0})],
                          capture_output=True, text=True, timeout=90)
     assert json.loads(out.stdout)["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_before_the_answer_frees_the_slot(weights, stream):
+    """A client that gives up while its request waits (a whole answer, or a stream's first
+    token): the request ends "cancelled" without running."""
+    s = Server(Generator(Transformer(ARGS, weights, max_batch_size=1), TOK), slots=1)
+    finished, step = [], s.engine.step
+    finish = s.engine._finish
+    s.engine._finish = lambda req, reason: (finished.append(reason), finish(req, reason))[1]
+    s.engine.step = lambda: False                  # the engine idles: the request waits for it
+    try:
+        with pytest.raises(httpx.ReadTimeout):     # the client gives up and closes the connection
+            httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 20, "stream": stream},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(30, read=0.5))
+        for _ in range(200):                       # the server sees the disconnect
+            if any(r.cancelled for r in s.engine.waiting):
+                break
+            threading.Event().wait(0.05)
+        s.engine.step = step
+        for _ in range(400):
+            if finished:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        s.close()
+    assert finished == ["cancelled"] and s.engine.n_active() == 0 and not s.engine.active

@@ -1,19 +1,30 @@
 """Continuous batching: requests join and leave the running batch at every decode step.
 
 Each request holds one cache row (a slot) of a Transformer made with max_batch_size = the
-number of slots. A step admits waiting requests into free slots (each prompt prefilled alone,
-in its own row, after copying the longest prefix any slot already holds: a shared system
-prompt is prefilled once), then runs ONE forward pass (Transformer.forward_rows) for every
-active request, each at its own position with its own cache rows, and samples each row with
-the request's own generator (generate.sample, seeded as Generator.stream seeds it).
+number of slots. A step admits waiting requests into free slots (copying the longest prefix
+any slot already holds: a shared system prompt is prefilled once), feeds up to
+prefill_per_step prompt tokens (each prompt alone, in its own row, a chunk a step: a long
+prompt does not stall the streams already running), then runs ONE forward pass
+(Transformer.forward_rows) for every decoding request, each at its own position with its own
+cache rows, and samples each row with the request's own generator (generate.sample, seeded as
+Generator.stream seeds it).
 
 Same tokens as alone: the attention of each row is exactly its single-sequence attention; the
 projections are one GEMM over all rows, and BLAS may sum a row of a GEMM in another order
 than the GEMV of a single sequence. tests/test_serve_engine.py measures it: see README,
 Serving, for whether the logprobs are bit-identical.
+
+Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps
+up to one microbatch per stage in flight: the runnable requests are split into microbatches,
+each submitted without waiting, and a step collects only the oldest one and submits its rows'
+next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. A request's
+rows are computed by the same stage models as on one machine, so its tokens are the same.
+A forward pass that fails (a stage died) fails every request and leaves the engine broken:
+requests get the error, new ones are refused, /health says so.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import NpllamaError, UsageError
+from ..errors import NpllamaError, UsageError, printable
 from .generate import SamplingParams, most_likely, sample, softmax64
 
 
@@ -33,11 +44,16 @@ class Draining(NpllamaError, RuntimeError):
     """The engine is shutting down and takes no new request (HTTP 503)."""
 
 
+class Broken(NpllamaError, RuntimeError):
+    """A forward pass failed (a pipeline stage died): the engine takes no new request (HTTP 503)."""
+
+
 @dataclass
 class Request:
     """One sequence: its prompt, how to sample it, and what it produced so far.
     on_token(request, token, logprob, top) is called from the engine's thread per token;
-    on_done(request) once, with finish_reason set ("stop", "length" or "cancelled")."""
+    on_done(request) once, with finish_reason set ("stop", "length", "cancelled" or "error",
+    the error's message then in `error`)."""
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -49,6 +65,8 @@ class Request:
     finish_reason: str | None = None
     slot: int | None = None
     cancelled: bool = False
+    error: str | None = None
+    fed: int = 0                 # prompt tokens in its cache row so far (chunked prefill)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.sampling.seed)
@@ -57,13 +75,23 @@ class Request:
 class Engine:
     """The slots of one model, the queue in front of them, and the step that runs them."""
 
-    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64):  # max_queue: waiting beyond the slots
+    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64):
+        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step
+        if prefill_per_step < 1:
+            raise UsageError(f"prefill_per_step must be >= 1, got {prefill_per_step}")
         self.model, self.stops, self.max_queue = model, set(stop_ids), max_queue
+        self.prefill_per_step = prefill_per_step
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}                       # slot -> request
         self.held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # tokens in each cache row
         self.lock = threading.Condition()
         self.draining = False
+        self.broken: str | None = None                             # why the engine stopped
+        # A Pipeline (submit_rows/collect) takes one microbatch per stage in flight; a model in
+        # this process computes at submission, so one "microbatch" of every row per step.
+        self.pipelined = hasattr(model, "submit_rows")
+        self.depth = len(model.stages) if self.pipelined else 1
+        self.inflight: deque[tuple[object, list[Request]]] = deque()   # (handle or logits, its requests)
 
     # --- the request side (any thread) ---------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -73,6 +101,8 @@ class Engine:
             raise UsageError(f"prompt of {len(req.prompt)} tokens plus max_tokens {req.max_tokens} exceeds the "
                              f"context of {self.model.max_seq_len} tokens")
         with self.lock:
+            if self.broken:
+                raise Broken(f"the server cannot answer: {self.broken}")
             if self.draining:
                 raise Draining("the server is shutting down")
             if len(self.waiting) + len(self.active) >= self.model.max_batch_size + self.max_queue:
@@ -94,7 +124,20 @@ class Engine:
 
     # --- the engine side (one thread) ----------------------------------------------------
     def step(self) -> bool:
-        """Admit, prefill, one batched decode step. False when there was nothing to do."""
+        """Admit (copying a cached shared prefix), feed up to prefill_per_step prompt tokens,
+        submit the decoding rows' next tokens, collect the oldest microbatch in flight. A long
+        prompt is fed a chunk a step, between decode steps: the other streams go on. False
+        when there was nothing to do."""
+        admitted = self._admit()
+        for req in admitted:
+            self._reuse_prefix(req)
+        fed = self._prefill_step()
+        submitted = self._submit_ready()
+        collected = self._collect_oldest()
+        return bool(admitted or fed or submitted or collected)
+
+    def _admit(self) -> list[Request]:
+        """Drops cancelled requests, moves waiting ones into free slots -> those admitted."""
         with self.lock:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
@@ -108,21 +151,39 @@ class Engine:
                 req.slot = free.pop(0)
                 self.active[req.slot] = req
                 admitted.append(req)
-        for req in admitted:
-            self._emit(req, self._prefill(req))
-        batch = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled]
-        if batch:
-            tokens = np.array([[r.tokens[-1]] for r in batch])                 # (B, 1)
-            positions = np.array([len(self.held[r.slot]) for r in batch])     # (B,)
-            logits = self.model.forward_rows(tokens, positions, [r.slot for r in batch])  # (B, vocab)
-            for r, row in zip(batch, logits):
-                self.held[r.slot].append(r.tokens[-1])
-                self._emit(r, row)
-        return bool(admitted or batch)
+        return admitted
 
-    def _prefill(self, req: Request) -> np.ndarray:
-        """The prompt into req's cache row, from the longest prefix some row holds already
-        (at least one token is fed, for the logits) -> the last position's logits (vocab,)."""
+    def _submit_ready(self) -> int:
+        """The runnable requests not in flight, split into as many microbatches as the
+        pipeline has room for, each submitted: one new token per row, at the row's own
+        position, into its own cache row -> how many rows were submitted."""
+        flying = {id(r) for _, group in self.inflight for r in group}
+        ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and
+                 r.fed == len(r.prompt) and id(r) not in flying]
+        k = min(self.depth - len(self.inflight), len(ready))
+        for i in range(max(k, 0)):
+            group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
+            tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)
+            positions = np.array([len(self.held[r.slot]) for r in group])     # (b,)
+            rows = [r.slot for r in group]
+            run = self.model.submit_rows if self.pipelined else self.model.forward_rows
+            self.inflight.append((run(tokens, positions, rows), group))
+            for r in group:
+                self.held[r.slot].append(r.tokens[-1])    # in the cache row once the microbatch has run
+        return len(ready) if k > 0 else 0
+
+    def _collect_oldest(self) -> bool:
+        """The oldest microbatch's logits (b, vocab): each row's next token sampled."""
+        if not self.inflight:
+            return False
+        handle, group = self.inflight.popleft()
+        logits = self.model.collect(handle) if self.pipelined else handle
+        for r, row in zip(group, logits):
+            self._emit(r, row)
+        return True
+    def _reuse_prefix(self, req: Request) -> None:
+        """The longest prefix of req's prompt some cache row holds already, copied into req's
+        row (at least one token is left to feed, for the logits)."""
         limit = len(req.prompt) - 1
         best, src = 0, req.slot
         for slot, held in enumerate(self.held):
@@ -133,8 +194,25 @@ class Engine:
                 best, src = k, slot
         if src != req.slot:
             self.model.copy_rows(src, req.slot, best)
-        self.held[req.slot] = list(req.prompt)
-        return self.model.forward_rows(np.array([req.prompt[best:]]), [best], [req.slot])[0]
+        self.held[req.slot] = req.prompt[:best]
+        req.fed = best
+
+    def _prefill_step(self) -> int:
+        """Up to prefill_per_step prompt tokens into the cache rows of the requests being
+        prefilled, oldest first, a chunk each; a prompt fed to its end samples its first
+        token -> how many tokens were fed."""
+        budget = self.prefill_per_step
+        for req in [r for r in self.active.values() if r.fed < len(r.prompt) and r.finish_reason is None]:
+            if budget == 0:
+                break
+            chunk = req.prompt[req.fed:req.fed + budget]
+            logits = self.model.forward_rows(np.array([chunk]), [req.fed], [req.slot])[0]   # (vocab,)
+            req.fed += len(chunk)
+            self.held[req.slot] = req.prompt[:req.fed]
+            budget -= len(chunk)
+            if req.fed == len(req.prompt):
+                self._emit(req, logits)
+        return self.prefill_per_step - budget
 
     def _emit(self, req: Request, logits: np.ndarray) -> None:
         """Sample req's next token from its logits, as Generator.stream does."""
@@ -157,16 +235,36 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         with self.lock:
             req.finish_reason = req.finish_reason or reason
-            if req.slot is not None:
-                self.active.pop(req.slot, None)
+            if req.slot is not None and self.active.get(req.slot) is req:
+                del self.active[req.slot]
             self.lock.notify_all()
         if req.on_done is not None:
             req.on_done(req)
 
+    def fail(self, e: Exception) -> None:
+        """A step raised (a stage died, or a bug): every request ends with the error, and the
+        engine takes no more (its model's state is unknown: a pipeline's caches are gone)."""
+        message = str(e) if isinstance(e, NpllamaError) else f"{type(e).__name__}: {e}"
+        with self.lock:
+            self.broken = message
+            failed = list(self.waiting) + list(self.active.values()) + [r for _, g in self.inflight for r in g]
+            self.waiting.clear()
+            self.inflight.clear()
+        for req in {id(r): r for r in failed}.values():
+            if req.finish_reason is None:
+                req.error = message
+                self._finish(req, "error")
+        print(f"npllama serve: the engine stopped: {printable(message)}", file=sys.stderr, flush=True)
+
     def run(self, stop: threading.Event) -> None:
         """Step until stop is set and every request is done (a drain)."""
         while True:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:   # noqa: BLE001 - whatever it was, no request may wait forever
+                self.fail(e)
+                busy = False
+            if not busy:
                 with self.lock:
                     if stop.is_set() and not self.waiting and not self.active:
                         return

@@ -13,7 +13,9 @@ def add_parser(sub, add_model_args, open_model) -> None:
     """The serve command; `open_model(args, max_batch_size=...)` is the CLI's model opener."""
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health for the "
-                       "model given by -m (fixed at start). Needs the extra: pip install 'npllama[serve]'.")
+                       "model given by -m (fixed at start). Needs the extra: pip install 'npllama[serve]'. With "
+                       "--ray ADDRESS --stages N the layers run as N pipeline stages on a Ray cluster, with up to "
+                       "N microbatches of the running requests in flight at once.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
@@ -52,6 +54,8 @@ def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
         engine.draining = True   # new requests get 503; uvicorn has let in-flight ones finish
         stop.set()
         thread.join()
+        if hasattr(gen.model, "close"):
+            gen.model.close()    # a Pipeline's stages (Ray actors) go with the server
     app.state.engine_thread = thread
     return app, engine
 
@@ -63,8 +67,6 @@ def run(a, open_model) -> int:
     except ImportError:
         raise MissingDependencyError("npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'") from None
     check_host(a.host, a.api_key)
-    if a.ray is not None:
-        raise UsageError("npllama serve --ray is not implemented yet: serve runs on one machine")
     if a.slots <= 0 or a.queue < 0:
         raise UsageError("--slots must be >= 1 and --queue >= 0")
     gen = open_model(a, max_batch_size=a.slots)
@@ -72,6 +74,7 @@ def run(a, open_model) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((a.host, a.port))
+    sock.listen(2048)   # connections queue from now on: a client that read the URL below is not refused
     print(f"npllama serve: http://{a.host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
