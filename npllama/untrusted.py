@@ -101,6 +101,57 @@ def inside(root: str, name: Any, what: str = "file", error=CheckpointError, wher
     return full
 
 
+def _descriptor_path(f) -> str | None:
+    """Where an open descriptor leads (Linux: /proc/self/fd), or None where that is unknown."""
+    try:
+        return os.path.realpath(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+    except OSError:
+        return None
+
+
+def open_inside(root: str, name: Any, what: str = "file", error=CheckpointError, where: str | None = None):
+    """root/name checked as inside() checks it, opened as open_regular opens it, and then the
+    opened descriptor itself checked to lead inside root: a file replaced by a link to
+    outside between the check and the open is refused, and every later read goes through
+    this descriptor (never a re-open by path)."""
+    full = inside(root, name, what, error, where)
+    f = open_regular(full, error)
+    real = _descriptor_path(f)
+    if real is not None and not any(real == r or real.startswith(r + os.sep) for r in _allowed_roots(root)):
+        f.close()
+        raise error(f"{full}: leads outside {root} (opened as {real}); refusing to read it")
+    return f
+
+
+def map_array(f, dtype, offset: int, shape: tuple[int, ...], where: str, error=CheckpointError):
+    """A read-only memory map of `shape` elements of `dtype` at byte `offset` of the open
+    file f, its extent checked against the descriptor's size now (a file truncated since it
+    was checked is an error naming it, not numpy's ValueError)."""
+    import numpy as np
+    n = numel(shape) * np.dtype(dtype).itemsize
+    check_extent(offset, n, file_size(f), where, error)
+    if n == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (ValueError, OSError) as e:
+        raise error(f"{where}: cannot be mapped ({e}; truncated or replaced?)") from None
+
+
+def sha256_open(f, size: int, where: str, chunk: int = 1 << 24) -> str:
+    """sha256 of the first `size` bytes of an open file, refused if it holds fewer."""
+    import hashlib
+    h, left = hashlib.sha256(), size
+    f.seek(0)
+    while left > 0:
+        block = f.read(min(chunk, left))
+        if not block:
+            raise CheckpointError(f"{where}: shorter than the {size:,} bytes it had when checked (truncated?)")
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
 # --- JSON --------------------------------------------------------------------------------
 
 def _no_duplicates(pairs):
@@ -216,9 +267,9 @@ class ZipReader:
     are unique, and a member is only ever read as the stored bytes its entry declares,
     located and checked here (zipfile's own reader would inflate compressed members)."""
 
-    def __init__(self, path: str, error=CheckpointError, expected_size: int | None = None):
+    def __init__(self, path: str, error=CheckpointError, expected_size: int | None = None, opened=None):
         self.path, self.error = path, error
-        self.file = open_regular(path, error)
+        self.file = opened if opened is not None else open_regular(path, error)   # opened: by open_inside
         self.size = file_size(self.file)
         if expected_size is not None and self.size != expected_size:
             self.file.close()

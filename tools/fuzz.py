@@ -232,7 +232,7 @@ def read_converted(case: str, src: str) -> None:
     from npllama.io import checkpoint
     from npllama.io.convert import convert
     from npllama.model.model import expected_shapes
-    out = os.path.join(case, "out")
+    out = case.rstrip("/") + ".out"   # beside the case: an output inside its source is refused
     convert(src, out, quiet=True)
     try:
         index = checkpoint.read_index(out)

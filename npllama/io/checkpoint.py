@@ -24,7 +24,8 @@ import numpy as np
 
 from .atomic import check_directory, staged_directory
 from ..model.config import ModelArgs
-from ..untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, read_json
+from ..untrusted import (ZipReader, check_shape, describe, field, inside, map_array, npy_member, open_inside,
+                         open_regular, read_json)
 
 FORMAT = "npllama"
 FORMAT_VERSION = 1
@@ -48,9 +49,7 @@ def map_npy_member(z: ZipReader, member: str, dtype: np.dtype, shape: tuple[int,
     if got_dtype != dtype or got_shape != tuple(shape):
         raise CheckpointError(f"{z.path}: {describe(member)} is {got_dtype.str}{list(got_shape)}, index says "
                               f"{dtype.str}{list(shape)}")
-    if numel(shape) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(z.path, dtype=dtype, mode="r", offset=data_start, shape=shape)
+    return map_array(z.file, dtype, data_start, tuple(shape), f"{z.path}: {describe(member)}")
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -241,7 +240,8 @@ def open_tensors(path: str, index: dict | None = None, names: Iterable[str] | No
         file = inside(path, shard, "shard", where=os.path.join(path, "index.json"))
         if not os.path.lexists(file):
             raise CheckpointError(f"{file}: missing shard (holds {names[0]} and {len(names) - 1} more)")
-        with ZipReader(file, expected_size=index.get("shards", {}).get(shard, {}).get("size")) as z:
+        opened = open_inside(path, shard, "shard", where=os.path.join(path, "index.json"))
+        with ZipReader(file, expected_size=index.get("shards", {}).get(shard, {}).get("size"), opened=opened) as z:
             for name in names:
                 if name + ".npy" not in z.members:
                     raise CheckpointError(f"{file}: tensor {name} listed in index.json is not in the shard")

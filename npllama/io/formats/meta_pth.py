@@ -16,7 +16,7 @@ import numpy as np
 from ...model.config import ModelArgs
 from ...errors import CheckpointError
 from .source import Source
-from ...untrusted import ZipReader, check_shape, describe, inside, numel, strided_span
+from ...untrusted import ZipReader, check_shape, describe, inside, map_array, numel, open_inside, strided_span
 
 MAX_PICKLE_BYTES = 64 * 1024**2     # a 405B shard's data.pkl is ~100 KB
 
@@ -84,19 +84,20 @@ class PthFile:
     """A torch.save zip archive read without torch: the state dict's tensors, checked, and
     read one at a time."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, opened=None):
         self.path = path
-        with ZipReader(path) as z:
-            pkl = [n for n in z.members if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path}: {len(pkl)} data.pkl members (a torch.save zip has one; legacy "
-                                      "non-zip torch files are not supported)")
-            self.prefix = pkl[0][: -len("data.pkl")]
-            byteorder = self.prefix + "byteorder"
-            if byteorder in z.members and z.read(byteorder, 16) != b"little":
-                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-            data = z.read(pkl[0], MAX_PICKLE_BYTES)
-            members = {n: z.extent(n) for n in z.members if n.startswith(self.prefix + "data/")}
+        # the archive's descriptor stays open: every tensor is read through the one checked
+        self.zip = z = ZipReader(path, opened=opened)
+        pkl = [n for n in z.members if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{path}: {len(pkl)} data.pkl members (a torch.save zip has one; legacy "
+                                  "non-zip torch files are not supported)")
+        self.prefix = pkl[0][: -len("data.pkl")]
+        byteorder = self.prefix + "byteorder"
+        if byteorder in z.members and z.read(byteorder, 16) != b"little":
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        data = z.read(pkl[0], MAX_PICKLE_BYTES)
+        members = {n: z.extent(n) for n in z.members if n.startswith(self.prefix + "data/")}
         try:
             state = _RestrictedUnpickler(io.BytesIO(data), path).load()
         except CheckpointError:
@@ -134,7 +135,7 @@ class PthFile:
         dtype, start, size = self._where[name]
         if numel(t.shape) == 0:
             return np.zeros(t.shape, dtype)
-        storage = np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=(size // dtype.itemsize,))
+        storage = map_array(self.zip.file, dtype, start, (size // dtype.itemsize,), f"{self.path}: tensor {name}")
         view = np.lib.stride_tricks.as_strided(storage[t.offset:], shape=t.shape,
                                                strides=tuple(s * dtype.itemsize for s in t.stride))
         return np.ascontiguousarray(view)
@@ -176,7 +177,7 @@ def read_meta(src: str) -> Source:
     if not paths:
         raise CheckpointError(f"{src}: no consolidated.*.pth files")
     args = ModelArgs.from_json(inside(src, "params.json"))
-    files = [PthFile(inside(src, os.path.basename(p))) for p in paths]
+    files = [PthFile(inside(src, os.path.basename(p)), open_inside(src, os.path.basename(p))) for p in paths]
     names = list(files[0].tensors)
     for f in files[1:]:
         if set(f.tensors) != set(names):
