@@ -52,8 +52,14 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what a state dict of tensors needs; a checkpoint is untrusted input."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Admits only what a state dict of tensors needs; a checkpoint is untrusted input. The
+    pure-Python unpickler (a data.pkl is ~100 KB), so that BUILD (which sets attributes, or
+    calls __setstate__) can be held to the objects this unpickler created for the checkpoint
+    (a state dict's OrderedDict and its _metadata): applied to an admitted global (our
+    _rebuild_tensor_v2, say) it would rewrite that function's __defaults__ in this process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -65,6 +71,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path: str):
         super().__init__(file)
         self.path = path
+        self.created: dict[int, Any] = {}   # id -> object made by REDUCE or NEWOBJ (kept alive, so ids stay unique)
+
+    def _made(self) -> None:
+        self.created[id(self.stack[-1])] = self.stack[-1]
+
+    def load_reduce(self):
+        pickle._Unpickler.load_reduce(self)
+        self._made()
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):
+        pickle._Unpickler.load_newobj(self)
+        self._made()
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if id(target) not in self.created or not isinstance(target, collections.OrderedDict):
+            raise CheckpointError(f"{self.path}: data.pkl sets the state of {describe(target)}, which it did not "
+                                  "create (only a state dict's own OrderedDicts may be given one)")
+        pickle._Unpickler.load_build(self)
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         try:
