@@ -228,11 +228,17 @@ def read_index(path: str) -> dict:
     return index
 
 
+def read_params(path: str) -> ModelArgs:
+    """A converted model's params.json: a regular file inside the folder (a link leading out
+    of it is refused), checked as ModelArgs checks it. What `info` and `memory -m` read."""
+    return ModelArgs.from_json(inside(path, "params.json"))
+
+
 def read_checked(path: str) -> tuple[ModelArgs, dict]:
     """params.json and index.json, every tensor the index lists checked against the params."""
     from .formats.source import check_shapes
     index = read_index(path)
-    args = ModelArgs.from_json(inside(path, "params.json"))
+    args = read_params(path)
     check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"))
     return args, index
 
