@@ -37,7 +37,7 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-from ..errors import CheckpointError, NonFiniteError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
+from ..errors import CheckpointError, NonFiniteError, NpllamaError, UsageError, printable  # noqa: F401  (CheckpointError re-exported)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -69,7 +69,7 @@ class Progress:
         if self.quiet:
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {name:<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
+        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {printable(name):<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
                 f"  {self.done / dt / 1e6:7.0f} MB/s")
         # On a terminal one line updates in place; in a log, a line per tensor.
         if self.stream.isatty():
