@@ -65,5 +65,10 @@ class StageError(NpllamaError, RuntimeError):
     the message names the stage, its layers and its node."""
 
 
+class NonFiniteError(NpllamaError, ArithmeticError):
+    """A result that is NaN or infinite (perplexity, KL divergence, a converted tensor, the
+    logits): reported as an error naming where, never printed as a number."""
+
+
 class MissingDependencyError(NpllamaError, ImportError):
     """An optional extra (matplotlib, hypothesis) is not installed: the message names the pip command."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import stat
 import struct
 import zipfile
@@ -34,10 +35,47 @@ MAX_ZIP_DIRECTORY = 64 * 1024**2
 _MISSING = object()
 
 
+MAX_JSON_DEPTH = 64    # real configs and tokenizer.json nest < 10 deep; recursive walkers stay far from Python's limit
+MAX_INT_BITS = 4000    # an int of more bits has more than Python's 4,300 digits of str() (and is no size)
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr bounded in depth and length (a 50,000-deep tuple, a 6,021-digit integer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 4, 60, 60, 60
+
+    def repr_int(self, x, level):
+        return f"<an integer of {x.bit_length():,} bits>" if x.bit_length() > MAX_INT_BITS else \
+            super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+
+
 def describe(value: Any) -> str:
-    """A value from a hostile file, cut short for an error message."""
-    text = repr(value)
+    """A value from a hostile file, cut short for an error message: bounded depth, length
+    and digits, so no value reaches Python's recursion or int-to-str limits here."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def number(n: int) -> str:
+    """An integer from a file for a message (one of more than MAX_INT_BITS bits is described)."""
+    return describe(n) if isinstance(n, int) and n.bit_length() > MAX_INT_BITS else str(n)
+
+
+def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON nests at most `limit` containers deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return True
 
 
 # --- files and paths ---------------------------------------------------------------------
@@ -103,6 +141,57 @@ def inside(root: str, name: Any, what: str = "file", error=CheckpointError, wher
     return full
 
 
+def _descriptor_path(f) -> str | None:
+    """Where an open descriptor leads (Linux: /proc/self/fd), or None where that is unknown."""
+    try:
+        return os.path.realpath(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+    except OSError:
+        return None
+
+
+def open_inside(root: str, name: Any, what: str = "file", error=CheckpointError, where: str | None = None):
+    """root/name checked as inside() checks it, opened as open_regular opens it, and then the
+    opened descriptor itself checked to lead inside root: a file replaced by a link to
+    outside between the check and the open is refused, and every later read goes through
+    this descriptor (never a re-open by path)."""
+    full = inside(root, name, what, error, where)
+    f = open_regular(full, error)
+    real = _descriptor_path(f)
+    if real is not None and not any(real == r or real.startswith(r + os.sep) for r in _allowed_roots(root)):
+        f.close()
+        raise error(f"{full}: leads outside {root} (opened as {real}); refusing to read it")
+    return f
+
+
+def map_array(f, dtype, offset: int, shape: tuple[int, ...], where: str, error=CheckpointError):
+    """A read-only memory map of `shape` elements of `dtype` at byte `offset` of the open
+    file f, its extent checked against the descriptor's size now (a file truncated since it
+    was checked is an error naming it, not numpy's ValueError)."""
+    import numpy as np
+    n = numel(shape) * np.dtype(dtype).itemsize
+    check_extent(offset, n, file_size(f), where, error)
+    if n == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (ValueError, OSError) as e:
+        raise error(f"{where}: cannot be mapped ({e}; truncated or replaced?)") from None
+
+
+def sha256_open(f, size: int, where: str, chunk: int = 1 << 24) -> str:
+    """sha256 of the first `size` bytes of an open file, refused if it holds fewer."""
+    import hashlib
+    h, left = hashlib.sha256(), size
+    f.seek(0)
+    while left > 0:
+        block = f.read(min(chunk, left))
+        if not block:
+            raise CheckpointError(f"{where}: shorter than the {size:,} bytes it had when checked (truncated?)")
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
 # --- JSON --------------------------------------------------------------------------------
 
 def _no_duplicates(pairs):
@@ -129,12 +218,15 @@ def parse_json(data: bytes, where: str, error=CheckpointError, max_bytes: int = 
     if len(data) > max_bytes:
         raise error(f"{where}: {len(data):,} bytes, more than the {max_bytes:,} accepted")
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
-                          parse_float=_finite_float)
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                           parse_float=_finite_float)
     except RecursionError:  # json's C scanner stops at the interpreter's recursion limit
-        raise error(f"{where}: JSON nested too deeply") from None
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys, NaN, huge integers
         raise error(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    if not json_depth_ok(value):   # before any reader walks it recursively
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return value
 
 
 def read_json(path: str, error=CheckpointError, max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -187,7 +279,8 @@ def numel(shape: tuple[int, ...]) -> int:
 def check_extent(start: int, nbytes: int, limit: int, where: str, error=CheckpointError) -> None:
     """bytes [start, start + nbytes) lie within [0, limit)."""
     if not (0 <= start and 0 <= nbytes and start + nbytes <= limit):
-        raise error(f"{where}: bytes {start}..{start + nbytes} lie outside the {limit} available (truncated or corrupt)")
+        raise error(f"{where}: bytes {number(start)}..{number(start + nbytes)} lie outside the {limit} available "
+                    "(truncated or corrupt)")
 
 
 def strided_span(shape: tuple[int, ...], stride: Any, offset: Any, where: str, error=CheckpointError) -> int:
@@ -200,6 +293,8 @@ def strided_span(shape: tuple[int, ...], stride: Any, offset: Any, where: str, e
         raise error(f"{where}: strides {describe(stride)} do not match shape {shape}")
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise error(f"{where}: storage offset {describe(offset)} is not a non-negative integer")
+    if offset > MAX_ELEMENTS or any(abs(s) > MAX_ELEMENTS for s in stride):   # no file holds that many
+        raise error(f"{where}: storage offset {describe(offset)} or strides {describe(stride)} are beyond any file")
     if numel(shape) == 0:
         return 0
     dims = sorted((s, n) for n, s in zip(shape, stride) if n > 1)
@@ -218,9 +313,9 @@ class ZipReader:
     are unique, and a member is only ever read as the stored bytes its entry declares,
     located and checked here (zipfile's own reader would inflate compressed members)."""
 
-    def __init__(self, path: str, error=CheckpointError, expected_size: int | None = None):
+    def __init__(self, path: str, error=CheckpointError, expected_size: int | None = None, opened=None):
         self.path, self.error = path, error
-        self.file = open_regular(path, error)
+        self.file = opened if opened is not None else open_regular(path, error)   # opened: by open_inside
         self.size = file_size(self.file)
         if expected_size is not None and self.size != expected_size:
             self.file.close()

@@ -384,7 +384,8 @@ def test_missing_or_misshapen_tensors_are_clear_errors(tmp_path, weights):
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):
-    r = run_cli("convert", str(tmp_path), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()   # (not tmp_path itself: an output inside its source is refused first)
+    r = run_cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"))
     assert r.returncode == 1 and "neither a Meta checkpoint" in r.stderr
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tools import fuzz
 
 BATCH = 30
-PLAN = st.lists(st.tuples(st.sampled_from(fuzz.KINDS), st.integers(0, 2**32 - 1)), min_size=1, max_size=3)
+def plan(target):
+    kinds = fuzz.TARGETS[target].kinds or fuzz.KINDS
+    return st.lists(st.tuples(st.sampled_from(kinds), st.integers(0, 2**32 - 1)), min_size=1, max_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +32,19 @@ def test_seeds_read_cleanly(seeds, tmp_path):
 
 @pytest.mark.parametrize("target", list(fuzz.TARGETS))
 def test_readers_survive_mutations(target, seeds, tmp_path_factory):
+    size = min(BATCH, fuzz.TARGETS[target].batch)
+
     @settings(max_examples=2, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.function_scoped_fixture])
-    @given(st.lists(PLAN, min_size=BATCH, max_size=BATCH))
+    @given(st.lists(plan(target), min_size=size, max_size=size))
     def run(plans):
         root = tmp_path_factory.mktemp(f"fuzz-{target}")
         cases = []
         for i, plan in enumerate(plans):
             cases.append(str(root / f"case-{i}"))
             fuzz.make_case(seeds[target], cases[-1], plan)
-        results = fuzz.run_batch(target, cases)
+        results = fuzz.run_batch(target, cases, max(fuzz.BATCH_TIMEOUT, fuzz.CASE_SECONDS * len(cases)))
         bad = [(plans[r["i"]], r["message"], r.get("traceback", "")) for r in results
                if r["outcome"] not in ("ok", "error")]
         assert not bad, bad[0]

@@ -528,7 +528,7 @@ def test_nan_weights_stop_generation_and_verify_names_them(tmp_path):
     w = random_weights(ARGS)
     w["layers.0.feed_forward.w2.weight"][3, 5] = np.nan
     path = str(tmp_path / "m")
-    checkpoint.write_checkpoint(path, ARGS, iter(w.items()), 0, len(w), quiet=True)
+    checkpoint.write_checkpoint(path, ARGS, iter(w.items()), 0, len(w), quiet=True, allow_nonfinite=True)
     write_byte_tokenizer(os.path.join(path, "tokenizer.json"))
     one_line_error(run_cli("generate", "-m", path, "abc", "--raw"), "non-finite logits at position 3",
                    f"npllama info {path} --verify")
@@ -543,7 +543,8 @@ def test_nan_weights_stop_generation_and_verify_names_them(tmp_path):
     w = random_weights(ARGS)
     w = {k: bf16.to_bits(v) for k, v in w.items()}
     w["norm.weight"][0] = 0x7F80
-    checkpoint.write_checkpoint(str(tmp_path / "b"), ARGS, iter(w.items()), 0, len(w), quiet=True)
+    checkpoint.write_checkpoint(str(tmp_path / "b"), ARGS, iter(w.items()), 0, len(w), quiet=True,
+                                allow_nonfinite=True)
     assert checkpoint.nonfinite(str(tmp_path / "b")) == ["norm.weight"]
     assert checkpoint.nonfinite(path) == ["layers.0.feed_forward.w2.weight"]
 

@@ -41,6 +41,13 @@ from typing import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_LIMIT = 2 * 1024**3      # address space of a worker: numpy and gguf need ~1 GB of it
 BATCH_TIMEOUT = 120             # seconds for a whole batch: a hang fails
+# Per case, asserted (not only the absence of exceptions): the peak resident memory of the
+# worker and of any confined child it waited for, and the wall time. A template or
+# tokenizer is confined to 1 GiB past its worker's start and 10 CPU s (60 s wall) per
+# request (npllama.text.confined), and a case makes a few requests: anything past these
+# bounds means a limit did not hold.
+CASE_MEMORY = 1536 * 1024**2
+CASE_SECONDS = 150.0
 SECRET = b"NPLLAMA-FUZZ-SECRET-OUTSIDE-THE-CHECKPOINT"
 
 
@@ -225,7 +232,7 @@ def read_converted(case: str, src: str) -> None:
     from npllama.io import checkpoint
     from npllama.io.convert import convert
     from npllama.model.weights import expected_shapes
-    out = os.path.join(case, "out")
+    out = case.rstrip("/") + ".out"   # beside the case: an output inside its source is refused
     convert(src, out, quiet=True)
     try:
         index = checkpoint.read_index(out)
@@ -327,10 +334,37 @@ def read_tokens(case: str) -> None:
         assert ids and all(type(t) is int for t in ids), "ids are not a list of integers"
 
 
+# Dialogs a template target renders: plain, with a system turn, and with tool-call-like
+# extra keys and a text holding template syntax.
+DIALOGS = [[{"role": "user", "content": TOKENIZER_TEXT}],
+           [{"role": "system", "content": "s"}, {"role": "user", "content": "{{ 7*7 }} {% if %}"},
+            {"role": "assistant", "content": "a", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]]
+
+
+def read_template(case: str) -> None:
+    """The HF folder's tokenizer and chat template, converted and loaded as a converted
+    model's, then every dialog rendered (the template compiles and runs confined)."""
+    from npllama.text.tokenizer import chat_format
+    read_hf_tokenizer(case)
+    tok = _converted_tokenizer(case)
+    if tok is not None and (tok.chat_template or tok.chat_format):
+        for dialog in DIALOGS:
+            ids = chat_format(tok, tok.default_system).encode_dialog_prompt(dialog)
+            assert all(0 <= t < tok.n_words for t in ids), "an id outside the vocabulary"
+
+
+def _converted_tokenizer(case: str):
+    from npllama.text.tokenizer import load
+    out = os.path.join(case, "out")
+    return load(out) if os.path.isfile(os.path.join(out, "tokenizer.json")) else None
+
+
 @dataclass
 class Target:
     seed: Callable[[str], None]
     read: Callable[[str], None]
+    kinds: tuple = ()          # mutation kinds (default: KINDS)
+    batch: int = 40            # cases per worker in a campaign
 
 
 TARGETS = {
@@ -344,6 +378,11 @@ TARGETS = {
     "tokenizer-model": Target(seed_tokenizer_model, read_tokenizer),
     "kl-base": Target(seed_kl_base, read_kl_base),
     "tokens-file": Target(seed_tokens, read_tokens),
+    # hostile Jinja (loops, fills, widths, recursion, sandbox escapes) spliced into a real
+    # template, and tokenizers grown with many long control tokens or deep pre-tokenizers:
+    # what the confined worker bounds (their batches are small: a case may run to a limit)
+    "template": Target(seed_hf_tokenizer, read_template, ("jinja", "jinja", "jinja", "splice", "flip"), 6),
+    "tokenizer-build": Target(seed_hf_tokenizer, read_hf_tokenizer, ("controls", "controls", "nest", "json"), 6),
 }
 
 
@@ -369,6 +408,23 @@ JSON_VALUES = [-1, 0, 1, 2**31, 2**63, 2**64, 10**30, 1e308, -0.0, 0.5, "", "x",
                "..", None, True, [], {}, [-1], [0, 0], [2**62, 2**62], [1, -1], [[[[1]]]], {"a": 1}, "F32", "BF16",
                "I8", "bfloat16", [0, 2**63]]
 KINDS = ("truncate", "flip", "integer", "splice", "json", "zip", "special")
+SIZES = [0, 1, 7, 100, 3000, 10**5, 10**6, 10**7, 10**9, 2**31, 2**63]
+# Jinja that is cheap to write and may be dear to run; N becomes one of SIZES.
+JINJA = [
+    "{% for i in range(N) %}{{ messages[0]['content'] }}{% endfor %}", "{{ 'x' * N }}",
+    "{% set s = 'ab' %}{% for i in range(40) %}{% set s %}{{ s }}{{ s }}{% endset %}{% endfor %}{{ s }}",
+    "{{ (messages|list|batch(N, 'x' * N))|list }}", "{{ '%Ns'|format('a') }}", "{{ '{:N}'.format(1) }}",
+    "{{ 'a'.ljust(N) }}", "{{ ([[0]] * N)|sum(start=[]) }}", "{{ messages|tojson(indent=N) }}",
+    "{{ messages|tojson(indent='x' * N) }}", "{% macro m(x) %}{{ m(x) }}{% endmacro %}{{ m(1) }}",
+    "{{ raise_exception('\x1b[2J\nnpllama: fake line') }}", "{{ range(N)|join(',') }}",
+    "{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}", "{{ lipsum(N) }}",
+    "{{ 'x'|indent(N) }}", "{{ 'abc'.translate({97: 'x' * N}) }}", "{{ {'a': 'b' * N}.items()|join }}",
+    "{{ strftime_now('%' ~ N ~ 'd') }}", "{{ 'x'|center(N) }}", "{{ 'x'|wordwrap(N) }}",
+    "{% for a in range(N) %}{% for b in range(N) %}{% endfor %}{% endfor %}",
+    "{% if true %}" * 120 + "{% endif %}" * 120, "{{ ((((((((1)))))))) }}" * 1000,
+    "{{ x" + "[0]" * 5000 + " }}", "{% set ns = namespace(a=[]) %}{% for i in range(N) %}"
+    "{% set ns.a = ns.a + ns.a + [i] %}{% endfor %}{{ ns.a|length }}",
+]
 
 
 def _rewrite_zip(path: str, rng: random.Random) -> bool:
@@ -440,7 +496,7 @@ def _flip(data: bytes, rng: random.Random) -> bytes:
 def _json_edit(text: bytes, rng: random.Random) -> bytes | None:
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     paths = []
 
@@ -505,6 +561,10 @@ def mutate(case: str, kind: str, seed: int) -> None:
         if _rewrite_zip(path, rng):
             return
         data = _flip(data, rng)
+    elif kind in ("jinja", "controls", "nest"):
+        data = _hostile_text(case, path, kind, rng, data)
+        if data is None:
+            return
     elif kind == "special":
         os.remove(path)
         how = rng.choice(["fifo", "symlink_out", "directory", "empty", "dev_zero"])
@@ -521,6 +581,52 @@ def mutate(case: str, kind: str, seed: int) -> None:
         return
     with open(path, "wb") as f:
         f.write(data)
+
+
+def _hostile_text(case: str, path: str, kind: str, rng: random.Random, data: bytes) -> bytes | None:
+    """A Jinja snippet into the chat template, control tokens or pre-tokenizer depth into an
+    HF tokenizer.json (written in place: returns None), or a byte flip where neither is."""
+    template, tokenizer = os.path.join(case, "chat_template.jinja"), os.path.join(case, "tokenizer.json")
+    n = str(rng.choice(SIZES))
+    if kind == "jinja" and os.path.isfile(template):
+        with open(template, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        at = rng.choice([i for i in range(len(text)) if text.startswith("{%", i)] + [len(text)])
+        with open(template, "w", encoding="utf-8", errors="surrogatepass") as f:
+            f.write(text[:at] + rng.choice(JINJA).replace("N", n) + text[at:])
+        return None
+    try:
+        with open(tokenizer, "rb") as f:
+            spec = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):   # an earlier mutation nested it deeply already
+        return _flip(data, rng)
+    if not isinstance(spec, dict):
+        return _flip(data, rng)
+    if kind == "controls" and isinstance(spec.get("added_tokens"), list):
+        count, length = rng.choice([10, 1000, 6000]), rng.choice([1, 100, 3000])
+        alphabet = "ab|()[]*+?\\^$.{}<>\u0000\u202e\U0001f600"
+        ids = [t.get("id") for t in spec["added_tokens"] if isinstance(t, dict)]
+        vocab = (spec.get("model") or {}).get("vocab") if isinstance(spec.get("model"), dict) else None
+        ids += list(vocab.values()) if isinstance(vocab, dict) else []
+        start = 1 + max([i for i in ids if isinstance(i, int)] or [0])   # after the vocabulary: no gap
+        spec["added_tokens"] += [{"id": start + i, "content": "".join(rng.choice(alphabet) for _ in range(length))
+                                  + str(i), "special": True} for i in range(count)]
+    else:
+        spec["pre_tokenizer"] = _nested(spec.get("pre_tokenizer"), rng.choice([10, 100, 600, 5000]))
+    with open(tokenizer, "w") as f:
+        json.dump(spec, f) if kind == "controls" else f.write(_dump_deep(spec))
+    return None
+
+
+def _nested(inner, depth: int) -> str:
+    """A pre-tokenizer Sequence nested `depth` deep around inner, as JSON text (json.dumps
+    itself recurses, so it is built as text)."""
+    return '{"type": "Sequence", "pretokenizers": [' * depth + json.dumps(inner) + "]}" * depth
+
+
+def _dump_deep(spec: dict) -> str:
+    nested = spec.pop("pre_tokenizer")
+    return json.dumps(spec)[:-1] + ', "pre_tokenizer": ' + nested + "}"
 
 
 def make_case(seed_dir: str, case: str, mutations: list[tuple[str, int]]) -> None:
@@ -552,6 +658,7 @@ def worker(target: str, cases: list[str]) -> None:
     read = CANARIES[target] if target in CANARIES else TARGETS[target].read
     for i, case in enumerate(cases):
         print(json.dumps({"i": i, "start": True}), flush=True)
+        t0 = time.monotonic()
         try:
             read(case)
             out = {"outcome": "ok"}
@@ -562,7 +669,25 @@ def worker(target: str, cases: list[str]) -> None:
                    "message": msg if named else f"error message names no file of the case: {msg}"}
         except BaseException as e:  # noqa: BLE001  everything else is what the fuzzer looks for
             out = {"outcome": "bug", "message": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        print(json.dumps({"i": i, **out}), flush=True)
+        print(json.dumps({"i": i, **out, **_within_bounds(out, time.monotonic() - t0)}), flush=True)
+
+
+def _peak_bytes() -> int:
+    """The largest resident set this worker, or any child it has waited for, has had
+    (Linux reports KiB); a high-water mark, so a case that breaks the bound is the first one
+    after which it is above."""
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def _within_bounds(out: dict, seconds: float) -> dict:
+    """The case's figures, and a bug outcome if it passed the memory or time bound."""
+    peak = _peak_bytes()
+    figures = {"seconds": round(seconds, 3), "peak_mib": peak >> 20}
+    if out["outcome"] != "bug" and (peak > CASE_MEMORY or seconds > CASE_SECONDS):
+        figures.update(outcome="bug", message=f"beyond the bounds: {seconds:.1f} s (<= {CASE_SECONDS:g}), peak "
+                       f"{peak >> 20} MiB (<= {CASE_MEMORY >> 20})")
+    return figures
 
 
 def run_batch(target: str, cases: list[str], timeout: float = BATCH_TIMEOUT) -> list[dict]:
@@ -592,13 +717,13 @@ def run_batch(target: str, cases: list[str], timeout: float = BATCH_TIMEOUT) -> 
 
 # --- a campaign ---------------------------------------------------------------------------
 
-def random_mutations(rng: random.Random) -> list[tuple[str, int]]:
-    return [(rng.choice(KINDS), rng.randrange(2**32)) for _ in range(rng.choice([1, 1, 2, 3]))]
+def random_mutations(rng: random.Random, kinds: tuple = KINDS) -> list[tuple[str, int]]:
+    return [(rng.choice(kinds or KINDS), rng.randrange(2**32)) for _ in range(rng.choice([1, 1, 2, 3]))]
 
 
 def campaign(minutes: float, targets: list[str], keep: str | None, batch: int = 40, seed: int | None = None) -> int:
     rng = random.Random(seed)
-    counts = {t: {"ok": 0, "error": 0, "bug": 0, "crash": 0} for t in targets}
+    counts = {t: {"ok": 0, "error": 0, "bug": 0, "crash": 0, "max_s": 0.0, "max_peak_mib": 0} for t in targets}
     failures = 0
     t_end = time.time() + 60 * minutes
     with tempfile.TemporaryDirectory() as root:
@@ -609,14 +734,19 @@ def campaign(minutes: float, targets: list[str], keep: str | None, batch: int = 
             n += 1
             batch_dir = os.path.join(root, f"batch-{n}")
             os.makedirs(batch_dir)
-            plans = [random_mutations(rng) for _ in range(batch)]
+            plans = [random_mutations(rng, TARGETS[target].kinds) for _ in range(min(batch, TARGETS[target].batch))]
             cases = []
             for i, plan in enumerate(plans):
                 case = os.path.join(batch_dir, f"case-{i}")
                 make_case(seeds[target], case, plan)
                 cases.append(case)
-            for r in run_batch(target, cases):
-                counts[target][r["outcome"]] += 1
+            # a confined target's case may run to its limits: the batch gets CASE_SECONDS a case
+            timeout = max(BATCH_TIMEOUT, CASE_SECONDS * len(cases)) if TARGETS[target].kinds else BATCH_TIMEOUT
+            for r in run_batch(target, cases, timeout):
+                c = counts[target]
+                c[r["outcome"]] += 1
+                c["max_s"], c["max_peak_mib"] = max(c["max_s"], r.get("seconds", 0)), max(c["max_peak_mib"],
+                                                                                         r.get("peak_mib", 0))
                 if r["outcome"] in ("bug", "crash"):
                     failures += 1
                     print(f"FAIL {target} {plans[r['i']]}: {r['message']}", flush=True)
@@ -628,7 +758,7 @@ def campaign(minutes: float, targets: list[str], keep: str | None, batch: int = 
                         with open(dest + ".json", "w") as f:
                             json.dump({"target": target, "mutations": plans[r["i"]], **r}, f, indent=1)
             shutil.rmtree(batch_dir, ignore_errors=True)
-            total = sum(sum(c.values()) for c in counts.values())
+            total = sum(c[k] for c in counts.values() for k in ("ok", "error", "bug", "crash"))
             print(f"[{time.strftime('%H:%M:%S')}] {total} cases: " + "; ".join(
                 f"{t} " + " ".join(f"{k} {v}" for k, v in c.items()) for t, c in counts.items()), flush=True)
     return failures

@@ -3,9 +3,12 @@ arguments, and the prompt they name."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import UsageError
+from ..io import hub
+from ..io.atomic import refuse_overlap
 from ..io.checkpoint import load, make_model, read_checked, runs_as_gguf
 from ..io.formats.gguf_file import open_gguf
 from ..io.hub import default_gguf, default_model, resolve_model
@@ -131,6 +134,13 @@ def open_gguf_model(a, path: str, ctx: int | None, max_batch_size: int) -> Gener
     model = make_model(path, args, tensors, a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
                        weights_mode="quantized")
     return Generator(model, tokenizer)
+
+
+def refuse_output_in_inputs(a, output: str, what: str, *more) -> None:
+    """The output file or directory of a command may not be, hold or lie inside what it
+    reads: the model (-m, or the default model's folder), --tokens-file, and `more`."""
+    model = a.model if getattr(a, "model", None) is not None else os.path.join(hub.cache_dir(), hub.NAME)
+    refuse_overlap(output, [model, getattr(a, "tokens_file", None), *more], what)
 
 
 def encode_prompt(tok, text: str) -> list[int]:

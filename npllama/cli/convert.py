@@ -6,7 +6,7 @@ import math
 import sys
 from collections import Counter
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, printable
 from ..io.checkpoint import nonfinite, open_tensors, read_checked, verify
 from ..io.convert import convert
 from ..io.hub import default_model, resolve_model
@@ -46,14 +46,22 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def show(text: str, **kw) -> None:
+    """A line of `info`: its file-derived text (tensor, shard and token names, a chat
+    template's size, a tokenizer's description) made printable (errors.printable), so a
+    name holding ESC sequences or a newline cannot paint the terminal or forge a line."""
+    print(printable(text), **kw)
+
+
 def cmd_info(a) -> int:
     a.dir = default_model() if a.dir is None else resolve_model(a.dir)
     args, index = read_checked(a.dir)
     open_tensors(a.dir, index)  # checks every shard, member, dtype and shape against the index
     dtypes = Counter(t["dtype"] for t in index["tensors"].values())
     total = sum(s["size"] for s in index["shards"].values())
-    print(json.dumps(args.to_dict(), indent=2))
-    print(f"tensors: {len(index['tensors'])}  shards: {len(index['shards'])}  bytes: {total:,}  "
+    for line in json.dumps(args.to_dict(), indent=2).splitlines():
+        show(line)
+    show(f"tensors: {len(index['tensors'])}  shards: {len(index['shards'])}  bytes: {total:,}  "
           f"dtypes: {', '.join(f'{k} x{v}' for k, v in sorted(dtypes.items()))}")
     print_model_summary(a.dir, args, index)
     return verify_weights(a.dir) if a.verify else 0
@@ -63,15 +71,15 @@ def verify_weights(path: str) -> int:
     """info --verify: every shard's sha256, then every weight finite."""
     bad = verify(path)
     if bad:
-        print(f"npllama: {path}: sha256 mismatch in {', '.join(bad)}", file=sys.stderr)
+        show(f"npllama: {path}: sha256 mismatch in {', '.join(bad)}", file=sys.stderr)
         return 1
-    print("sha256: all shards verified")
+    show("sha256: all shards verified")
     bad = nonfinite(path)
     if bad:
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-        print(f"npllama: {path}: NaN or infinity in {', '.join(bad[:5])}{more}", file=sys.stderr)
+        show(f"npllama: {path}: NaN or infinity in {', '.join(bad[:5])}{more}", file=sys.stderr)
         return 1
-    print("values: every weight finite")
+    show("values: every weight finite")
     return 0
 
 
@@ -80,26 +88,26 @@ def print_model_summary(path: str, args, index: dict) -> None:
     first of a checkpoint."""
     n_params = sum(math.prod(t["shape"]) for t in index["tensors"].values())
     tied = "output.weight" not in index["tensors"]
-    print(f"parameters: {n_params:,}" + (" (output head tied to the embeddings)" if tied else ""))
+    show(f"parameters: {n_params:,}" + (" (output head tied to the embeddings)" if tied else ""))
     try:
         tok = load_tokenizer(path)
     except TokenizerError as e:
-        print(f"tokenizer: none usable ({e})")
+        show(f"tokenizer: none usable ({e})")
     else:
         print_tokenizer(tok, args)
     ctx = choose_context(args, None, available_memory())
-    print(f"trained context: {args.max_seq_len} tokens; runs at {ctx} by default (what fits in memory here, "
+    show(f"trained context: {args.max_seq_len} tokens; runs at {ctx} by default (what fits in memory here, "
           "float32; --ctx, see `npllama memory`)" if ctx else
           f"trained context: {args.max_seq_len} tokens; float32 weights do not fit in memory here (`npllama memory`)")
 
 
 def print_tokenizer(tok, args) -> None:
     name = {i: t for t, i in tok.special_tokens.items()}
-    print(f"tokenizer: {tok.describe()}; bos {tok.bos!r} ({tok.bos_id}), "
+    show(f"tokenizer: {tok.describe()}; bos {tok.bos!r} ({tok.bos_id}), "
           f"{'adds bos' if tok.add_bos else 'adds no bos'} to plain prompts")
     chat = (f"the checkpoint's chat template ({len(tok.chat_template):,} characters of Jinja)" if tok.chat_template
             else f"built-in {tok.chat_format}" if tok.chat_format else "none (a base model)")
-    print(f"chat format: {chat}; generate uses it by default: {'yes' if tok.chat_default else 'no'}")
-    print(f"stops on: {', '.join(f'{name[i]} ({i})' for i in tok.stop_ids)}")
+    show(f"chat format: {chat}; generate uses it by default: {'yes' if tok.chat_default else 'no'}")
+    show(f"stops on: {', '.join(f'{name[i]} ({i})' for i in tok.stop_ids)}")
     if tok.n_words > args.vocab_size:
-        print(f"warning: the tokenizer has {tok.n_words} ids, the model's embedding {args.vocab_size}")
+        show(f"warning: the tokenizer has {tok.n_words} ids, the model's embedding {args.vocab_size}")

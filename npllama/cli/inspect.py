@@ -11,8 +11,9 @@ from ..inspect.compare import compare
 from ..inspect.golden import check_destination, write_golden
 from ..inspect.namemaps import MAPS
 from ..io.atomic import check_file
+from ..io.atomic import refuse_overlap
 from .common import (add_model_args, add_token_args, at_least, encode_prompt, open_model, piece, prompt_or_tokens,
-                     token_ids, utf8)
+                     refuse_output_in_inputs, token_ids, utf8)
 
 
 def add_parser(sub) -> None:
@@ -140,8 +141,10 @@ def parse_layers(spec: str | None):
 
 def cmd_trace(a) -> int:
     check_file(a.output, "trace")   # before the model runs
+    refuse_output_in_inputs(a, a.output, "trace")
     layers = parse_layers(a.layers)
     gen = open_model(a)
+    refuse_overlap(a.output, [getattr(gen.model, "path", None)], "trace")   # the converted folder -m resolved to
     bad = [i for i in layers or [] if not 0 <= i < gen.model.args.n_layers]
     if bad:
         raise UsageError(f"--layers: layer {bad[0]} does not exist (the model has {gen.model.args.n_layers})")
@@ -157,6 +160,8 @@ def cmd_trace(a) -> int:
 
 
 def cmd_compare(a) -> int:
+    if a.plot:
+        refuse_overlap(a.plot, [a.a, a.b], "plot")
     ok, first, rows = compare(tracefile.load(a.a), tracefile.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps,
                               out=sys.stdout, names_a=a.names_a, names_b=a.names_b, allow_missing=a.allow_missing,
                               allow_unknown=a.allow_unknown)
@@ -167,6 +172,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_plot(a) -> int:
+    refuse_overlap(a.output, [a.trace], "image")
     plot.attention(tracefile.load(a.trace), a.layer, a.output, head=a.head, what=a.what, source=a.trace)
     print(f"wrote {a.output}", file=sys.stderr)
     return 0
@@ -176,6 +182,7 @@ def cmd_golden(a) -> int:
     if a.prompt is not None and a.prompt_option is not None:
         raise UsageError("give the prompt once: as PROMPT or as --prompt")
     prompt = a.prompt if a.prompt is not None else a.prompt_option
+    refuse_output_in_inputs(a, a.output, "golden bundle")   # whatever --force says
     check_destination(a.output, a.force)   # before the model runs
     gen = open_model(a)
     ids = token_ids(a, gen)
@@ -204,6 +211,8 @@ def cmd_perplexity(a) -> int:
     if base is not None and a.n_ctx is not None and a.n_ctx != base.n_ctx:
         raise UsageError(f"-c {a.n_ctx}: {a.kl_divergence} was made with -c {base.n_ctx}")
     n_ctx = base.n_ctx if base is not None else (a.n_ctx or 512)
+    if a.kl_divergence_base:
+        refuse_output_in_inputs(a, a.kl_divergence_base, "KL-divergence base file", a.file)
     gen = open_model(a, max_seq_len=n_ctx, max_batch_size=max(1, (a.batch or n_ctx) // n_ctx))
     tok = gen.tokenizer
     bos = tok.bos_id if tok.add_bos else None

@@ -1,11 +1,10 @@
 """`npllama memory`: what a model needs at given contexts, and what fits here."""
 from __future__ import annotations
 
-import os
-
 from ..errors import UsageError
+from ..io.checkpoint import read_params
 from ..model import memory
-from ..model.config import ModelArgs, preset
+from ..model.config import preset
 from ..model.memory import available_memory
 from .common import at_least
 
@@ -27,7 +26,7 @@ def add_parser(sub) -> None:
 
 def cmd_memory(a) -> int:
     if a.model:
-        args, name = ModelArgs.from_json(os.path.join(a.model, "params.json")), a.model
+        args, name = read_params(a.model), a.model     # as `info` reads it: no link out of the folder
     else:
         args, name = preset(a.shape), a.shape
     try:

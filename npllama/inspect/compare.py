@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, printable
 from ..model import bf16
 from ..model.observer import QK_LAYOUTS, QK_NAMES, forward_key
 from . import locate
@@ -249,10 +249,10 @@ def print_row(r: tuple, first: str | None, out) -> None:
     name, s, msg, ok = r
     mark = "  <-- first outside tolerance" if name == first else ("  x" if not ok else "")
     if s is None:
-        print(f"{name:<28} {msg}{mark}", file=out)
+        print(printable(f"{name:<28} {msg}{mark}"), file=out)
         return
     notes = f" ({'; '.join(s['notes'])})" if s["notes"] else ""
-    print(f"{name:<28} {s['max_abs']:11.3e} {s['max_rel']:11.3e} {s['ulps']:10.2f} {s['ulp_dist']:9d}  "
+    print(f"{printable(name):<28} {s['max_abs']:11.3e} {s['max_rel']:11.3e} {s['ulps']:10.2f} {s['ulp_dist']:9d}  "
           f"{locate.describe_where(s['where']) if s['max_abs'] > 0 else '-'}{notes}{mark}", file=out)
     if first is not None and locate.layer_of(name) == locate.layer_of(first):
         for extra in ([s["heads"]] if s["heads"] else []) + s["hints"]:
@@ -278,4 +278,4 @@ def print_report(rep: Report, out, allow_missing: bool, allow_unknown: bool) -> 
         lines.append(f"{'allowed' if allow_unknown else 'FAIL'}: {unknown_message(rep.unknown)}"
                      + ("" if allow_unknown else " (or allow_unknown / --allow-unknown)"))
     for line in lines:
-        print(line, file=out)
+        print(printable(line), file=out)   # tensor names from the traces' files

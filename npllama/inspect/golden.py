@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..version import __version__
-from ..io.atomic import check_directory, staged_directory
+from ..io.atomic import check_directory, refuse_overlap, staged_directory
 from .tracefile import trace
 from ..errors import NpllamaError
 from ..untrusted import inside, read_json
@@ -80,6 +80,7 @@ def write_golden(gen, out: str, prompt: str | None = None, max_new_tokens: int =
     """The bundle for `prompt` (default DEFAULT_PROMPT), or for token ids given as they are;
     chunks: the intermediates recorded from the prompt run as these KV-cache calls
     (tracefile.schedule)."""
+    refuse_overlap(out, [getattr(gen.model, "path", None)], "golden bundle")
     check_destination(out, force)
     model, tok = gen.model, gen.tokenizer
     if tokens is None:

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError
 from ..io.atomic import staged_file
 from ..untrusted import file_size, open_regular
 
@@ -117,7 +117,30 @@ def evaluate(model, chunks: np.ndarray, bos_id: int | None, n_batch: int | None 
             print(f"perplexity: chunk {done}/{n_chunk}, {dt:.2f} s per pass, ETA {eta:.0f} s", file=progress,
                   flush=True)
         for b in range(len(rows)):
-            yield logits[b], chunks[i + b, first + 1:], dt / len(rows)
+            yield check_logits(logits[b], f"chunk {i + b + 1}"), chunks[i + b, first + 1:], dt / len(rows)
+
+
+MAX_EXP = math.log(np.finfo(np.float64).max)   # 709.78: exp of more overflows a float
+
+
+def finite_exp(x: float, what: str) -> float:
+    """math.exp(x) for a statistic: one that would overflow (a mean NLL over 709 nats, as
+    logits spread over 1e5 nats give) or is NaN is an error naming it, not an OverflowError."""
+    if not x <= MAX_EXP:
+        raise NonFiniteError(f"{what}: exp({x:.6g}) is not a finite number (the model gives the text a probability "
+                             "below anything a float holds: are its weights or logits damaged?)")
+    return math.exp(x)
+
+
+def check_logits(logits: np.ndarray, where: str) -> np.ndarray:
+    """The logits of a chunk, refused if any is NaN or infinite (naming the first row and
+    token): a NaN weight must not become `PPL = nan` with exit 0."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        row, token = np.unravel_index(int(np.argmin(finite)), finite.shape)[-2:]
+        raise NonFiniteError(f"{where}: the model's logits hold {logits[..., row, token]!s} at scored row {row + 1}, "
+                             f"token {token} (NaN or infinite weights, or an overflow in the forward pass)")
+    return logits
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -158,12 +181,12 @@ class Perplexity:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.count)
+        return finite_exp(self.nll / self.count, f"perplexity after {len(self.chunks) or 1} chunk(s)")
 
     @property
     def ppl_err(self) -> float:
         mean, err = mean_and_uncertainty(self.nll, self.nll2, self.count)
-        return math.exp(mean) * err
+        return finite_exp(mean, "perplexity") * err
 
 
 # --- the base file ----------------------------------------------------------------------
@@ -204,6 +227,22 @@ def base_writer(path: str, chunks: np.ndarray, n_vocab: int) -> Iterator[Callabl
         yield lambda logits: f.write(quantize_log_probs(logits).tobytes())
 
 
+# A base file's positions and vocabulary, checked from its header before anything is read:
+# 2**26 positions (67M tokens, 200 times wikitext-2's test set; 256 MiB of ids), and a
+# vocabulary of 2**21 (Llama 3's is 128,256; npllama's tokenizers allow at most 2**21 ids).
+MAX_POSITIONS = 2**26
+MAX_VOCAB = 2**21
+
+
+def token_range(tokens: np.ndarray, rows: int = 4096) -> tuple[int, int]:
+    """(min, max) of a mapped (n_chunk, n_ctx) array, read `rows` chunks at a time."""
+    low, high = 0, 0
+    for i in range(0, len(tokens), rows):
+        part = np.asarray(tokens[i:i + rows])
+        low, high = (min(low, int(part.min())), max(high, int(part.max()))) if i else (int(part.min()), int(part.max()))
+    return low, high
+
+
 @dataclass
 class BaseFile:
     """A base file, checked against its own header; the log-probabilities stay on disk and
@@ -227,16 +266,20 @@ class BaseFile:
             _, n_ctx, n_vocab, n_chunk = HEADER.unpack(header)
             if n_ctx < 4 or n_vocab < 1 or n_chunk < 1:
                 raise UsageError(f"{path}: header says n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk}")
+            if n_chunk * n_ctx > MAX_POSITIONS or n_vocab > MAX_VOCAB:
+                raise UsageError(f"{path}: header says {n_chunk:,} chunks of {n_ctx:,} positions over {n_vocab:,} "
+                                 f"tokens, beyond the {MAX_POSITIONS:,} positions and {MAX_VOCAB:,} tokens accepted")
             rows, nv = scored_rows(n_ctx), row_width(n_vocab)
             rows_at = HEADER.size + 4 * n_chunk * n_ctx
             expected = rows_at + 2 * n_chunk * rows * nv
             if size != expected:
                 raise UsageError(f"{path}: {size} bytes, but n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk} "
                                  f"make {expected} (truncated or not a base file)")
-            tokens = np.frombuffer(f.read(rows_at - HEADER.size), dtype="<i4").reshape(n_chunk, n_ctx)
-            if tokens.min() < 0 or tokens.max() >= n_vocab:
-                raise UsageError(f"{path}: token ids {tokens.min()}..{tokens.max()} outside the vocabulary of "
-                                 f"{n_vocab}")
+            # mapped, not read: the ids are checked a chunk at a time and never held whole
+            tokens = np.memmap(f, dtype="<i4", mode="r", offset=HEADER.size, shape=(n_chunk, n_ctx))
+            low, high = token_range(tokens)
+            if low < 0 or high >= n_vocab:
+                raise UsageError(f"{path}: token ids {low}..{high} outside the vocabulary of {n_vocab}")
             log_probs = np.memmap(f, dtype="<u2", mode="r", offset=rows_at, shape=(n_chunk, rows, nv))
         return cls(path, n_ctx, n_vocab, tokens, log_probs)
 
@@ -308,7 +351,7 @@ class KLDivergence:
         log_base, log_base_err = mu(v["nll_base"])
         cov = 0.0 if n < 10 else float((v["nll"] * v["nll_base"]).mean() - v["nll"].mean() * v["nll_base"].mean()) / (n - 1)
         ratio_err = math.sqrt(max(log_ppl_err ** 2 + log_base_err ** 2 - 2 * cov, 0.0))
-        ppl, ppl_base = math.exp(log_ppl), math.exp(log_base)
+        ppl, ppl_base = finite_exp(log_ppl, "PPL(Q)"), finite_exp(log_base, "PPL(base)")
         ppl_err, ppl_base_err = ppl * log_ppl_err, ppl_base * log_base_err
         kld, kld_err = mu(v["kld"])
         mse, mse_err = mu(v["p_diff"] ** 2)
@@ -318,7 +361,8 @@ class KLDivergence:
         return {"count": n, "ppl": ppl, "ppl_err": ppl_err, "ppl_base": ppl_base, "ppl_base_err": ppl_base_err,
                 "cor": cov / (log_ppl_err * log_base_err) if log_ppl_err * log_base_err > 0 else 0.0,
                 "ln_ppl_ratio": log_ppl - log_base, "ln_ppl_ratio_err": ratio_err,
-                "ppl_ratio": math.exp(log_ppl - log_base), "ppl_ratio_err": math.exp(log_ppl - log_base) * ratio_err,
+                "ppl_ratio": finite_exp(log_ppl - log_base, "PPL(Q)/PPL(base)"),
+                "ppl_ratio_err": finite_exp(log_ppl - log_base, "PPL(Q)/PPL(base)") * ratio_err,
                 "ppl_diff": ppl - ppl_base,
                 "ppl_diff_err": math.sqrt(max(ppl_err ** 2 + ppl_base_err ** 2 - 2 * ppl * ppl_base * cov, 0.0)),
                 "kld": kld, "kld_err": kld_err, "p_diff": p_diff, "p_diff_err": p_diff_err,

@@ -49,6 +49,33 @@ def check_directory(dst: str, force: bool, owned: Callable[[str], bool], what: s
                          "touched (choose another name, or remove it yourself)")
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _same_object(a: str, b: str) -> bool:
+    """Whether two existing paths are one file or directory (a hard link, a bind mount)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_overlap(dst: str, sources, what: str) -> None:
+    """An output may not be, contain or lie inside any of its sources, after every symbolic
+    link is resolved (and a hard link or bind mount recognised): replacing it would destroy
+    what it is made from, whatever --force says and whatever an index.json there claims.
+    `sources` are paths (None entries are skipped); refused before any work is done."""
+    out = os.path.realpath(dst)
+    for src in sources:
+        if src is None:
+            continue
+        real = os.path.realpath(src)
+        if _within(out, real) or _within(real, out) or _same_object(dst, src):
+            raise UsageError(f"{dst}: the {what} would be, contain or lie inside its source {src} (resolved: {out} "
+                             f"and {real}); write it somewhere else, nothing was touched")
+
+
 def check_file(path: str, what: str) -> None:
     """Whether a single output file may be written (replaced if it is a file)."""
     check_parent(path, what)

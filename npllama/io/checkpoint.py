@@ -28,7 +28,8 @@ from ..model.model import Transformer
 from ..model.weights import check_shapes, fits_resident
 from ..progress import Progress
 from .formats.gguf_file import gguf_values, open_gguf
-from ..untrusted import ZipReader, check_shape, describe, field, inside, npy_member, numel, open_regular, read_json
+from ..untrusted import (ZipReader, check_shape, describe, field, inside, map_array, npy_member, open_inside,
+                         open_regular, read_json)
 
 FORMAT = "npllama"
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-from ..errors import CheckpointError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
+from ..errors import CheckpointError, NonFiniteError, NpllamaError, UsageError  # noqa: F401  (CheckpointError re-exported)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -52,9 +53,7 @@ def map_npy_member(z: ZipReader, member: str, dtype: np.dtype, shape: tuple[int,
     if got_dtype != dtype or got_shape != tuple(shape):
         raise CheckpointError(f"{z.path}: {describe(member)} is {got_dtype.str}{list(got_shape)}, index says "
                               f"{dtype.str}{list(shape)}")
-    if numel(shape) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(z.path, dtype=dtype, mode="r", offset=data_start, shape=shape)
+    return map_array(z.file, dtype, data_start, tuple(shape), f"{z.path}: {describe(member)}")
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -83,11 +82,13 @@ def _npy_header(arr: np.ndarray) -> bytes:
 def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.ndarray]], total_bytes: int,
                      n_tensors: int, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                      extra_files: dict[str, str] | None = None, extra_data: dict[str, bytes] | None = None,
-                     force: bool = False, quiet: bool = False) -> dict:
+                     force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> dict:
     """Stream (name, array) pairs into a checkpoint directory, atomically.
 
     Arrays are float32/float16 or uint16 (bf16 bits). dtype converts every tensor to
-    "bfloat16", "float16" or "float32"; None keeps each as it comes. The directory appears
+    "bfloat16", "float16" or "float32"; None keeps each as it comes. A NaN or infinity in a
+    tensor (or made by the conversion) is refused naming the tensor, unless allow_nonfinite
+    (a test writing a damaged checkpoint on purpose). The directory appears
     under `dst` only when complete; an existing `dst` is replaced only with force.
     """
     if dtype is not None and dtype not in STORAGE:
@@ -102,10 +103,13 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
             if logical not in STORAGE:
                 raise CheckpointError(f"{name}: unsupported dtype {arr.dtype}")
             if dtype is not None and dtype != logical:
-                f32 = bf16.from_bits(arr) if logical == "bfloat16" else arr.astype(np.float32)
-                arr = bf16.to_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
+                with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused just below, by name
+                    f32 = bf16.from_bits(arr) if logical == "bfloat16" else arr.astype(np.float32)
+                    arr = bf16.to_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
                 logical = dtype
             arr = np.ascontiguousarray(arr)
+            if not allow_nonfinite:
+                check_finite(name, arr, logical)
             header = _npy_header(arr)
             if zf is None or (zf.fp.tell() > 0 and zf.fp.tell() + arr.nbytes > shard_bytes):
                 if zf is not None:
@@ -142,6 +146,25 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     return index
 
 
+def finite_part(part: np.ndarray) -> np.ndarray:
+    """Which elements are finite (bf16 bits: an all-ones exponent is inf or NaN)."""
+    return (part & 0x7F80) != 0x7F80 if part.dtype == np.uint16 else np.isfinite(part)
+
+
+def check_finite(name: str, arr: np.ndarray, logical: str, chunk_bytes: int = 1 << 24) -> None:
+    """A tensor about to be written holds no NaN or infinity (one in the source, or a value
+    beyond the stored dtype's range: an F64 1e300 as float32, 1e6 as float16), read a
+    chunk at a time."""
+    flat = arr.reshape(-1)
+    step = max(1, chunk_bytes // max(arr.itemsize, 1))
+    for i in range(0, flat.size, step):
+        ok = finite_part(flat[i:i + step])
+        if not ok.all():
+            raise NonFiniteError(f"tensor {name}: element {i + int(np.argmin(ok)):,} is NaN or infinite as {logical} "
+                                 "(a NaN or inf in the source, or a value beyond the range of the dtype it is stored "
+                                 "as: try --dtype float32); nothing was written")
+
+
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open_regular(path) as f:
@@ -166,7 +189,7 @@ def read_index(path: str) -> dict:
     version = field(index, "version", int, index_path, default=1)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{index_path}: format version {version} is newer than this npllama reads")
-    shards = field(index, "shards", dict, index_path, default={})
+    shards = index["shards"] = field(index, "shards", dict, index_path, default={})   # every reader may use it
     for shard, meta in shards.items():
         where = f"{index_path}: shard {describe(shard)}"
         inside(path, shard, "shard", where=index_path)
@@ -184,10 +207,16 @@ def read_index(path: str) -> dict:
     return index
 
 
+def read_params(path: str) -> ModelArgs:
+    """A converted model's params.json: a regular file inside the folder (a link leading out
+    of it is refused), checked as ModelArgs checks it. What `info` and `memory -m` read."""
+    return ModelArgs.from_json(inside(path, "params.json"))
+
+
 def read_checked(path: str) -> tuple[ModelArgs, dict]:
     """params.json and index.json, every tensor the index lists checked against the params."""
     index = read_index(path)
-    args = ModelArgs.from_json(inside(path, "params.json"))
+    args = read_params(path)
     check_shapes(args, {n: tuple(t["shape"]) for n, t in index["tensors"].items()}, os.path.join(path, "index.json"),
                  error=CheckpointError)
     return args, index
@@ -220,7 +249,8 @@ def open_tensors(path: str, index: dict | None = None, names: Iterable[str] | No
         file = inside(path, shard, "shard", where=os.path.join(path, "index.json"))
         if not os.path.lexists(file):
             raise CheckpointError(f"{file}: missing shard (holds {names[0]} and {len(names) - 1} more)")
-        with ZipReader(file, expected_size=index.get("shards", {}).get(shard, {}).get("size")) as z:
+        opened = open_inside(path, shard, "shard", where=os.path.join(path, "index.json"))
+        with ZipReader(file, expected_size=index.get("shards", {}).get(shard, {}).get("size"), opened=opened) as z:
             for name in names:
                 if name + ".npy" not in z.members:
                     raise CheckpointError(f"{file}: tensor {name} listed in index.json is not in the shard")
@@ -230,8 +260,12 @@ def open_tensors(path: str, index: dict | None = None, names: Iterable[str] | No
 
 
 def verify(path: str) -> list[str]:
-    """Shards whose sha256 differs from the index (an empty list: all good)."""
+    """Shards whose sha256 differs from the index (an empty list: all good). An index that
+    records no shards has nothing to verify against: an error, not a pass."""
     index = read_index(path)
+    if not index["shards"] and index["tensors"]:
+        raise CheckpointError(f"{os.path.join(path, 'index.json')}: lists no shards with their sha256, so nothing "
+                              "can be verified")
     bad = []
     for shard, meta in index.get("shards", {}).items():
         file = inside(path, shard, "shard", where=os.path.join(path, "index.json"))
@@ -249,10 +283,7 @@ def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
         flat = arr.reshape(-1)
         step = max(1, chunk_bytes // max(arr.itemsize, 1))
         for i in range(0, flat.size, step):
-            part = flat[i:i + step]
-            # bf16 bits: all-ones exponent is inf or NaN
-            finite = (part & 0x7F80) != 0x7F80 if part.dtype == np.uint16 else np.isfinite(part)
-            if not finite.all():
+            if not finite_part(flat[i:i + step]).all():
                 bad.append(name)
                 break
         del arr, flat

@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 
+from .atomic import refuse_overlap
 from .checkpoint import write_checkpoint
 from ..errors import CheckpointError
 from .formats.source import Source
@@ -49,6 +50,7 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
     """Convert src into npllama's format at dst. Every tensor's shape is checked against the
     params before anything is written; dst appears only complete."""
     from .checkpoint import check_destination
+    refuse_overlap(dst, [src], "converted checkpoint")   # before --force may replace anything
     check_destination(dst, force)   # before reading a byte of the source
     source = open_source(src)
     source.check()

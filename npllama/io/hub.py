@@ -99,18 +99,30 @@ def default_model() -> str:
 
 # --- -m SOURCE: an HF folder, a GGUF file or a Meta folder, converted once into the cache --
 
-def source_files(src: str, kind: str) -> list[str]:
-    """The files the converter reads from a source of this kind (what its cache key hashes)."""
+SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "tokenizer.model", os.path.join("original", "tokenizer.model")]
+MAX_SIDE_FILE = 64 * 1024**2   # a config, tokenizer or template (Llama 3's tokenizer.json: 9 MB)
+
+
+def source_files(src: str, kind: str) -> dict[str, int | None]:
+    """The files the converter reads from a source of this kind (what its cache key hashes),
+    each with the most bytes it may have (None: a weight file, whose size its reader checks
+    against its own header before anything is hashed). HF weights are the files the index
+    names, wherever and however named (formats.hf.weight_files, the converter's own list)."""
     import glob
+    from .formats.hf import INDEX_NAME, weight_files
     if kind == "gguf":
-        return [src]
-    if kind == "meta-original":
-        src = os.path.join(src, "original")
-    names = ["params.json", "tokenizer.model", "consolidated.*.pth"] if kind.startswith("meta") else \
-        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-         "tokenizer.model", os.path.join("original", "tokenizer.model"), "model.safetensors.index.json",
-         "*.safetensors"]
-    return sorted(p for name in names for p in glob.glob(os.path.join(glob.escape(src), name)) if os.path.isfile(p))
+        return {src: None}
+    if kind.startswith("meta"):
+        src = os.path.join(src, "original") if kind == "meta-original" else src
+        side = [os.path.join(src, n) for n in ("params.json", "tokenizer.model")]
+        weights = glob.glob(os.path.join(glob.escape(src), "consolidated.*.pth"))
+    else:
+        side = [os.path.join(src, n) for n in SIDE_FILES + [INDEX_NAME]]
+        weights = list(weight_files(src)[2])
+    files = {p: MAX_SIDE_FILE for p in side if os.path.lexists(p)}
+    files.update({p: None for p in weights})
+    return dict(sorted(files.items()))
 
 
 def file_stamp(path: str) -> list[int]:
@@ -140,10 +152,21 @@ def _remembered(entry, stamp: list[int]) -> str | None:
     return None
 
 
-def source_key(files: list[str], root: str) -> str:
-    """sha256 over the files' names and sha256s. Each file's digest is remembered with its
-    stamp (file_stamp) in <cache>/converted/hashes.json, so an unchanged source is not read
-    again."""
+def file_digest(path: str, cap: int | None) -> str:
+    """sha256 of a regular file, at most `cap` bytes (refused by its size first), read
+    through the descriptor whose type and size were checked."""
+    from ..untrusted import file_size, open_regular, sha256_open
+    with open_regular(path) as f:
+        size = file_size(f)
+        if cap is not None and size > cap:
+            raise CheckpointError(f"{path}: {size:,} bytes, more than the {cap:,} a {os.path.basename(path)} may have")
+        return sha256_open(f, size, path)
+
+
+def source_key(files: dict[str, int | None], root: str) -> str:
+    """sha256 over the files' names and sha256s (file_digest, each under its cap). Each file's
+    digest is remembered with its stamp (file_stamp) in <cache>/converted/hashes.json, so an
+    unchanged source is not read again."""
     import hashlib
     import json
     from .atomic import write_file
@@ -156,8 +179,9 @@ def source_key(files: list[str], root: str) -> str:
         size = sum(stamps[p][0] for p in stale)
         print(f"npllama: hashing {root} ({len(stale)} file{'s' if len(stale) > 1 else ''}, {size / 1e9:.2f} GB) ...",
               file=sys.stderr, flush=True)
+    caps = {os.path.abspath(p): cap for p, cap in files.items()}
     for p in stale:
-        digests[p] = sha256(p)
+        digests[p] = file_digest(p, caps[p])
         memo[p] = stamps[p] + [digests[p]]
     h = hashlib.sha256()
     for path in files:   # names as bytes: a file name need not be UTF-8
@@ -190,9 +214,10 @@ def resolve_model(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: not a directory or a file (give a converted model, an HF folder or a "
                               ".gguf file)")
-    from .convert import convert, detect
+    from .convert import convert, detect, open_source
     kind = detect(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
+    open_source(path).check()   # every header checked (a weight file's size against it) before a byte is hashed
     key = source_key(source_files(path, kind), root)
     out = os.path.join(cache_dir(), "converted", f"{cache_name(path)}-{key[:16]}")
     done = lambda: up_to_date(out)  # noqa: E731

@@ -65,16 +65,24 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
     return np.where(medium, blended, scaled)
 
 
+ROPE_BLOCK = 1 << 14   # positions per block of the RoPE table's float64 temporaries (a few MB)
+
+
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     # -> (end, head_dim // 2) complex64: e^{i * t * freq}, torch.polar(ones, outer(t, freqs)).
     freqs = rope_frequencies(head_dim, theta, scaling)
-    angles = np.outer(np.arange(end, dtype=np.float32), freqs).astype(np.float64)  # float32 products, as torch's
-    # cos and sin of those float32 angles, correctly rounded (float64, rounded once). torch's
-    # float32 cos/sin (glibc's) are 1 ulp off that on ~1% of them; numpy's float32 ones
-    # differed from torch's on ~12% and change with the SIMD code numpy picks for the machine.
-    freqs_cis = np.empty(angles.shape, np.complex64)
-    freqs_cis.real = np.cos(angles)
-    freqs_cis.imag = np.sin(angles)
+    freqs_cis = np.empty((end, len(freqs)), np.complex64)
+    # A block of positions at a time: the float64 angles and cos/sin temporaries stay a few
+    # MB whatever the context (the memory model counts the complex64 table, 8 bytes an entry,
+    # and nothing more). Elementwise, so the table is the same as computed in one piece.
+    for start in range(0, end, ROPE_BLOCK):
+        t = np.arange(start, min(start + ROPE_BLOCK, end), dtype=np.float32)
+        angles = np.outer(t, freqs).astype(np.float64)  # float32 products, as torch's
+        # cos and sin of those float32 angles, correctly rounded (float64, rounded once). torch's
+        # float32 cos/sin (glibc's) are 1 ulp off that on ~1% of them; numpy's float32 ones
+        # differed from torch's on ~12% and change with the SIMD code numpy picks for the machine.
+        freqs_cis.real[start:start + len(t)] = np.cos(angles)
+        freqs_cis.imag[start:start + len(t)] = np.sin(angles)
     return freqs_cis
 
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 
 from ..errors import TokenizerError
-from ..untrusted import inside, read_bounded, read_json
+from ..untrusted import describe, inside, read_bounded, read_json
 from .tokenizer import LLAMA3_PAT_STR, LLAMA3_RANKS, LLAMA3_SHA256, chat_format_of
 from . import chat_template
 
@@ -92,6 +92,12 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
     field(key, default) reads one GGUF metadata value."""
     model = field("tokenizer.ggml.model")
     pre = field("tokenizer.ggml.pre", "default")
+    for key, value, kind in (("tokenizer.ggml.pre", pre, str), ("tokenizer.ggml.tokens", field("tokenizer.ggml.tokens"), list),
+                             ("tokenizer.ggml.merges", field("tokenizer.ggml.merges", []), list),
+                             ("tokenizer.ggml.token_type", field("tokenizer.ggml.token_type", []), list),
+                             ("tokenizer.chat_template", field("tokenizer.chat_template", ""), str)):
+        if not isinstance(value, kind):   # metadata of another type than GGUF's writers give it
+            raise TokenizerError(f"{path}: {key} is {type(value).__name__}, not a {kind.__name__}")
     if model != "gpt2":
         raise TokenizerError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is)")
     if pre not in GGUF_PRE_TOKENIZERS:
@@ -114,6 +120,8 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
             token_bytes.append(_gpt2_bytes(t, path, i))
     pairs = []
     for m in merges:
+        if not isinstance(m, str):
+            raise TokenizerError(f"{path}: merge {describe(m)} is not a string")
         a, sep, b = m.partition(" ")
         if not sep:
             raise TokenizerError(f"{path}: merge {m!r} is not two tokens")
@@ -263,12 +271,7 @@ def hf_tokenizer_spec(src: str) -> dict | None:
 
     bos = _token_name(cfg.get("bos_token"), cfg_path, "bos_token")
     eos = _token_name(cfg.get("eos_token"), cfg_path, "eos_token")
-    post = tj.get("post_processor") if isinstance(tj.get("post_processor"), dict) else {}
-    processors = post.get("processors", [post]) if isinstance(post.get("processors", []), list) else []
-    template_processing = next((p for p in processors if isinstance(p, dict) and p.get("type") == "TemplateProcessing"),
-                               None)
-    first = (template_processing or {}).get("single", [None])[0]
-    post_bos = first.get("SpecialToken", {}).get("id") if isinstance(first, dict) else None
+    post_bos = _post_processor_bos(tj.get("post_processor"))
     bos = bos or (post_bos if post_bos in special else None)
     eos_ids = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
     if eos is None:
@@ -284,6 +287,20 @@ def hf_tokenizer_spec(src: str) -> dict | None:
             "stop": _stops(special, eos, eos_ids, os.path.join(src, "generation_config.json")),
             "add_bos": post_bos is not None, "chat_template": template, "chat_format": chat_format_of(special),
             "chat_default": template is not None}
+
+
+def _post_processor_bos(post) -> str | None:
+    """The control token an HF TemplateProcessing post-processor puts first in a single
+    sequence (the bos it adds), or None; anything of another shape adds none."""
+    post = post if isinstance(post, dict) else {}
+    processors = post.get("processors", [post])
+    processors = processors if isinstance(processors, list) else []
+    template = next((p for p in processors if isinstance(p, dict) and p.get("type") == "TemplateProcessing"), {})
+    single = template.get("single")
+    first = single[0] if isinstance(single, list) and single else None
+    token = first.get("SpecialToken") if isinstance(first, dict) else None
+    name = token.get("id") if isinstance(token, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _chat_template(src: str, cfg: dict, cfg_path: str) -> str | None:

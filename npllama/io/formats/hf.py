@@ -15,23 +15,28 @@ from ...model.config import ModelArgs
 from ...errors import CheckpointError, ConfigError
 from .names import hf_to_meta, hf_to_meta_qk
 from .source import Source
-from ...untrusted import (check_extent, check_shape, describe, field, file_size, inside, numel, open_regular, parse_json, read_json)
+from ...untrusted import (check_extent, check_shape, describe, field, file_size, inside, map_array, numel, open_inside,
+                          open_regular, parse_json, read_json)
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit
 
 
-def read_safetensors_header(path: str) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], int]:
-    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file, and its size."""
-    with open_regular(path) as f:
-        size = file_size(f)
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path}: too short for a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(f"{path}: header length {n} exceeds the file")
-        header = parse_json(f.read(n), f"{path}: header")
+def read_safetensors_header(path: str, f=None) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int]], int]:
+    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file, and its size;
+    read from the open file f when given (left open), else from path."""
+    if f is None:
+        with open_regular(path) as f:
+            return read_safetensors_header(path, f)
+    size = file_size(f)
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CheckpointError(f"{path}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(f"{path}: header length {n} exceeds the file")
+    header = parse_json(f.read(n), f"{path}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -98,27 +103,37 @@ def hf_config_to_args(cfg: dict, path: str = "config.json") -> ModelArgs:
         raise ConfigError(f"{path}: {e}") from None
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(src: str) -> tuple[str | None, dict | None, dict[str, str]]:
+    """(index path, its weight_map, {path: name in src}) of the weight files an HF folder's
+    converter reads: every file its index names (any name, in any subfolder), or without an
+    index every *.safetensors beside config.json. The conversion cache key hashes the same."""
+    if os.path.lexists(os.path.join(src, INDEX_NAME)):
+        index_path = inside(src, INDEX_NAME)
+        weight_map = field(read_json(index_path), "weight_map", dict, index_path)
+        files = {}
+        for file in weight_map.values():
+            files.setdefault(inside(src, file, "shard", where=index_path), file)
+        return index_path, weight_map, files
+    return None, None, {inside(src, os.path.basename(p)): os.path.basename(p)
+                        for p in sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))}
+
+
 def read_hf(src: str) -> Source:
     cfg_path = inside(src, "config.json")
     cfg = read_json(cfg_path, ConfigError)
     args = hf_config_to_args(cfg, cfg_path)
-    index_name = "model.safetensors.index.json"
-    if os.path.lexists(os.path.join(src, index_name)):
-        index_path = inside(src, index_name)
-        weight_map = field(read_json(index_path), "weight_map", dict, index_path)
-        files = {}
-        for tensor, file in weight_map.items():
-            files.setdefault(file, inside(src, file, "shard", where=index_path))
-        paths = sorted(files.values())
-    else:
-        index_path, weight_map = None, None
-        paths = [inside(src, os.path.basename(p))
-                 for p in sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))]
-    if not paths:
+    index_path, weight_map, names = weight_files(src)
+    if not names:
         raise CheckpointError(f"{src}: no .safetensors files")
+    paths = sorted(names)
+    # each file opened once, its descriptor checked: the header and every tensor are read through it
+    opened = {path: open_inside(src, names[path], "shard", where=index_path) for path in paths}
     where: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
     for path in paths:
-        header, _ = read_safetensors_header(path)
+        header, _ = read_safetensors_header(path, opened[path])
         for name, (dtype, shape, offset) in header.items():
             if weight_map is not None and os.path.join(src, weight_map.get(name, "")) != path:
                 raise CheckpointError(f"{index_path}: tensor {describe(name)} in {path} is mapped to "
@@ -140,11 +155,10 @@ def read_hf(src: str) -> Source:
 
     def load(name: str) -> np.ndarray:
         path, dtype, shape, offset = where[name]
-        if numel(shape) == 0:
-            return np.zeros(shape, dtype)
-        arr = np.array(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+        arr = np.array(map_array(opened[path], dtype, offset, shape, f"{path}: tensor {name}"))
         if dtype == np.float64:
-            arr = arr.astype(np.float32)
+            with np.errstate(over="ignore"):   # a value beyond float32 becomes inf, refused by name when written
+                arr = arr.astype(np.float32)
         if name.endswith("attention.wq.weight"):
             return hf_to_meta_qk(arr, args.n_heads)
         if name.endswith("attention.wk.weight"):

@@ -16,7 +16,7 @@ import numpy as np
 from ...model.config import ModelArgs
 from ...errors import CheckpointError
 from .source import Source
-from ...untrusted import ZipReader, check_shape, describe, inside, numel, strided_span
+from ...untrusted import ZipReader, check_shape, describe, inside, map_array, numel, open_inside, strided_span
 from ...model.weights import IGNORED_WEIGHTS
 
 MAX_PICKLE_BYTES = 64 * 1024**2     # a 405B shard's data.pkl is ~100 KB
@@ -53,8 +53,14 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what a state dict of tensors needs; a checkpoint is untrusted input."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Admits only what a state dict of tensors needs; a checkpoint is untrusted input. The
+    pure-Python unpickler (a data.pkl is ~100 KB), so that BUILD (which sets attributes, or
+    calls __setstate__) can be held to the objects this unpickler created for the checkpoint
+    (a state dict's OrderedDict and its _metadata): applied to an admitted global (our
+    _rebuild_tensor_v2, say) it would rewrite that function's __defaults__ in this process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -66,6 +72,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path: str):
         super().__init__(file)
         self.path = path
+        self.created: dict[int, Any] = {}   # id -> object made by REDUCE or NEWOBJ (kept alive, so ids stay unique)
+
+    def _made(self) -> None:
+        self.created[id(self.stack[-1])] = self.stack[-1]
+
+    def load_reduce(self):
+        pickle._Unpickler.load_reduce(self)
+        self._made()
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):
+        pickle._Unpickler.load_newobj(self)
+        self._made()
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if id(target) not in self.created or not isinstance(target, collections.OrderedDict):
+            raise CheckpointError(f"{self.path}: data.pkl sets the state of {describe(target)}, which it did not "
+                                  "create (only a state dict's own OrderedDicts may be given one)")
+        pickle._Unpickler.load_build(self)
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         try:
@@ -85,19 +113,20 @@ class PthFile:
     """A torch.save zip archive read without torch: the state dict's tensors, checked, and
     read one at a time."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, opened=None):
         self.path = path
-        with ZipReader(path) as z:
-            pkl = [n for n in z.members if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path}: {len(pkl)} data.pkl members (a torch.save zip has one; legacy "
-                                      "non-zip torch files are not supported)")
-            self.prefix = pkl[0][: -len("data.pkl")]
-            byteorder = self.prefix + "byteorder"
-            if byteorder in z.members and z.read(byteorder, 16) != b"little":
-                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-            data = z.read(pkl[0], MAX_PICKLE_BYTES)
-            members = {n: z.extent(n) for n in z.members if n.startswith(self.prefix + "data/")}
+        # the archive's descriptor stays open: every tensor is read through the one checked
+        self.zip = z = ZipReader(path, opened=opened)
+        pkl = [n for n in z.members if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{path}: {len(pkl)} data.pkl members (a torch.save zip has one; legacy "
+                                  "non-zip torch files are not supported)")
+        self.prefix = pkl[0][: -len("data.pkl")]
+        byteorder = self.prefix + "byteorder"
+        if byteorder in z.members and z.read(byteorder, 16) != b"little":
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        data = z.read(pkl[0], MAX_PICKLE_BYTES)
+        members = {n: z.extent(n) for n in z.members if n.startswith(self.prefix + "data/")}
         try:
             state = _RestrictedUnpickler(io.BytesIO(data), path).load()
         except CheckpointError:
@@ -135,7 +164,7 @@ class PthFile:
         dtype, start, size = self._where[name]
         if numel(t.shape) == 0:
             return np.zeros(t.shape, dtype)
-        storage = np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=(size // dtype.itemsize,))
+        storage = map_array(self.zip.file, dtype, start, (size // dtype.itemsize,), f"{self.path}: tensor {name}")
         view = np.lib.stride_tricks.as_strided(storage[t.offset:], shape=t.shape,
                                                strides=tuple(s * dtype.itemsize for s in t.stride))
         return np.ascontiguousarray(view)
@@ -177,7 +206,7 @@ def read_meta(src: str) -> Source:
     if not paths:
         raise CheckpointError(f"{src}: no consolidated.*.pth files")
     args = ModelArgs.from_json(inside(src, "params.json"))
-    files = [PthFile(inside(src, os.path.basename(p))) for p in paths]
+    files = [PthFile(inside(src, os.path.basename(p)), open_inside(src, os.path.basename(p))) for p in paths]
     names = list(files[0].tensors)
     for f in files[1:]:
         if set(f.tensors) != set(names):

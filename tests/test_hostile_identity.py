@@ -1,0 +1,104 @@
+"""Issue 24, class 3: the identity of what is read. The conversion cache key covers every
+file the HF converter reads (shards its index puts in a subfolder or names without the
+usual suffix); files are sized and checked before they are hashed (a 1 TB sparse file is
+refused, not hashed); and through the Python API a file replaced after its checks is read
+through the descriptor that was checked, a truncated one giving an npllama error. Every
+test here fails on main c1182df (checked): the stale conversion is used, the sparse file
+is hashed for minutes, the outside file is read, numpy's ValueError escapes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from npllama.errors import CheckpointError
+from npllama.io import checkpoint, hub
+from npllama.io.convert import convert
+from npllama.io.formats.hf import read_hf
+from tools import fuzz
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def hf_with_odd_shard(d):
+    """fuzz's HF seed with its second shard moved to sub/part-b (no .safetensors suffix),
+    where its index says it is."""
+    d.mkdir()
+    fuzz.seed_hf(str(d))
+    (d / "sub").mkdir()
+    os.rename(d / "model-00002-of-00002.safetensors", d / "sub" / "part-b")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "sub/part-b" if v.startswith("model-00002") else v for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d
+
+
+def edit_last_float(path, value):
+    """The last 4 bytes of a safetensors file are its last tensor's data: overwrite them,
+    size unchanged."""
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(value).tobytes())
+
+
+def test_an_edited_shard_in_a_subfolder_converts_again(tmp_path, cache):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    first = hub.resolve_model(str(src))
+    edit_last_float(src / "sub" / "part-b", 1234.5)
+    second = hub.resolve_model(str(src))
+    assert second != first
+    fresh = str(tmp_path / "fresh")
+    convert(str(src), fresh, quiet=True)
+    used, made = checkpoint.open_tensors(second), checkpoint.open_tensors(fresh)
+    assert used.keys() == made.keys()
+    for name in made:     # the cache's conversion is the edited source's, bit for bit
+        np.testing.assert_array_equal(used[name], made[name])
+
+
+def test_a_huge_sparse_file_is_refused_before_it_is_hashed(tmp_path):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    with open(src / "model-00001-of-00002.safetensors", "r+b") as f:
+        f.truncate(2**40)        # 1 TB, sparse: hashing it would take hours
+    code = ("import sys; from npllama.io import hub; from npllama.errors import NpllamaError\n"
+            "try: hub.resolve_model(sys.argv[1])\nexcept NpllamaError as e: print(e); sys.exit(3)")
+    env = dict(os.environ, NPLLAMA_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 3 and "model-00001-of-00002.safetensors" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert "hashing" not in r.stderr
+
+
+def test_a_big_tokenizer_model_is_refused_by_its_size(tmp_path, cache):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    with open(src / "tokenizer.model", "wb") as f:
+        f.truncate(hub.MAX_SIDE_FILE + 1)
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        hub.resolve_model(str(src))
+
+
+def test_a_shard_replaced_by_a_link_after_the_checks_is_not_read(tmp_path):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    source = read_hf(str(src))
+    before = {n: source.load(n) for n in source.shapes}
+    shard = src / "sub" / "part-b"
+    outside = tmp_path / "outside"
+    outside.write_bytes(shard.read_bytes().replace(b"\x00", b"\x01"))   # other bytes, same size
+    os.remove(shard)
+    os.symlink(outside, shard)
+    for n in source.shapes:
+        np.testing.assert_array_equal(source.load(n), before[n])   # still the checked file's bytes
+
+
+def test_a_shard_truncated_after_the_checks_is_an_npllama_error(tmp_path):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    source = read_hf(str(src))
+    with open(src / "sub" / "part-b", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="part-b"):
+        for n in source.shapes:
+            source.load(n)
