@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..inspect import perplexity as pp, plot, tracefile
+from ..inspect import logits, perplexity as pp, plot, tracefile
 from ..inspect.compare import compare
 from ..inspect.golden import check_destination, write_golden
 from ..inspect.namemaps import MAPS
@@ -54,9 +54,11 @@ def parse_chunks(spec: str) -> list[int]:
 def add_compare(sub) -> None:
     cp = sub.add_parser("compare", help="compare two traces, tensor by tensor, in forward order",
                         description="Print max abs error, max relative error (to the largest |B|) and bf16 ulps per "
-                        "shared tensor; mark the first outside tolerance; exit 1 if any is.")
-    cp.add_argument("a")
-    cp.add_argument("b", help="the reference")
+                        "shared tensor; mark the first outside tolerance; exit 1 if any is. A or B may be a "
+                        "saved-logits file (llama-perplexity's or npllama perplexity's --kl-divergence-base): then "
+                        "the log-probabilities are compared at the positions both hold, chunk by chunk.")
+    cp.add_argument("a", help="a trace (.npz), golden bundle directory or saved-logits file")
+    cp.add_argument("b", help="the reference, likewise")
     cp.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
     cp.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
     cp.add_argument("--ulps", type=float, default=None, help="instead: tolerance in bf16 ulps at max |B|")
@@ -157,6 +159,8 @@ def cmd_trace(a) -> int:
 
 
 def cmd_compare(a) -> int:
+    if logits.is_logits_file(a.a) or logits.is_logits_file(a.b):
+        return compare_logits(a)
     ok, first, rows = compare(tracefile.load(a.a), tracefile.load(a.b), rtol=a.rtol, atol=a.atol, ulps=a.ulps,
                               out=sys.stdout, names_a=a.names_a, names_b=a.names_b, allow_missing=a.allow_missing,
                               allow_unknown=a.allow_unknown)
@@ -164,6 +168,15 @@ def cmd_compare(a) -> int:
         plot.comparison(rows, a.plot, title=f"{a.a} vs {a.b}", rtol=None if a.ulps is not None else a.rtol)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def compare_logits(a) -> int:
+    """compare with a saved-logits file on either side: log-probabilities, not tensors."""
+    if a.plot:
+        raise UsageError("--plot draws the error of each tensor; a saved-logits file holds log-probabilities only")
+    rep = logits.compare_logits(logits.load_side(a.a, a.names_a), logits.load_side(a.b, a.names_b), rtol=a.rtol,
+                                atol=a.atol, ulps=a.ulps, allow_missing=a.allow_missing, out=sys.stdout)
+    return 0 if rep.ok else 1
 
 
 def cmd_plot(a) -> int:
