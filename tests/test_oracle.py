@@ -234,6 +234,19 @@ def test_a_divergence_planted_in_the_real_dump_is_named_at_its_node(smollm2_trac
     assert [r[0] for r in rows if not r[4]] == ["layers.3.attention_norm"]   # the sums elsewhere still agree
 
 
+def test_the_command_line_compares_a_trace_with_the_real_dump(tmp_path):
+    trace = str(tmp_path / "smollm2.npz")
+    r = run_cli("trace", "--tokens", "504,3575,282,4649,314", "-o", trace)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", trace, DUMP, "--rtol", str(LLAMACPP_RTOL))
+    assert r.returncode == 0 and "compared 453 of the dump's 453 mapped tensors; all within tolerance" in r.stdout
+    tr = tracefile.load(trace)
+    few = str(tmp_path / "few.npz")
+    tracefile.save(few, {k: tr[k] for k in ("tokens", "token_embeddings", "logits", "__meta__")})
+    r = run_cli("compare", DUMP, few, "--rtol", str(LLAMACPP_RTOL))      # either side; strict
+    assert r.returncode == 1 and "compared 2 of the dump's 453" in r.stdout and "FAIL: 451 missing" in r.stdout
+
+
 @pytest.mark.parametrize("bug,named", [
     ("rope", r"first diverging tensor: layers\.0\.q_rotated at layer 0, .*A's rotated q/k are rotate-half RoPE"),
     ("gqa", r"first diverging tensor: layers\.0\.scores at layer 0, head .*agree: 0 2 5 7"),
@@ -276,3 +289,19 @@ def test_the_command_line_names_each_planted_bug(weights, cli_reference, tmp_pat
     tracefile.save(str(tmp_path / "correct.npz"), tr)
     r = run_cli("compare", str(tmp_path / "correct.npz"), cli_reference)
     assert r.returncode == 0 and "compared 36 of the reference's 36 tensors; all within tolerance" in r.stdout
+
+
+def test_a_hostile_dump_is_one_error_naming_it(tmp_path):
+    from npllama.errors import NpllamaError
+    from npllama.inspect import llamacpp
+    head = "common_debug_cb_eval:  embd = (f32)   GET_ROWS(a{4, 9, 1, 1}, b{2, 1, 1, 1}}) = {4, 2, 1, 1}\n"
+    for body, says in (("  [ abc, 1.0 ],\n    sum = 1\n", "line 2: 'abc' is not a number"),
+                       ("  [ 1.0, 1.0 ],\n", "no sum line"), ("  [ 1.0 ],\n  [ 1.0, 2.0 ],\n    sum = 1\n", "ragged")):
+        with pytest.raises(NpllamaError, match=says):
+            llamacpp.parse(head + body, "d.txt")
+    bad = tmp_path / "d.txt.gz"
+    bad.write_bytes(gzip.compress((head + "  [ 1.0 ],\n").encode())[:-8])     # cut short
+    with pytest.raises(NpllamaError, match="d.txt.gz: not a readable gzip file"):
+        llamacpp.read_dump(str(bad))
+    assert llamacpp.read_dump(DUMP).startswith("common_debug_cb_eval:")
+    assert llamacpp.read_dump(str(tmp_path)) is None                          # a directory: a golden bundle
