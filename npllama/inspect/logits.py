@@ -155,6 +155,7 @@ class LogitsReport:
     expected: int = 0
     compared: int = 0
     missing: int = 0
+    first_chunk: int | None = None      # its index in the reference's runs
     first_position: int | None = None
     first_token: int | None = None
 
@@ -247,6 +248,7 @@ def summarise(chunks: list, ref: Side) -> LogitsReport:
     compared = sum(len(c.positions) for c in chunks)
     bad = next((c for c in chunks if not c.ok), None)
     rep = LogitsReport(False, None, chunks, expected, compared, expected - compared)
+    rep.first_chunk = None if bad is None else bad.index
     if bad is not None and bad.first_bad is not None:
         rep.first = f"chunk {bad.index + 1}, position {bad.first_bad}"
         rep.first_position, rep.first_token = bad.first_bad, bad.bad_token
@@ -279,8 +281,7 @@ def print_logits_report(rep: LogitsReport, a: Side, b: Side, ref: Side, allow_mi
     for c in rep.chunks:
         span_ = f"{c.positions.start}..{c.positions.stop - 1}" if len(c.positions) else "-"
         where = f"pos {c.where[0]}, token {c.where[1]}" if c.where and c.max_abs > 0 else "-"
-        mark = "  <-- first outside tolerance" if rep.first and rep.first.startswith(f"chunk {c.index + 1}") \
-            and not c.ok else ("  x" if not c.ok else "")
+        mark = "  <-- first outside tolerance" if c.index == rep.first_chunk else ("  x" if not c.ok else "")
         top = f"{c.same_top}/{len(c.positions)}"
         print(f"{c.index + 1:<6} {span_:<11} {c.max_abs:14.3e}  {where:<24} {top:>8}{mark}", file=out)
         for line in c.notes + ([f"first outside tolerance at {c.detail}"] if c.detail else []):
