@@ -4,6 +4,8 @@ bug in an independent PyTorch port (tests/port.py) and naming it."""
 import gzip
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,12 +68,15 @@ def test_a_trace_under_unmapped_names_or_covering_little_cannot_pass(weights, re
     assert report(small, reference, allow_missing=True)[0].ok           # only when told
 
 
-@pytest.mark.parametrize("bug,first,says", [
+PLANTED = [
     ("rope", "layers.0.q_rotated", "rotate-half RoPE (HF's pairing of j with j + head_dim/2) applied to q/k in "
                                    "the interleaved layout"),
     ("gqa", "layers.0.scores", "agree: 0 2 5 7"),
     ("eps", "layers.0.attention_norm", "layer 0, pos"),
-])
+]
+
+
+@pytest.mark.parametrize("bug,first,says", PLANTED)
 def test_each_planted_bug_is_named_at_its_tensor(weights, reference, bug, first, says):
     (_, tr), = port_trace(weights, [bug])
     rep, text = report(tr, reference)
@@ -213,8 +218,39 @@ def test_a_real_llama_cpp_dump_agrees_and_a_planted_divergence_is_named(smollm2_
     assert not ok and first == "layers.0.q_rotated"
 
 
+def test_a_divergence_planted_in_the_real_dump_is_named_at_its_node(smollm2_trace):
+    from npllama.inspect import llamacpp
+    _, tr = smollm2_trace
+    lines = gzip.open(DUMP, "rt").read().splitlines()
+    at = next(i for i, line in enumerate(lines) if " attn_norm-3 = " in line)
+    row = at + 4                                       # its second printed row: position 1
+    values = lines[row].split(",")
+    # one printed value of llama.cpp's layer-3 attention norm moved by twice the tensor's scale
+    bump = 2 * float(np.abs(tr["layers.3.attention_norm"]).max())
+    values[1] = f"{float(values[1]) + bump:12.4f}"
+    lines[row] = ",".join(values)
+    ok, first, rows = llamacpp.compare_dump(llamacpp.parse("\n".join(lines), DUMP), tr, LLAMACPP_RTOL)
+    assert not ok and first == "layers.3.attention_norm"
+    assert [r[0] for r in rows if not r[4]] == ["layers.3.attention_norm"]   # the sums elsewhere still agree
+
+
+def test_the_command_line_compares_a_trace_with_the_real_dump(tmp_path):
+    trace = str(tmp_path / "smollm2.npz")
+    r = run_cli("trace", "--tokens", "504,3575,282,4649,314", "-o", trace)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("compare", trace, DUMP, "--rtol", str(LLAMACPP_RTOL))
+    assert r.returncode == 0 and "compared 453 of the dump's 453 mapped tensors; all within tolerance" in r.stdout
+    tr = tracefile.load(trace)
+    few = str(tmp_path / "few.npz")
+    tracefile.save(few, {k: tr[k] for k in ("tokens", "token_embeddings", "logits", "__meta__")})
+    r = run_cli("compare", DUMP, few, "--rtol", str(LLAMACPP_RTOL))      # either side; strict
+    assert r.returncode == 1 and "compared 2 of the dump's 453" in r.stdout and "FAIL: 451 missing" in r.stdout
+
+
 @pytest.mark.parametrize("bug,named", [
+    ("rope", r"first diverging tensor: layers\.0\.q_rotated at layer 0, .*A's rotated q/k are rotate-half RoPE"),
     ("gqa", r"first diverging tensor: layers\.0\.scores at layer 0, head .*agree: 0 2 5 7"),
+    ("eps", r"first diverging tensor: layers\.0\.attention_norm at layer 0, pos \d+, ch \d+$"),
     ("mask", r"call 2 of 2.*first diverging tensor: layers\.0\.scores at layer 0, head \d+, pos 3, key [0-3]\b"),
 ])
 def test_from_the_logits_to_the_first_diverging_tensor(weights, bug, named):
@@ -223,3 +259,49 @@ def test_from_the_logits_to_the_first_diverging_tensor(weights, bug, named):
         with pytest.raises(AssertionError, match=named):
             check_against_reference(lambda t, s: port(t, s), ARGS, weights, TOKENS, chunks=(3, 9),
                                     trace_hook=hooks.take)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(weights, tmp_path_factory):
+    """npllama's trace of TOKENS made by the command line from a checkpoint of the weights."""
+    from npllama.io import checkpoint
+    d = tmp_path_factory.mktemp("cli")
+    from oracles import llama3_tokenizer_path
+    checkpoint.write_checkpoint(str(d / "model"), ARGS, iter(weights.items()), 0, len(weights), quiet=True,
+                                extra_files={"tokenizer.model": llama3_tokenizer_path()})
+    r = run_cli("trace", "-m", str(d / "model"), "--tokens", ",".join(map(str, TOKENS)), "-o", str(d / "ref.npz"))
+    assert r.returncode == 0, r.stderr
+    return str(d / "ref.npz")
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "npllama", *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_line_names_each_planted_bug(weights, cli_reference, tmp_path):
+    # the porting guide's walkthrough: the port's hooked trace saved, `npllama compare` on it
+    for bug, first, says in PLANTED:
+        (_, tr), = port_trace(weights, [bug])
+        tracefile.save(str(tmp_path / f"{bug}.npz"), tr)
+        r = run_cli("compare", str(tmp_path / f"{bug}.npz"), cli_reference)
+        assert r.returncode == 1 and f"first outside tolerance: {first}" in r.stdout and says in r.stdout, r.stdout
+    (_, tr), = port_trace(weights)
+    tracefile.save(str(tmp_path / "correct.npz"), tr)
+    r = run_cli("compare", str(tmp_path / "correct.npz"), cli_reference)
+    assert r.returncode == 0 and "compared 36 of the reference's 36 tensors; all within tolerance" in r.stdout
+
+
+def test_a_hostile_dump_is_one_error_naming_it(tmp_path):
+    from npllama.errors import NpllamaError
+    from npllama.inspect import llamacpp
+    head = "common_debug_cb_eval:  embd = (f32)   GET_ROWS(a{4, 9, 1, 1}, b{2, 1, 1, 1}}) = {4, 2, 1, 1}\n"
+    for body, says in (("  [ abc, 1.0 ],\n    sum = 1\n", "line 2: 'abc' is not a number"),
+                       ("  [ 1.0, 1.0 ],\n", "no sum line"), ("  [ 1.0 ],\n  [ 1.0, 2.0 ],\n    sum = 1\n", "ragged")):
+        with pytest.raises(NpllamaError, match=says):
+            llamacpp.parse(head + body, "d.txt")
+    bad = tmp_path / "d.txt.gz"
+    bad.write_bytes(gzip.compress((head + "  [ 1.0 ],\n").encode())[:-8])     # cut short
+    with pytest.raises(NpllamaError, match="d.txt.gz: not a readable gzip file"):
+        llamacpp.read_dump(str(bad))
+    assert llamacpp.read_dump(DUMP).startswith("common_debug_cb_eval:")
+    assert llamacpp.read_dump(str(tmp_path)) is None                          # a directory: a golden bundle

@@ -10,10 +10,11 @@ from npllama import cli
 from npllama.errors import UsageError
 from npllama.model import weights
 from npllama.model.config import ModelArgs
-from tools.random_gguf import write
+from tools.random_gguf import BYTE_VOCAB, write
 
-# K-quants need rows of 256; a vocabulary of 300: the 256 bytes, ChatML's control tokens, reserved ones
-ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=256, max_seq_len=64)
+# K-quants need rows of 256; the byte vocabulary of tools/random_gguf.py (256 bytes, bos, eos)
+ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=256,
+                 max_seq_len=64)
 STEPS = 10
 # The two runs' logits differ only by float32 summation order (tests/test_quant_model.py:
 # within 1e-5 of their scale), so greedy picks the same token wherever the reference's best
@@ -39,7 +40,7 @@ def converted(cache: str) -> list[str]:
 def test_quantized_runs_the_gguf_as_it_is_and_generates_what_float32_does(tmp_path, monkeypatch, capsys, qtype):
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("NPLLAMA_CACHE", cache)
-    path = write(str(tmp_path / "m.gguf"), ARGS, qtype, seed=3, tokenizer=True)
+    path = write(str(tmp_path / "m.gguf"), ARGS, qtype, seed=3, byte_vocab=True)
     got = generate(capsys, path, "quantized")
     assert converted(cache) == []                       # nothing written: the file itself ran
     want = generate(capsys, path, "resident")           # converted once into the cache, float32
@@ -53,7 +54,7 @@ def test_quantized_runs_the_gguf_as_it_is_and_generates_what_float32_does(tmp_pa
 def test_auto_runs_a_gguf_quantized_when_float32_copies_would_not_fit(tmp_path, monkeypatch, capsys):
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("NPLLAMA_CACHE", cache)
-    path = write(str(tmp_path / "m.gguf"), ARGS, "Q4_0", tokenizer=True)
+    path = write(str(tmp_path / "m.gguf"), ARGS, "Q4_0", byte_vocab=True)
     monkeypatch.setattr(weights, "available_memory", lambda: 10**6)    # float32 copies: 3.3 MB
     small = generate(capsys, path, "auto")
     assert converted(cache) == []
@@ -62,7 +63,7 @@ def test_auto_runs_a_gguf_quantized_when_float32_copies_would_not_fit(tmp_path, 
 
 
 def test_quantized_with_ray_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):
-    path = write(str(tmp_path / "m.gguf"), ARGS, "Q8_0", tokenizer=True)
+    path = write(str(tmp_path / "m.gguf"), ARGS, "Q8_0", byte_vocab=True)
     assert cli.main(["generate", "-m", path, "--weights", "quantized", "--ray", "local", "hi"]) != 0
     assert "--ray runs converted checkpoints" in capsys.readouterr().err
 

@@ -43,10 +43,10 @@ def planned(arr, out_type: str):
     return (arr.shape[0], *row.shape[1:]), row.dtype, arr.shape[0] * row.nbytes, raw
 
 
-def gguf_writer(dst: str, args, file_type: int, tokenizer: bool = False):
+def gguf_writer(dst: str, args, file_type: int, tokenizer_model: str = "none"):
     """A GGUFWriter to dst + ".partial" holding llama metadata for `args` (file_type: llama.cpp's
-    LLAMA_FTYPE) and the tokenizer "none" (unless the caller adds one: tokenizer); the caller
-    adds the tensors and renames the file."""
+    LLAMA_FTYPE) and the tokenizer model (default "none": the caller adds a vocabulary for
+    another); the caller adds the tensors and renames the file."""
     import gguf
     w = gguf.GGUFWriter(dst + ".partial", "llama")
     w.add_block_count(args.n_layers)
@@ -60,8 +60,7 @@ def gguf_writer(dst: str, args, file_type: int, tokenizer: bool = False):
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(file_type)
-    if not tokenizer:
-        w.add_tokenizer_model("none")
+    w.add_tokenizer_model(tokenizer_model)
     return w
 
 

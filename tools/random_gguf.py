@@ -9,6 +9,12 @@ quantized from random float32 weights scaled like a trained model's (npllama.tes
 K-quants (Q4_K, Q5_K, Q6_K), which it cannot, are random blocks whose float16 scales are set
 so that each tensor has that same spread. Norms are F32. For llama.cpp's own quantization of
 a file, write F16 and run llama-quantize on it.
+
+--byte-vocab gives the file a tokenizer both llama.cpp and npllama run: byte-level BPE with
+no merges (each byte of the text one token, 256 of them) and <|bos|>, <|eos|>, BOS added;
+--tiny makes the model small enough to record what llama.cpp computes with it:
+
+    python tools/random_gguf.py tiny.gguf --type F32 --tiny --byte-vocab
 """
 import argparse
 import os
@@ -18,7 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from npllama.model.config import ModelArgs  # noqa: E402
 from npllama.model.quant import BY_NAME, SCALE_OFFSETS, TYPES, dequantize  # noqa: E402
+from npllama.text.tokenizer_import import gpt2_byte_decoder  # noqa: E402
 
 ROWS_PER_CHUNK = 4096   # quantized this many rows at a time: gguf's quantize makes temporaries
 SAMPLE_BLOCKS = 1 << 16
@@ -69,27 +77,28 @@ def tensor(rng, name: str, shape: tuple, qtype: int):
     return np.concatenate(parts), qtype
 
 
-def add_byte_vocabulary(w, vocab_size: int) -> None:
-    """A byte-level BPE vocabulary of vocab_size tokens: the 256 bytes (GPT-2's stand-ins, no
-    merges), then ChatML's control tokens (<|im_end|> the eos) and reserved ones."""
-    from npllama.text.tokenizer_import import gpt2_byte_decoder
-    if vocab_size < 258:
-        raise ValueError(f"a byte vocabulary needs at least 258 tokens, not {vocab_size}")
-    alphabet = sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get)
-    control = ["<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(vocab_size - 258)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(alphabet + control)
-    w.add_token_types([1] * 256 + [3] * len(control))
+BYTE_VOCAB = 258     # 256 byte tokens, <|bos|>, <|eos|>
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=16, norm_eps=1e-5,
+            rope_theta=10000.0, max_seq_len=64)
+
+
+def add_byte_vocab(w) -> None:
+    """A byte-level BPE vocabulary without merges: ids 0..255 GPT-2's stand-ins for the bytes
+    in byte order, then the control tokens <|bos|> (256, added) and <|eos|> (257)."""
+    w.add_tokenizer_pre("default")
+    w.add_token_list(sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get) + ["<|bos|>", "<|eos|>"])
+    w.add_token_types([1] * 256 + [3, 3])
     w.add_token_merges([])
+    w.add_bos_token_id(256)
     w.add_eos_token_id(257)
+    w.add_add_bos_token(True)
 
 
 def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, types: dict | None = None,
-          tokenizer: bool = False) -> str:
+          byte_vocab: bool = False) -> str:
     """A random GGUF of `args` at dst, its matrices in `qtype` (a name such as "Q4_K" or a
-    ggml type id) but for those `types` names (Meta's tensor name -> type); tokenizer: with
-    a byte vocabulary (add_byte_vocabulary) instead of none."""
+    ggml type id) but for those `types` names (Meta's tensor name -> type); byte_vocab: with
+    the byte-level vocabulary (add_byte_vocab; args.vocab_size must be BYTE_VOCAB)."""
     import gguf
 
     from npllama.io.formats.names import meta_to_gguf
@@ -99,9 +108,11 @@ def write(dst: str, args, qtype: str | int, seed: int = 0, tied: bool = False, t
     qtype = as_id(qtype)
     per_name = {n: as_id((types or {}).get(n, qtype)) for n in expected_shapes(args)}
     shapes = {n: s for n, s in expected_shapes(args).items() if not (tied and n == "output.weight")}
-    w = gguf_writer(dst, args, 0 if qtype == 0 else 1, tokenizer)
-    if tokenizer:
-        add_byte_vocabulary(w, args.vocab_size)
+    if byte_vocab and args.vocab_size != BYTE_VOCAB:
+        raise ValueError(f"the byte vocabulary has {BYTE_VOCAB} tokens, the model {args.vocab_size}")
+    w = gguf_writer(dst, args, 0 if qtype == 0 else 1, "gpt2" if byte_vocab else "none")
+    if byte_vocab:
+        add_byte_vocab(w)
     for name, shape in shapes.items():   # the table first, from the shapes: sizes are known
         raw = per_name[name] if len(shape) == 2 else 0
         _, block, size = TYPES[raw]
@@ -129,8 +140,11 @@ def main():
     p.add_argument("--preset", default="llama3.2-1b")
     p.add_argument("--head", choices=sorted(BY_NAME), help="the output head's type (a Q4_K_M file's is Q6_K)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="instead of a preset, TINY (2 layers of 64, vocabulary 258)")
+    p.add_argument("--byte-vocab", action="store_true", help="a byte-level vocabulary (needs --tiny's 258 tokens)")
     a = p.parse_args()
-    write(a.dst, preset(a.preset), a.type, a.seed, types={"output.weight": a.head} if a.head else None)
+    write(a.dst, ModelArgs(**TINY) if a.tiny else preset(a.preset), a.type, a.seed,
+          types={"output.weight": a.head} if a.head else None, byte_vocab=a.byte_vocab)
     print(f"wrote {a.dst}", file=sys.stderr)
 
 

@@ -7,7 +7,9 @@ entries of the npllama tensor its name maps to (namemaps "llamacpp"), in forward
 and the first tensor outside tolerance is named."""
 from __future__ import annotations
 
+import gzip
 import re
+import zlib
 
 import numpy as np
 
@@ -17,6 +19,29 @@ from .namemaps import compiled, map_name
 
 HEADER = re.compile(r"^common_debug_cb_eval:\s+(.+?) = \((\w+)\)\s+(\w+)\(.*\) = \{(\d+), (\d+), (\d+), (\d+)\}$")
 EDGE = 3        # values printed at each end of an axis (common_debug_print_tensor's n)
+MAX_DUMP_BYTES = 256 << 20   # a dump of an 8B model's prompt is tens of MB; a gzip bomb stops here
+MARK = b"common_debug_cb_eval:"
+
+
+def read_dump(path: str) -> str | None:
+    """A llama-eval-callback dump's text (gzipped or not), or None when path is not one (its
+    first line is not a node's). Reads at most MAX_DUMP_BYTES of text."""
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw) if gz else raw
+            text = f.read(len(MARK))
+            if text != MARK:
+                return None
+            text += f.read(MAX_DUMP_BYTES + 1 - len(MARK))
+    except (IsADirectoryError, FileNotFoundError, PermissionError):
+        return None
+    except (OSError, EOFError, zlib.error) as e:
+        raise UsageError(f"{path}: not a readable gzip file ({e})") from None
+    if len(text) > MAX_DUMP_BYTES:
+        raise UsageError(f"{path}: over {MAX_DUMP_BYTES >> 20} MiB of dump text")
+    return text.decode("utf-8", "replace")
 
 
 def shown(n: int) -> list[int]:
@@ -26,25 +51,36 @@ def shown(n: int) -> list[int]:
 def parse(text: str, where: str = "dump") -> dict[str, dict]:
     """{node name[OP]: {"ne": (ne0..ne3), "values": (rows, cols) array, "sum": float}} for
     every float node the dump printed (the last of a name and op printed twice)."""
-    out, node = {}, None
-    for line in text.splitlines():
+    out, node, key = {}, None, None
+    for n, line in enumerate(text.splitlines(), 1):
         m = HEADER.match(line)
         if m:
             name, op, ne = m.group(1), m.group(3), tuple(int(m.group(i)) for i in range(4, 8))
             node = {"ne": ne, "rows": [], "sum": None} if m.group(2) in ("f32", "f16", "bf16") else None
+            key = f"{name}[{op}]"
             if node is not None:
-                out[f"{name}[{op}]"] = node
+                out[key] = node
         elif node is not None and line.strip().startswith("[") and line.strip().endswith("],") and "[" not in \
                 line.strip()[1:]:
-            node["rows"].append([float(v) for v in line.strip()[1:-2].replace("...,", "").split(",") if v.strip()])
+            node["rows"].append([number(v, where, n) for v in line.strip()[1:-2].replace("...,", "").split(",")
+                                 if v.strip()])
         elif node is not None and line.strip().startswith("sum = "):
-            node["sum"] = float(line.split("=")[1])
+            node["sum"] = number(line.split("=")[1], where, n)
     for key, node in out.items():
         try:
             node["values"] = np.array(node.pop("rows"), dtype=np.float64)
         except ValueError:
             raise UsageError(f"{where}: {key}: ragged values (not llama-eval-callback output)") from None
+        if node["sum"] is None:
+            raise UsageError(f"{where}: {key}: no sum line (not llama-eval-callback output)")
     return out
+
+
+def number(text: str, where: str, line: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{where}: line {line}: {text.strip()[:40]!r} is not a number") from None
 
 
 def trace_names(dump: dict) -> dict[str, str]:
@@ -77,13 +113,15 @@ def sampled(x: np.ndarray, ne: tuple, name: str) -> tuple[np.ndarray, float]:
     return np.array(rows), float(x.sum())
 
 
-def compare_dump(dump: dict, tr: dict, rtol: float, out=None) -> tuple[bool, str | None, list]:
+def compare_dump(dump: dict, tr: dict, rtol: float, out=None, allow_missing: bool = False) -> tuple:
     """Each node of the dump against npllama's trace tr, in forward order: printed values
     within rtol * max |npllama tensor| + half the print's last digit, and the sum within rtol
-    * sum |npllama tensor|. Returns (all within, first outside, rows)."""
-    rows, first = [], None
+    * sum |npllama tensor|. Strict: a mapped node the trace lacks fails unless
+    allow_missing. Returns (all within, first outside, rows)."""
+    rows, first, missing = [], None, []
     for name, key in sorted(trace_names(dump).items(), key=lambda kv: forward_key(kv[0])):
         if name not in tr:
+            missing.append(name)
             continue
         node = dump[key]
         ours, total = sampled(tr[name], node["ne"], name)
@@ -94,11 +132,16 @@ def compare_dump(dump: dict, tr: dict, rtol: float, out=None) -> tuple[bool, str
         rows.append((name, key, err / max(scale, 1e-30), sum_err, ok))
         first = first or (None if ok else name)
     if out is not None:
+        print(f"{'tensor':<28} {'llama.cpp node':<24} {'max rel':>10} {'sum err':>11}", file=out)
         for name, key, rel, sum_err, ok in rows:
             mark = "  <-- first outside tolerance" if name == first else ("  x" if not ok else "")
             print(f"{name:<28} {key:<24} {rel:10.2e} {sum_err:11.3e}{mark}", file=out)
-        print(f"compared {len(rows)} llama.cpp tensors; " + ("all within tolerance" if first is None else
-              f"first outside tolerance: {first}"), file=out)
+        print(f"compared {len(rows)} of the dump's {len(rows) + len(missing)} mapped tensors; "
+              + ("all within tolerance" if first is None else f"first outside tolerance: {first}"), file=out)
+        if missing:
+            print(f"{'allowed' if allow_missing else 'FAIL'}: {len(missing)} missing from the trace, e.g. "
+                  f"{', '.join(missing[:3])}" + ("" if allow_missing else " (--allow-missing compares only the shared "
+                                                 "ones)"), file=out)
     if not rows:
         raise UsageError("the dump shares no tensor with the trace")
-    return first is None, first, rows
+    return first is None and (allow_missing or not missing), first, rows
