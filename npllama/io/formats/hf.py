@@ -11,12 +11,14 @@ import struct
 
 import numpy as np
 
-from ...model.config import ModelArgs
 from ...errors import CheckpointError, ConfigError
-from .names import hf_to_meta, hf_to_meta_qk
-from .source import Source
+from ...model.config import ModelArgs
+from ...text.tokenizer import spec_json
+from ...text.tokenizer_import import hf_tokenizer_spec
 from ...untrusted import (check_extent, check_shape, describe, field, file_size, inside, map_array, numel, open_inside,
                           open_regular, parse_json, read_json)
+from .names import hf_to_meta, hf_to_meta_qk
+from .source import Source
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit
@@ -166,8 +168,6 @@ def read_hf(src: str) -> Source:
         return arr
 
     nbytes = sum(numel(s) * min(d.itemsize, 4) for _, d, s, _ in where.values())
-    from ...text.tokenizer import spec_json
-    from ...text.tokenizer_import import hf_tokenizer_spec
     spec = hf_tokenizer_spec(src)     # tokenizer.json (+ tokenizer_config, generation_config), when there
     extra, data = {}, {}
     if spec is not None:
