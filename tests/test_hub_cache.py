@@ -112,7 +112,7 @@ def test_two_processes_converting_at_once_share_the_first_result(ggufs, cache, m
         with pytest.raises(UsageError, match="already exists"):
             real(src, dst, **kw)
         raise UsageError(f"{dst}: already exists")   # what this process's conversion ended in
-    monkeypatch.setattr(npllama.io.convert, "convert", racing)
+    monkeypatch.setattr(hub, "convert", racing)   # the name the hub calls
     out = hub.resolve_model(str(a))
     assert os.stat(os.path.join(out, "index.json")).st_ino == seen[0]
     assert "Be brief." in template(out)
