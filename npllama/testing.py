@@ -186,7 +186,7 @@ def hf_config(args: ModelArgs, tied: bool) -> dict:
 # --- the check -----------------------------------------------------------------------------
 
 # float32: npllama agrees with HF transformers and Meta's reference to ~5e-7 of the logit
-# scale (tests/test_model.py); 1e-5 leaves room for summation order over a few layers and none
+# scale (tests/model/test_model.py); 1e-5 leaves room for summation order over a few layers and none
 # for a wrong operation (those show as 1e-3 or more). bfloat16: 2^-6 of the logit scale, two
 # bf16 ulps at that scale rounded down to a power of two (npllama is within 1.5 of Meta's own
 # bf16 run); a missing or extra rounding shows as many more.

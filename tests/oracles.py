@@ -13,6 +13,9 @@ from npllama import ModelArgs
 from npllama.io.formats.names import gguf_to_meta
 from npllama.testing import random_weights  # noqa: F401  (the strategies' weights, used by every test here)
 
+TESTS = os.path.dirname(os.path.abspath(__file__))      # tests/, its data/ and these helpers
+ROOT = os.path.dirname(TESTS)                           # the tree (or CI's copy) holding tools/ and README.md
+
 
 def small_args(**kw) -> ModelArgs:
     base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,

@@ -12,7 +12,7 @@ symbolic link leading out) and runs npllama's reader on the result in a worker p
 with an address-space limit. A case passes when the reader returns data that is in
 bounds (the output re-reads and every value is touched) or raises npllama's own error
 naming a file of the case; anything else (another exception, a crash, a hang, memory
-beyond the limit) fails. The test suite (tests/test_fuzz.py) runs a few hundred cases
+beyond the limit) fails. The test suite (tests/hostile/test_fuzz.py) runs a few hundred cases
 with hypothesis; this runs for as long as asked and keeps failing cases under --keep.
 
 A new target is a seed writer and a reader: add them to TARGETS.

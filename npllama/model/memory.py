@@ -1,7 +1,7 @@
 """The memory model: what a model's weights, KV cache and forward pass occupy, so that a
 context that cannot fit is refused before anything is allocated (a clear error, not the
 kernel's OOM killer), and the default context is the longest that fits, up to the context
-the model was trained for. `npllama memory` prints it; tests/test_long.py holds a real
+the model was trained for. `npllama memory` prints it; tests/model/test_long.py holds a real
 run's peak RSS to it."""
 from __future__ import annotations
 

@@ -195,7 +195,7 @@ def flash_attention(xq: np.ndarray, keys: np.ndarray, values: np.ndarray, start_
     row keeps the largest score m seen so far, the sum l of exp(score - m) and the output o
     weighted the same way; a key block that raises m rescales l and o by exp(m_old - m_new).
     The result is the exact softmax-weighted sum; only the float32 rounding differs from
-    `attention` (tests/test_long.py says by how much). Key blocks wholly after a query
+    `attention` (tests/model/test_long.py says by how much). Key blocks wholly after a query
     block's last position are skipped: the causal mask would zero them."""
     B, T, n_heads, head_dim = xq.shape
     n_kv_heads = keys.shape[2]

@@ -4,7 +4,7 @@ A quantized tensor of shape (rows, cols) is rows * (cols / block) blocks of `typ
 each (ggml's layout: a row is a whole number of blocks). Each block holds one or two float16
 scales and small integers; its values are scale * q (+ min), each product and sum rounded to
 float32 in the order the `gguf` library's dequantize uses, so the result is bit-identical to
-it (tests/test_quant.py checks every type against it). numpy has no fused multiply-add, so
+it (tests/model/test_quant.py checks every type against it). numpy has no fused multiply-add, so
 the order written here is the order computed.
 
 NaN or infinite scales are refused (WeightError naming the tensor) rather than widened: a

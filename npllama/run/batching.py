@@ -11,7 +11,7 @@ Generator.stream seeds it).
 
 Same tokens as alone: the attention of each row is exactly its single-sequence attention; the
 projections are one GEMM over all rows, and BLAS may sum a row of a GEMM in another order
-than the GEMV of a single sequence. tests/test_serve_engine.py measures it: see README,
+than the GEMV of a single sequence. tests/serve/test_serve_engine.py measures it: see README,
 Serving, for whether the logprobs are bit-identical.
 
 Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps

@@ -22,6 +22,8 @@ from npllama.errors import UsageError
 from npllama.io.formats.meta_pth import PthFile, mp_axis
 from oracles import hf_logits, hf_model, random_weights, small_args
 
+pytestmark = pytest.mark.torch
+
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=128)  # splits 4 ways
 
 

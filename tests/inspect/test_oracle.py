@@ -17,8 +17,10 @@ from npllama.inspect.hooks import TorchHooks
 from npllama.inspect.locate import to_rotate_half
 from npllama.model.model import Transformer
 from npllama.testing import check_against_reference, checkpoints, chunk_schedules, data_tokens
-from oracles import random_weights, small_args
+from oracles import TESTS, random_weights, small_args
 from port import Port
+
+pytestmark = [pytest.mark.torch, pytest.mark.network]
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=2, vocab_size=300)
 TOKENS = np.random.default_rng(0).integers(0, 300, 12)
@@ -194,7 +196,7 @@ def test_a_hostile_bundle_is_one_error_naming_it(tmp_path):
 # largest printed-value error over the dump's 453 tensors is 5.8e-2 of the tensor's scale
 # (layers.17.attention), so 0.1; a wrong RoPE pairing is ~1.
 LLAMACPP_RTOL = 0.1
-DUMP = os.path.join(os.path.dirname(__file__), "data", "llamacpp", "eval-callback-smollm2-q4_1.txt.gz")
+DUMP = os.path.join(TESTS, "data", "llamacpp", "eval-callback-smollm2-q4_1.txt.gz")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from npllama.bench import peers as bench
 from npllama.io import checkpoint
+from oracles import ROOT
 
 
 def test_bench_runs_end_to_end_with_torch_and_bounds(tmp_path):
@@ -34,7 +35,7 @@ def test_random_tensor_tiles_a_block():
     assert t.shape == (3, 4) and np.array_equal(t.ravel(), np.resize(block, 12))
 
 
-LIMITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_limits.py")
+LIMITS = os.path.join(ROOT, "tools", "bench_limits.py")
 
 
 def run_limits(*argv):

@@ -15,6 +15,8 @@ from npllama.io.formats import meta_pth
 from npllama.io.formats.meta_pth import PthFile
 from test_hostile import FakeStorage, FakeTensor, write_pth
 
+pytestmark = pytest.mark.torch
+
 
 def text(s: str) -> bytes:
     return b"X" + struct.pack("<I", len(s)) + s.encode()    # BINUNICODE

@@ -2,7 +2,6 @@
 template, a fine-tune's template with a default system prompt; SmolLM2's ChatML template is
 in test_smollm2.py), and hostile templates stopped within bounds."""
 import copy
-import time
 import tracemalloc
 
 import pytest
@@ -14,7 +13,9 @@ from npllama.errors import TokenizerError, UsageError
 from npllama.text.tokenizer import chat_format, load
 from oracles import llama31_instruct_tokenizer_dir
 from test_hf_tokenizer import converted
-from test_tokenizer import TEXT
+from text_strategies import TEXT
+
+pytestmark = pytest.mark.network
 
 # A fine-tune's template (Llama 3 headers) with a default system prompt, using the globals
 # and extensions transformers provides: strftime_now, dict, namespace, raise_exception,
@@ -205,22 +206,22 @@ HOSTILE = {
 def test_hostile_template_is_stopped_within_bounds(finetune, monkeypatch, name):
     monkeypatch.setattr(chat_template, "TIME_LIMIT", 0.5)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises((UsageError, TokenizerError), match="chat template"):
             ChatTemplate(finetune, HOSTILE[name]).encode_dialog_prompt([{"role": "user", "content": "hi"}])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # Bounds: 0.5 s of rendering (checked per line; measured at most 0.9 s, the limit here is
-    # loose for a busy machine), and what it builds (32M characters; measured at most 33 MB;
-    # an unbounded template reaches gigabytes).
-    assert time.perf_counter() - t0 < 10
+    # The render runs in the confined worker, stopped by its budgets (0.5 s of rendering here,
+    # 32M characters built) or the OS's limits: the error above is the stop. This process
+    # receives at most the output cap (an unbounded template reaches gigabytes). Wall time is
+    # not asserted: on a busy machine the worker's start alone can take seconds.
     assert peak < 200e6, f"{peak / 1e6:.0f} MB"
 
 
 def test_real_templates_are_far_inside_the_bounds(ours):
-    t0 = time.perf_counter()
+    # Rendering 200,000 tokens of conversation without an error is the check: the budgets
+    # above would have stopped it (the time limit included) with one.
     long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(101)]
     ids = chat_format(ours).encode_dialog_prompt(long)
-    assert len(ids) > 200_000 and time.perf_counter() - t0 < chat_template.TIME_LIMIT
+    assert len(ids) > 200_000

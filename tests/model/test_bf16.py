@@ -1,9 +1,12 @@
 """bf16 rounding against torch's own float32 -> bfloat16 conversion, bit for bit."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from npllama.model import bf16
+
+pytestmark = pytest.mark.torch
 
 
 def torch_bits(x: np.ndarray) -> np.ndarray:

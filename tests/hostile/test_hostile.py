@@ -20,9 +20,11 @@ import npllama
 from npllama.io import checkpoint
 from npllama.io.convert import convert
 from npllama.errors import CheckpointError, ConfigError, UsageError, WeightError
-from oracles import random_weights, small_args, write_random_model
+from oracles import ROOT, random_weights, small_args, write_random_model
 
 from tools import fuzz
+
+pytestmark = pytest.mark.torch
 
 ARGS = small_args(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, multiple_of=32)
 PARAMS = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 8, "multiple_of": 32}
@@ -446,7 +448,7 @@ def test_compare_given_a_npy_and_trace_hf_without_torch(tmp_path):
     # torch missing: a stand-in package that fails to import, first on the path
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "trace_hf.py")
+    tool = os.path.join(ROOT, "tools", "trace_hf.py")
     r = subprocess.run([sys.executable, tool, "hi", "-o", str(tmp_path / "t.npz")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
     one_line_error(r, "needs torch and transformers", "pip install")

@@ -19,6 +19,8 @@ from npllama.errors import UsageError
 from npllama.model.model import Transformer
 from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
 
+pytestmark = pytest.mark.torch
+
 PACKAGE = os.path.dirname(os.path.abspath(npllama.__file__))
 
 

@@ -68,7 +68,7 @@ def test_completion_equals_generator_alone_with_logprobs(tiny, weights):
     r = tiny.client().completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=0, logprobs=2)
     ref = alone(weights, TOK.encode("Once", bos=TOK.add_bos), 10)
     assert r.choices[0].text == TOK.decode(ref.tokens) and r.usage.completion_tokens == 10
-    # 1e-4: a GEMM row against a GEMV, float32 summation order (tests/test_serve_engine.py)
+    # 1e-4: a GEMM row against a GEMV, float32 summation order (tests/serve/test_serve_engine.py)
     np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs, ref.logprobs, atol=1e-4, rtol=0)
     # OpenAI's shape keys them by text: two byte tokens that decode to U+FFFD share a key
     assert all(1 <= len(t) <= 2 and max(t.values()) >= lp - 1e-6

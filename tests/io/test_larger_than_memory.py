@@ -13,8 +13,10 @@ import pytest
 import npllama
 from npllama.model import bf16, weights
 from npllama.io.checkpoint import write_checkpoint
-from oracles import gguf_float32, random_weights, small_args
+from oracles import ROOT, TESTS, gguf_float32, random_weights, small_args
 from tools.random_gguf import write as write_gguf
+
+pytestmark = pytest.mark.slow
 
 FP32_TOL = 1e-5   # float32, only the summation order inside the matmuls differs (as test_model's)
 
@@ -114,7 +116,6 @@ def greedy_logits(model, steps: int = 1) -> np.ndarray:
 
 ARGS = small_args(dim=512, n_heads=8, n_kv_heads=4, n_layers=4, vocab_size=32000, multiple_of=256)
 HEADROOM = 64 * 2**20
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -157,7 +158,7 @@ def test_a_quantized_model_whose_float32_copy_exceeds_the_cap_runs_quantized(tmp
     assert np.abs(got - want).max() < FP32_TOL * np.abs(want).max()
 
 
-SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_scale.py")
+SCALE = os.path.join(ROOT, "tools", "bench_scale.py")
 
 
 def test_scale_tool_measures_and_plans(tmp_path):

@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from npllama import Transformer
 from npllama.errors import MissingDependencyError
 from npllama.testing import check_against_reference, checkpoints, data_tokens, model_args, random_weights, to_hf
-from oracles import meta_logits, meta_model, small_args
+from oracles import ROOT, meta_logits, meta_model, small_args
+
+pytestmark = pytest.mark.torch
 
 def hf_forward(args, weights, config_changes=(), keep_meta_qk=False):
     """HF transformers' LlamaForCausalLM on to_hf's state dict and config, as the README's
@@ -35,7 +37,7 @@ def hf_forward(args, weights, config_changes=(), keep_meta_qk=False):
     return forward
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(ROOT, "README.md")
 
 
 def test_the_readme_example_passes_for_hf_transformers():

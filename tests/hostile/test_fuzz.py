@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tools import fuzz
 
+pytestmark = pytest.mark.slow
+
 BATCH = 30
 def plan(target):
     kinds = fuzz.TARGETS[target].kinds or fuzz.KINDS

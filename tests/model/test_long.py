@@ -18,7 +18,9 @@ from npllama.model import bf16, memory, model as model_module, ops
 from npllama.inspect import tracefile as tracing
 from npllama.errors import UsageError
 from npllama.model.model import Transformer
-from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
+from oracles import TESTS, hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 SEEDS = st.integers(0, 2**31 - 1)
 U = 2.0**-24  # float32 unit roundoff
@@ -240,7 +242,7 @@ def test_long_prompt_on_many_heads_stays_within_the_memory_model(dtype, T):
     # 4,096 tokens on 32 heads: the unblocked attention would hold 3 x 2 GiB of scores (bf16
     # numerics, slower: 2,048 tokens, 3 x 0.5 GiB).
     import json
-    tests = os.path.dirname(os.path.abspath(__file__))
+    tests = TESTS
     r = subprocess.run([sys.executable, "-c", LONG_RUN, tests, str(T), dtype], capture_output=True, text=True,
                        timeout=600, cwd=os.path.dirname(tests))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -16,7 +16,7 @@ from tools.random_gguf import BYTE_VOCAB, write
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=256,
                  max_seq_len=64)
 STEPS = 10
-# The two runs' logits differ only by float32 summation order (tests/test_quant_model.py:
+# The two runs' logits differ only by float32 summation order (tests/model/test_quant_model.py:
 # within 1e-5 of their scale), so greedy picks the same token wherever the reference's best
 # two log-probabilities are further apart than that; the test checks its own data has that
 # margin at every step rather than hoping for it.

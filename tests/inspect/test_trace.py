@@ -18,8 +18,10 @@ from npllama.inspect import golden as golden_module
 from npllama.model import observer
 from npllama.model.model import Transformer
 from npllama.text.tokenizer import load as load_tokenizer
-from oracles import (hf_logits, hf_model, hf_trace, llama3_tokenizer_path, meta_model, meta_trace, random_weights,
+from oracles import (ROOT, hf_logits, hf_model, hf_trace, llama3_tokenizer_path, meta_model, meta_trace, random_weights,
                      small_args, write_random_model)
+
+pytestmark = pytest.mark.torch
 
 ARGS = small_args(dim=128, n_heads=8, n_kv_heads=2, n_layers=2, vocab_size=300)
 TOKENS = np.random.default_rng(0).integers(0, 300, 24)
@@ -190,7 +192,7 @@ def test_walkthrough_runs_and_checks_itself(tmp_path, dtype):
     # head_dim 128 and 4 query heads per KV head, as Llama 3 8B; Llama 3's tokenizer: 17 tokens.
     args = small_args(dim=512, n_heads=4, n_kv_heads=1, vocab_size=128256, max_seq_len=64)
     model_dir = write_random_model(str(tmp_path / "m"), args, llama3_tokenizer_path())
-    tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "walkthrough.py")
+    tool = os.path.join(ROOT, "tools", "walkthrough.py")
     r = subprocess.run([sys.executable, tool, "-m", model_dir, "--dtype", dtype], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -16,6 +16,8 @@ from npllama.run.generate import Generator
 from npllama.text.tokenizer import chat_format, load as load_tokenizer
 from oracles import llama31_instruct_tokenizer_dir
 
+pytestmark = [pytest.mark.torch, pytest.mark.network]
+
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 16
 

@@ -21,6 +21,8 @@ from npllama.inspect import perplexity as pp
 from npllama.errors import UsageError
 from oracles import random_weights, small_args, write_byte_model
 
+pytestmark = pytest.mark.torch
+
 ARGS = small_args(vocab_size=97, max_seq_len=64)   # odd vocabulary: base-file rows carry one padding entry
 W = random_weights(ARGS, seed=3)
 

@@ -26,11 +26,11 @@ from test_serve_engine import run_mix
 from test_serve_http import KEY, Server
 
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ARGS = small_args(dim=64, n_heads=4, n_kv_heads=2, n_layers=4, vocab_size=260, max_seq_len=256)
 TOK = byte_tokenizer()
 # A GEMM over other rows than the one-machine engine's (other microbatches): float32
-# summation order only, a few ulps of logits ~10 (tests/test_serve_engine.py's bound).
+# summation order only, a few ulps of logits ~10 (tests/serve/test_serve_engine.py's bound).
 TOL = 1e-4
 
 

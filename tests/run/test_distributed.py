@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ from oracles import (byte_tokenizer, llama3_tokenizer_path, random_weights, smal
                      write_random_model)
 
 ARGS = small_args(n_layers=4, vocab_size=260, max_seq_len=64)   # byte_tokenizer's vocabulary
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.network, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -206,11 +205,10 @@ def test_a_killed_stage_is_a_clear_error_not_a_hang(ray_runtime, untied):
     try:
         pipe.forward(TOKENS)
         os.kill(pipe.info[1]["pid"], signal.SIGKILL)
-        t0 = time.time()
+        # Found dead (ActorDiedError), not waited out: the 120 s timeout gives another message.
         with pytest.raises(StageError, match=r"^stage 1 \(layers \d\.\.\d\) on node .+ died during a forward pass "
                                              r"\(ActorDiedError: .*start the pipeline again"):
             pipe.forward(TOKENS[-1:], start_pos=len(TOKENS), last_only=True)
-        assert time.time() - t0 < 60            # found dead, not waited out (the timeout is 120 s)
         with pytest.raises(StageError, match="stage 1 .* died"):
             pipe.forward(TOKENS)                # and it stays an error
     finally:

@@ -13,6 +13,8 @@ from hypothesis import given, settings, strategies as st
 from npllama.model import bf16, ops
 from oracles import hf_rope_frequencies, meta_attention, meta_function, meta_reference, meta_rope_frequencies
 
+pytestmark = pytest.mark.torch
+
 SEEDS = st.integers(0, 2**31 - 1)
 
 

@@ -16,7 +16,9 @@ from npllama.io import checkpoint, hub
 from npllama.run.generate import Generator
 from npllama.text.tokenizer import chat_format, load as load_tokenizer
 from oracles import hf_logits, hf_model
-from test_tokenizer import RECENT_TEXT
+from text_strategies import RECENT_TEXT
+
+pytestmark = [pytest.mark.torch, pytest.mark.network, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

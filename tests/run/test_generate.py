@@ -9,6 +9,8 @@ from npllama import Transformer
 from npllama.run.generate import Generator, SamplingParams, sample, top_k_filter, top_p_filter
 from oracles import byte_tokenizer, hf_model, meta_function, random_weights, small_args
 
+pytestmark = pytest.mark.torch
+
 ARGS = small_args(dim=128, n_heads=4, n_kv_heads=2, vocab_size=260, max_seq_len=128)
 TOK = byte_tokenizer()
 

@@ -13,6 +13,9 @@ import pytest
 from npllama import hub
 from npllama.cli.common import open_model
 from npllama.text.tokenizer import chat_format
+from oracles import ROOT
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -23,7 +26,7 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 def server():
     hub.default_model()   # fetched/converted before the server needs it
     p = subprocess.Popen([sys.executable, "-m", "npllama", "serve", "--port", "0", "--slots", "2", "--ctx", "512"],
-                         stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = ""
     timer = threading.Timer(300, p.kill)   # a server that never comes up fails the test, not the run
     timer.start()
@@ -56,7 +59,7 @@ def test_chat_stream_and_logprobs_equal_generator_alone(server):
     assert r.choices[0].message.content == text and "Paris" in text
     lps = r.choices[0].logprobs.content
     assert [bytes(e.bytes) for e in lps] == [tok.token_bytes(t) for t in ref.tokens]
-    # 1e-4: float32 GEMM row against GEMV summation order (tests/test_serve_engine.py)
+    # 1e-4: float32 GEMM row against GEMV summation order (tests/serve/test_serve_engine.py)
     np.testing.assert_allclose([e.logprob for e in lps], ref.logprobs, atol=1e-4, rtol=0)
     assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in lps)
     chunks = list(client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=24, temperature=0,

@@ -13,6 +13,8 @@ from npllama.model import bf16
 from npllama.testing import checkpoints, data_tokens
 from oracles import hf_logits, hf_model, meta_logits, meta_model, random_weights, small_args
 
+pytestmark = pytest.mark.torch
+
 
 def rel_err(a, b):
     """max |a - b| relative to the largest |b|: logits near zero make elementwise relative

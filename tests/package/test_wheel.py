@@ -13,7 +13,7 @@ import pytest
 
 
 def source_tree() -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("NPLLAMA_SOURCE_TREE") or pathlib.Path(__file__).resolve().parents[1])
+    root = pathlib.Path(os.environ.get("NPLLAMA_SOURCE_TREE") or pathlib.Path(__file__).resolve().parents[2])
     if not (root / "setup.cfg").is_file() or not (root / "npllama").is_dir():
         pytest.fail(f"no npllama source tree at {root}: set NPLLAMA_SOURCE_TREE")
     return root
