@@ -96,54 +96,81 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
         index = {"format": FORMAT, "version": FORMAT_VERSION, "converter": CONVERTER, "tensors": {}, "shards": {}}
         progress = Progress("convert", total_bytes, "GB", scale=1e9, stream=io.StringIO() if quiet else None)
-        shard_names: list[str] = []
-        zf = None
+        shards = _Shards(tmp, shard_bytes)
         for name, arr in tensors:
-            logical = "bfloat16" if arr.dtype == np.uint16 else arr.dtype.name
-            if logical not in STORAGE:
-                raise CheckpointError(f"{name}: unsupported dtype {arr.dtype}")
-            if dtype is not None and dtype != logical:
-                with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused just below, by name
-                    f32 = bf16.from_bits(arr) if logical == "bfloat16" else arr.astype(np.float32)
-                    arr = bf16.to_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
-                logical = dtype
-            arr = np.ascontiguousarray(arr)
-            if not allow_nonfinite:
-                check_finite(name, arr, logical)
-            header = _npy_header(arr)
-            if zf is None or (zf.fp.tell() > 0 and zf.fp.tell() + arr.nbytes > shard_bytes):
-                if zf is not None:
-                    zf.close()
-                shard_names.append(f"shard-{len(shard_names) + 1:05d}.npz")
-                zf = zipfile.ZipFile(os.path.join(tmp, shard_names[-1]), "w", allowZip64=True)
-            zi = _aligned_zipinfo(name + ".npy", zf.fp.tell(), len(header) + arr.nbytes)
-            with zf.open(zi, "w") as out:
-                out.write(header)
-                out.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
-            index["tensors"][name] = {"shard": shard_names[-1], "dtype": logical, "shape": list(arr.shape)}
+            arr, logical = _stored(name, arr, dtype, allow_nonfinite)
+            index["tensors"][name] = {"shard": shards.add(name, arr), "dtype": logical, "shape": list(arr.shape)}
             progress.update(progress.done + arr.nbytes, name)
-        if zf is not None:
-            zf.close()
+        shards.close()
         progress.close(summary=True)
-        # Final names say how many shards there are, which is known only now.
-        renames = {s: f"model-{i + 1:05d}-of-{len(shard_names):05d}.npz" for i, s in enumerate(shard_names)}
-        for old, new in renames.items():
-            os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
-            index["shards"][new] = {"size": os.path.getsize(os.path.join(tmp, new)),
-                                    "sha256": sha256_file(os.path.join(tmp, new))}
-        for t in index["tensors"].values():
-            t["shard"] = renames[t["shard"]]
-        with open(os.path.join(tmp, "params.json"), "w") as f:
-            json.dump(args.to_dict(), f, indent=2)
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(index, f, indent=1)
-        for target, src in (extra_files or {}).items():
-            with open_regular(src) as fin, open(os.path.join(tmp, target), "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        for target, data in (extra_data or {}).items():
-            with open(os.path.join(tmp, target), "wb") as f:
-                f.write(data)
+        _finish(tmp, index, shards.names, args, extra_files or {}, extra_data or {})
     return index
+
+
+def _stored(name: str, arr: np.ndarray, dtype: str | None, allow_nonfinite: bool) -> tuple[np.ndarray, str]:
+    """A tensor as it is stored, converted to dtype if asked (bf16 as its uint16 bits), and
+    its logical dtype; a NaN or infinity in it refused (naming it) unless allowed."""
+    logical = "bfloat16" if arr.dtype == np.uint16 else arr.dtype.name
+    if logical not in STORAGE:
+        raise CheckpointError(f"{name}: unsupported dtype {arr.dtype}")
+    if dtype is not None and dtype != logical:
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflow is refused just below, by name
+            f32 = bf16.from_bits(arr) if logical == "bfloat16" else arr.astype(np.float32)
+            arr = bf16.to_bits(f32) if dtype == "bfloat16" else f32.astype(dtype)
+        logical = dtype
+    arr = np.ascontiguousarray(arr)
+    if not allow_nonfinite:
+        check_finite(name, arr, logical)
+    return arr, logical
+
+
+class _Shards:
+    """Uncompressed .npz shards of at most shard_bytes (a larger tensor gets one of its own),
+    each member's data aligned so that it can be memory-mapped in place."""
+
+    def __init__(self, folder: str, shard_bytes: int):
+        self.folder, self.shard_bytes, self.names, self.zf = folder, shard_bytes, [], None
+
+    def add(self, name: str, arr: np.ndarray) -> str:
+        """Write arr as member name.npy -> the (staging) name of the shard holding it."""
+        header = _npy_header(arr)
+        if self.zf is None or (self.zf.fp.tell() > 0 and self.zf.fp.tell() + arr.nbytes > self.shard_bytes):
+            self.close()
+            self.names.append(f"shard-{len(self.names) + 1:05d}.npz")
+            self.zf = zipfile.ZipFile(os.path.join(self.folder, self.names[-1]), "w", allowZip64=True)
+        zi = _aligned_zipinfo(name + ".npy", self.zf.fp.tell(), len(header) + arr.nbytes)
+        with self.zf.open(zi, "w") as out:
+            out.write(header)
+            out.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+        return self.names[-1]
+
+    def close(self) -> None:
+        if self.zf is not None:
+            self.zf.close()
+            self.zf = None
+
+
+def _finish(tmp: str, index: dict, shard_names: list[str], args: ModelArgs, extra_files: dict[str, str],
+            extra_data: dict[str, bytes]) -> None:
+    """The shards under their final names (which say how many there are, known only now),
+    with sizes and digests in the index; params.json, index.json and the extra files."""
+    renames = {s: f"model-{i + 1:05d}-of-{len(shard_names):05d}.npz" for i, s in enumerate(shard_names)}
+    for old, new in renames.items():
+        os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+        index["shards"][new] = {"size": os.path.getsize(os.path.join(tmp, new)),
+                                "sha256": sha256_file(os.path.join(tmp, new))}
+    for t in index["tensors"].values():
+        t["shard"] = renames[t["shard"]]
+    with open(os.path.join(tmp, "params.json"), "w") as f:
+        json.dump(args.to_dict(), f, indent=2)
+    with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    for target, src in extra_files.items():
+        with open_regular(src) as fin, open(os.path.join(tmp, target), "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    for target, data in extra_data.items():
+        with open(os.path.join(tmp, target), "wb") as f:
+            f.write(data)
 
 
 def finite_part(part: np.ndarray) -> np.ndarray:
