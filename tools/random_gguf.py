@@ -10,8 +10,8 @@ K-quants (Q4_K, Q5_K, Q6_K), which it cannot, are random blocks whose float16 sc
 so that each tensor has that same spread. Norms are F32. For llama.cpp's own quantization of
 a file, write F16 and run llama-quantize on it.
 
---byte-vocab gives the file a tokenizer both llama.cpp and npllama run: byte-level BPE with
-no merges (each byte of the text one token, 256 of them) and <|bos|>, <|eos|>, BOS added;
+--byte-vocab gives the file a tokenizer both llama.cpp and npllama run: byte-level BPE, each
+byte of the text one token (256 of them) but " t", merged, and <|bos|>, <|eos|>, BOS added;
 --tiny makes the model small enough to record what llama.cpp computes with it:
 
     python tools/random_gguf.py tiny.gguf --type F32 --tiny --byte-vocab
@@ -77,20 +77,21 @@ def tensor(rng, name: str, shape: tuple, qtype: int):
     return np.concatenate(parts), qtype
 
 
-BYTE_VOCAB = 258     # 256 byte tokens, <|bos|>, <|eos|>
+BYTE_VOCAB = 259     # 256 byte tokens, " t", <|bos|>, <|eos|>
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=16, norm_eps=1e-5,
             rope_theta=10000.0, max_seq_len=64)
 
 
 def add_byte_vocab(w) -> None:
-    """A byte-level BPE vocabulary without merges: ids 0..255 GPT-2's stand-ins for the bytes
-    in byte order, then the control tokens <|bos|> (256, added) and <|eos|> (257)."""
+    """A byte-level BPE vocabulary: ids 0..255 GPT-2's stand-ins for the bytes in byte order,
+    256 " t" (its one merge: llama.cpp refuses a vocabulary without merges), then the control
+    tokens <|bos|> (257, added) and <|eos|> (258)."""
     w.add_tokenizer_pre("default")
-    w.add_token_list(sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get) + ["<|bos|>", "<|eos|>"])
-    w.add_token_types([1] * 256 + [3, 3])
-    w.add_token_merges([])
-    w.add_bos_token_id(256)
-    w.add_eos_token_id(257)
+    w.add_token_list(sorted(gpt2_byte_decoder(), key=gpt2_byte_decoder().get) + ["Ġt", "<|bos|>", "<|eos|>"])
+    w.add_token_types([1] * 257 + [3, 3])
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(257)
+    w.add_eos_token_id(258)
     w.add_add_bos_token(True)
 
 
@@ -140,8 +141,8 @@ def main():
     p.add_argument("--preset", default="llama3.2-1b")
     p.add_argument("--head", choices=sorted(BY_NAME), help="the output head's type (a Q4_K_M file's is Q6_K)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="instead of a preset, TINY (2 layers of 64, vocabulary 258)")
-    p.add_argument("--byte-vocab", action="store_true", help="a byte-level vocabulary (needs --tiny's 258 tokens)")
+    p.add_argument("--tiny", action="store_true", help="instead of a preset, TINY (2 layers of 64, vocabulary 259)")
+    p.add_argument("--byte-vocab", action="store_true", help="a byte-level vocabulary (needs --tiny's 259 tokens)")
     a = p.parse_args()
     write(a.dst, ModelArgs(**TINY) if a.tiny else preset(a.preset), a.type, a.seed,
           types={"output.weight": a.head} if a.head else None, byte_vocab=a.byte_vocab)
