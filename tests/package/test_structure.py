@@ -17,7 +17,7 @@ from npllama.inspect import tracefile as tracing
 from npllama.model import observer
 from npllama.errors import UsageError
 from npllama.model.model import Transformer
-from oracles import hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
+from oracles import ROOT, hf_model, llama3_tokenizer_path, random_weights, small_args, write_random_model
 
 pytestmark = pytest.mark.torch
 
@@ -105,6 +105,68 @@ def test_the_model_core_imports_nothing_of_npllama_but_errors_and_itself():
     for m, deps in graph.items():
         if layer_of(m) == "model":
             assert {d for d in deps if layer_of(d) != "model"} <= allowed, m
+
+
+MAX_FUNCTION_LINES = 50
+# Imported inside the function that needs them, so that npllama runs without them.
+OPTIONAL_EXTRAS = ("torch", "ray", "fastapi", "uvicorn", "starlette", "matplotlib", "hypothesis", "threadpoolctl")
+
+
+def package_functions():
+    """(module, function node) for every function and method of the package."""
+    for m, path in sorted(package_modules().items()):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield m, node
+
+
+def test_no_function_is_longer_than_fifty_lines():
+    long = [f"{m}.{f.name}: {f.end_lineno - f.lineno + 1} lines" for m, f in package_functions()
+            if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+def test_functions_import_only_optional_extras():
+    """Every other import is at the top of its module, where a reader sees what it depends on."""
+    inner = []
+    for m, f in package_functions():
+        for node in ast.walk(f):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." if node.level else node.module or ""]
+            else:
+                continue
+            inner += [f"{m}.{f.name}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] not in OPTIONAL_EXTRAS]
+    assert inner == []
+
+
+def layout_table_modules(readme: str) -> set[str]:
+    """The module files the README's "How the code is laid out" table names: a cell's first
+    path has its folder (`model/bf16.py`), later ones in the cell share it (`tiled.py`)."""
+    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        cells = row.split("|")
+        if len(cells) < 4 or not cells[2].strip().startswith("`"):
+            continue
+        folder = ""
+        for path in re.findall(r"`([\w/]+\.py)`", cells[2]):
+            folder = os.path.dirname(path) or folder if "/" in path else folder
+            named.add(path if "/" in path else os.path.join(folder, path))
+    return named
+
+
+def test_the_readme_layout_table_names_every_module():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        named = layout_table_modules(f.read())
+    modules = {os.path.relpath(p, PACKAGE) for p in package_modules().values()}
+    listed_inits = {"__init__.py", "cli/__init__.py"}
+    expected = {p for p in modules if not p.endswith("__init__.py")} | listed_inits
+    assert sorted(expected - named) == [] and sorted(named - modules) == []
 
 
 def test_package_imports_have_no_cycles():

@@ -16,9 +16,10 @@ import npllama
 from npllama.errors import NpllamaError
 from npllama.inspect import logits, perplexity as pp, tracefile
 from npllama.io import checkpoint
+from oracles import TESTS
 from tools.random_gguf import TINY, write as write_gguf
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "llamacpp")
+DATA = os.path.join(TESTS, "data", "llamacpp")
 RECORDED = os.path.join(DATA, "perplexity-tiny-f32.kld")
 # the GGUF the recording was made from, rebuilt here from its seed; its digest is the one
 # the README gives, so the weights are those llama.cpp ran
