@@ -238,6 +238,21 @@ with open(sys.argv[1], "w") as f:
 """
 
 
+def test_jinja2_is_loaded_only_by_the_template_worker():
+    # Templates compile and render in the confined worker (text/template_sandbox.py): the
+    # command line's process, rendering one, never loads jinja2 (startup stays light).
+    probe = ("import sys, npllama.cli\n"
+             "from npllama.text.chat_template import ChatTemplate\n"
+             "from oracles import byte_tokenizer\n"
+             "ids = ChatTemplate(byte_tokenizer(), '{{ messages[0].content }}').encode_dialog_prompt("
+             "[{'role': 'user', 'content': 'hi'}])\n"
+             "print(len(ids), any(m.split('.')[0] == 'jinja2' for m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "False"]
+
+
 def test_normal_paths_import_no_torch(tmp_path):
     """torch, transformers and llama-models are cross-check oracles: importing npllama and
     running every command (bench without --vs torch) must not load them."""
