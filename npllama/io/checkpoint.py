@@ -37,7 +37,8 @@ STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "fl
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-from ..errors import CheckpointError, NonFiniteError, NpllamaError, UsageError, printable  # noqa: F401  (CheckpointError re-exported)
+from ..errors import (CheckpointError, NonFiniteError, NpllamaError, UsageError,  # noqa: F401  (re-exported)
+                      printable)
 
 
 # --- reading a zip member as an array, in place ----------------------------------------
@@ -69,8 +70,8 @@ class Progress:
         if self.quiet:
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {printable(name):<40} {self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB"
-                f"  {self.done / dt / 1e6:7.0f} MB/s")
+        line = (f"[{self.i:>{len(str(self.n))}}/{self.n}] {printable(name):<40} {self.done / 1e9:7.2f} / "
+                f"{self.total / 1e9:.2f} GB  {self.done / dt / 1e6:7.0f} MB/s")
         # On a terminal one line updates in place; in a log, a line per tensor.
         if self.stream.isatty():
             print("\r" + line, end="\n" if self.i == self.n else "", file=self.stream, flush=True)
@@ -102,7 +103,7 @@ def _npy_header(arr: np.ndarray) -> bytes:
 
 def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.ndarray]], total_bytes: int,
                      n_tensors: int, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     extra_files: dict[str, str] | None = None, extra_data: dict[str, bytes] | None = None,
+                     extra_files: dict | None = None, extra_data: dict[str, bytes] | None = None,
                      force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> dict:
     """Stream (name, array) pairs into a checkpoint directory, atomically.
 
@@ -158,8 +159,9 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
             json.dump(args.to_dict(), f, indent=2)
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump(index, f, indent=1)
-        for target, src in (extra_files or {}).items():
-            with open_regular(src) as fin, open(os.path.join(tmp, target), "wb") as fout:
+        for target, src in (extra_files or {}).items():   # a path, or a file already opened and checked
+            fin = src if hasattr(src, "read") else open_regular(src)
+            with fin, open(os.path.join(tmp, target), "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
         for target, data in (extra_data or {}).items():
             with open(os.path.join(tmp, target), "wb") as f:
