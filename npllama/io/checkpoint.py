@@ -81,7 +81,7 @@ def _npy_header(arr: np.ndarray) -> bytes:
 
 def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.ndarray]], total_bytes: int,
                      n_tensors: int, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     extra_files: dict[str, str] | None = None, extra_data: dict[str, bytes] | None = None,
+                     extra_files: dict | None = None, extra_data: dict[str, bytes] | None = None,
                      force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> dict:
     """Stream (name, array) pairs into a checkpoint directory, atomically.
 
@@ -165,8 +165,9 @@ def _finish(tmp: str, index: dict, shard_names: list[str], args: ModelArgs, extr
         json.dump(args.to_dict(), f, indent=2)
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
-    for target, src in extra_files.items():
-        with open_regular(src) as fin, open(os.path.join(tmp, target), "wb") as fout:
+    for target, src in extra_files.items():   # a path, or a file already opened and checked
+        fin = src if hasattr(src, "read") else open_regular(src)
+        with fin, open(os.path.join(tmp, target), "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
     for target, data in extra_data.items():
         with open(os.path.join(tmp, target), "wb") as f:

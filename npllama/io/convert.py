@@ -6,7 +6,7 @@ import glob
 import os
 import sys
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from ..untrusted import open_regular
 from .atomic import refuse_overlap
 from .checkpoint import check_destination, write_checkpoint
@@ -57,6 +57,9 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
         print(f"npllama: warning: {src} has no tokenizer (tokenizer.json or tokenizer.model): the converted model "
               "runs token ids but cannot generate, chat or trace text", file=sys.stderr)
     kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
-    return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.shapes), dtype=dtype,
-                            extra_files=source.extra_files, extra_data=source.extra_data, force=force,
-                            quiet=quiet, **kw)
+    try:
+        return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.shapes), dtype=dtype,
+                                extra_files=source.extra_files, extra_data=source.extra_data, force=force,
+                                quiet=quiet, **kw)
+    except NonFiniteError as e:   # the writer knows the tensor; the message names the source too
+        raise NonFiniteError(f"{src}: {e}") from None

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 
 from ..errors import CheckpointError, DownloadError, UsageError  # noqa: F401  (DownloadError re-exported)
-from ..untrusted import file_size, open_regular, read_json, sha256_open
+from ..untrusted import file_size, open_inside, open_regular, read_json, sha256_open
 from .atomic import staged_file, write_file
 from .checkpoint import CONVERTER
 from .checkpoint import sha256_file as sha256
@@ -151,32 +151,44 @@ def _remembered(entry, stamp: list[int]) -> str | None:
     return None
 
 
-def file_digest(path: str, cap: int | None) -> str:
-    """sha256 of a regular file, at most `cap` bytes (refused by its size first), read
-    through the descriptor whose type and size were checked."""
-    with open_regular(path) as f:
-        size = file_size(f)
-        if cap is not None and size > cap:
-            raise CheckpointError(f"{path}: {size:,} bytes, more than the {cap:,} a {os.path.basename(path)} may have")
-        return sha256_open(f, size, path)
+def open_checked(path: str, cap: int | None, root: str | None = None):
+    """(open file, size) of a regular file of at most `cap` bytes (refused by its size) that,
+    with root, lies inside root: a file of a folder that is a link leading out is refused."""
+    f = open_inside(root, os.path.relpath(path, root)) if root is not None else open_regular(path)
+    size = file_size(f)
+    if cap is not None and size > cap:
+        f.close()
+        raise CheckpointError(f"{path}: {size:,} bytes, more than the {cap:,} a {os.path.basename(path)} may have")
+    return f, size
 
 
-def source_key(files: dict[str, int | None], root: str) -> str:
+def source_key(files: dict[str, int | None], root: str, confine: bool = False) -> str:
     """sha256 over the files' names and sha256s (file_digest, each under its cap). Each file's
     digest is remembered with its stamp (file_stamp) in <cache>/converted/hashes.json, so an
-    unchanged source is not read again."""
+    unchanged source is not read again. confine: every file must lie inside root (a folder's
+    files; a GGUF named by the user may be a link to anywhere)."""
     memo_path = os.path.join(cache_dir(), "converted", "hashes.json")
     memo = read_memo(memo_path)
     stamps = {os.path.abspath(p): file_stamp(p) for p in files}
     digests = {p: _remembered(memo.get(p), stamp) for p, stamp in stamps.items()}
     stale = [p for p, d in digests.items() if d is None]
+    caps = {os.path.abspath(p): cap for p, cap in files.items()}
+    # every file opened and checked before a byte of any is read; each hashed through its descriptor
+    opened = {}
+    try:
+        for p in stale:
+            opened[p] = open_checked(p, caps[p], root if confine else None)
+    except BaseException:
+        for f, _ in opened.values():
+            f.close()
+        raise
     if stale:
         size = sum(stamps[p][0] for p in stale)
         print(f"npllama: hashing {root} ({len(stale)} file{'s' if len(stale) > 1 else ''}, {size / 1e9:.2f} GB) ...",
               file=sys.stderr, flush=True)
-    caps = {os.path.abspath(p): cap for p, cap in files.items()}
     for p in stale:
-        digests[p] = file_digest(p, caps[p])
+        with opened[p][0] as f:
+            digests[p] = sha256_open(f, opened[p][1], p)
         memo[p] = stamps[p] + [digests[p]]
     h = hashlib.sha256()
     for path in files:   # names as bytes: a file name need not be UTF-8
@@ -212,7 +224,7 @@ def resolve_model(path: str) -> str:
     kind = detect(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     open_source(path).check()   # every header checked (a weight file's size against it) before a byte is hashed
-    key = source_key(source_files(path, kind), root)
+    key = source_key(source_files(path, kind), root, confine=os.path.isdir(path))
     out = os.path.join(cache_dir(), "converted", f"{cache_name(path)}-{key[:16]}")
     done = lambda: up_to_date(out)  # noqa: E731
     if not done():

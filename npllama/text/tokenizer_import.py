@@ -92,7 +92,8 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
     field(key, default) reads one GGUF metadata value."""
     model = field("tokenizer.ggml.model")
     pre = field("tokenizer.ggml.pre", "default")
-    for key, value, kind in (("tokenizer.ggml.pre", pre, str), ("tokenizer.ggml.tokens", field("tokenizer.ggml.tokens"), list),
+    for key, value, kind in (("tokenizer.ggml.pre", pre, str),
+                             ("tokenizer.ggml.tokens", field("tokenizer.ggml.tokens"), list),
                              ("tokenizer.ggml.merges", field("tokenizer.ggml.merges", []), list),
                              ("tokenizer.ggml.token_type", field("tokenizer.ggml.token_type", []), list),
                              ("tokenizer.chat_template", field("tokenizer.chat_template", ""), str)):

@@ -102,3 +102,13 @@ def test_a_shard_truncated_after_the_checks_is_an_npllama_error(tmp_path):
     with pytest.raises(CheckpointError, match="part-b"):
         for n in source.shapes:
             source.load(n)
+
+
+def test_a_side_file_linked_out_of_the_folder_is_refused_before_it_is_hashed(tmp_path, cache, capsys):
+    src = hf_with_odd_shard(tmp_path / "hf")
+    fuzz.seed_hf_tokenizer(str(src))    # a tokenizer.json: the converter itself never opens tokenizer.model
+    (tmp_path / "outside").write_bytes(b"IQ== 0\n")      # a valid tokenizer.model, elsewhere
+    os.symlink(tmp_path / "outside", src / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="tokenizer.model: leads outside"):
+        hub.resolve_model(str(src))
+    assert "hashing" not in capsys.readouterr().err     # refused before any file was read for the key

@@ -73,5 +73,5 @@ def test_a_conversion_that_would_store_a_non_finite_value_names_the_tensor(tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if "npllama: warning:" not in line]
     err = "\n".join(errors)
     assert code == 1 and len(errors) == 1, err
-    assert "tensor norm.weight: element 7 is NaN or infinite" in err, err
+    assert f"{src}: tensor norm.weight: element 7 is NaN or infinite" in err, err
     assert not os.path.exists(tmp_path / "out")

@@ -175,6 +175,6 @@ def read_hf(src: str) -> Source:
     else:
         for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
             if os.path.lexists(os.path.join(src, tok)):
-                extra["tokenizer.model"] = inside(src, tok)
+                extra["tokenizer.model"] = open_inside(src, tok)   # copied through this checked descriptor
                 break
     return Source(src, args, {n: w[2] for n, w in where.items()}, nbytes, load, extra, data)

@@ -225,5 +225,5 @@ def read_meta(src: str) -> Source:
     nbytes = sum(numel(s) * files[0]._where[n][0].itemsize for n, s in shapes.items())
     extra = {}
     if os.path.lexists(os.path.join(src, "tokenizer.model")):
-        extra["tokenizer.model"] = inside(src, "tokenizer.model")
+        extra["tokenizer.model"] = open_inside(src, "tokenizer.model")   # copied through this checked descriptor
     return Source(src, args, shapes, nbytes, load, extra)

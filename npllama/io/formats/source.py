@@ -20,7 +20,7 @@ class Source:
     shapes: dict[str, tuple[int, ...]]       # Meta's name -> shape, as the file declares it
     nbytes: int                              # bytes the loaded tensors will take
     load: Callable[[str], np.ndarray]        # name -> float32/float16 or uint16 (bf16 bits)
-    extra_files: dict[str, str] = field(default_factory=dict)    # name in DST -> file to copy
+    extra_files: dict = field(default_factory=dict)    # name in DST -> file to copy (path, or open_inside's file)
     extra_data: dict[str, bytes] = field(default_factory=dict)   # name in DST -> contents
 
     def check(self) -> None:
