@@ -33,7 +33,7 @@ import npllama  # noqa: E402
 from npllama.bench import peers  # noqa: E402
 from npllama.io.hub import cache_dir  # noqa: E402
 from npllama.model import parallel, tiled  # noqa: E402
-from npllama.model.quant import QuantTensor  # noqa: E402
+from npllama.model.quant import pad_q8_0  # noqa: E402
 from tools.random_gguf import write as write_random_gguf  # noqa: E402
 
 GiB = 2**30
@@ -122,15 +122,16 @@ def budget(a) -> None:
     read = widen = gemv = 0.0
     for w in decode_matrices(model):
         w.check()
-        xk = x if x.shape[1] == w.shape[1] else np.resize(x, (1, w.shape[1]))
-        rows = max(1, min(w.shape[0], tiled.TILE_BYTES // (4 * w.shape[1])))
-        buf, copy = np.empty((rows, w.shape[1]), np.float32), np.empty((rows, w.raw.shape[1]), np.uint8)
+        xk = np.resize(x, (1, w.shape[1]))
+        xk = pad_q8_0(xk) if w.qtype == 8 else xk           # as the tiled matmul multiplies Q8_0
+        rows = max(1, min(w.shape[0], tiled.TILE_BYTES // (4 * xk.shape[1])))
+        buf, copy = np.empty((rows, xk.shape[1]), np.float32), np.empty((rows, w.raw.shape[1]), np.uint8)
         out = np.empty((1, rows), np.float32)
         for r in range(0, w.shape[0] - rows + 1, rows):
             t0 = time.process_time()
             np.copyto(copy, w.raw[r:r + rows])
             t1 = time.process_time()
-            f = w.rows(r, r + rows, buf if w.in_place else None)
+            f = w.padded_rows(r, r + rows, buf) if w.qtype == 8 else w.rows(r, r + rows, buf if w.in_place else None)
             t2 = time.process_time()
             np.matmul(xk, f.T, out=out)
             t3 = time.process_time()
