@@ -144,6 +144,15 @@ def _bf16(b):
     return (np.ascontiguousarray(b).view(np.int16).astype(np.int32) << 16).view(np.float32)
 
 
+def pad_q8_0(x: np.ndarray) -> np.ndarray:
+    """x (M, K) -> (M, K / 32 * 34): each run of 32 columns after two zeros, to multiply
+    QuantTensor.padded_rows."""
+    m, k = x.shape
+    padded = np.zeros((m, k // 32, 34), np.float32)
+    padded[:, :, 2:] = x.reshape(m, -1, 32)
+    return padded.reshape(m, -1)
+
+
 DECODERS = {0: _f32, 1: _f16_values, 30: _bf16, 2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
             12: _q4_k, 13: _q5_k, 14: _q6_k}
 
@@ -229,6 +238,19 @@ class QuantTensor:
             np.multiply(o, _f16(b, 0), out=o)
             return out
         return DECODERS[self.qtype](self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
+
+    def padded_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Q8_0 rows start:stop, widened with each block's two scale bytes left where they
+        are: (stop - start, cols / 32 * 34) float32 in `out`, made by one contiguous cast of
+        the blocks' bytes and one scaling in place (no gather of the 32 values of each block,
+        whose short loops cost numpy more than the arithmetic). Columns 34b and 34b + 1 hold
+        the scale's bytes times the scale (finite: the scales were checked); a matmul by
+        pad_q8_0(x), zero there, adds exact zeros for them, so each product is the gguf
+        value times x and only the summation order differs."""
+        np.copyto(out, self.raw[start:stop].view(np.int8), casting="unsafe")
+        b = out.reshape(-1, 34)
+        np.multiply(b, _f16(self.raw[start:stop].reshape(-1, 34), 0), out=b)
+        return out
 
     def take(self, index) -> np.ndarray:
         """Rows by index (an embedding gather), float32 (..., cols)."""

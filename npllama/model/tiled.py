@@ -8,7 +8,9 @@ high half is column 2j+1 and low half column 2j (little-endian). Masking the low
 gives column 2j+1 as float32, shifting left by 16 gives column 2j, both exactly and each with
 one contiguous vectorised operation. So x @ W.T = [x[:, 1::2] | x[:, 0::2]] @ [W_odd |
 W_even].T, and no strided copies are needed. Quantized rows are widened by
-QuantTensor.rows, bit-identical to the gguf library's dequantization, and multiply x as it is.
+QuantTensor.rows, bit-identical to the gguf library's dequantization, and multiply x as it is;
+Q8_0's by QuantTensor.padded_rows (each block's scale bytes left in, junk), which multiply x
+with zeros in their columns (pad_q8_0).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import threading
 import numpy as np
 
 from . import parallel
-from .quant import QuantTensor
+from .quant import QuantTensor, pad_q8_0
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
@@ -65,8 +67,10 @@ def _bf16_pairs(u: np.ndarray):
     return widen
 
 
-def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray):
+def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray, x_q8=None):
     # out = x @ w[r0:r1].T, as a call for a thread
+    if isinstance(w, QuantTensor) and w.qtype == 8:
+        return lambda: _tiles(x_q8, lambda a, b, f: w.padded_rows(r0 + a, r0 + b, f), r1 - r0, out)
     if isinstance(w, QuantTensor):
         return lambda: _tiles(x, lambda a, b, f: w.rows(r0 + a, r0 + b, f), r1 - r0, out, w.in_place)
     return lambda: _tiles(x_pairs(), _bf16_pairs(w.view(np.uint32)[r0:r1]), r1 - r0, out)
@@ -90,6 +94,7 @@ def matmul(x: np.ndarray, weights: list) -> np.ndarray:
         return pairs[0]
     if any(not isinstance(w, QuantTensor) for w in weights):
         x_pairs()                # made here: threads must not race to make it
+    x_q8 = pad_q8_0(x) if any(isinstance(w, QuantTensor) and w.qtype == 8 for w in weights) else None
     out = np.empty((x.shape[0], sum(w.shape[0] for w in weights)), np.float32)
     decoding = x.shape[0] <= DECODE_ROWS
     n_threads = parallel.threads() if decoding else 1
@@ -100,7 +105,7 @@ def matmul(x: np.ndarray, weights: list) -> np.ndarray:
         step = -(-w.shape[0] // n_threads)
         for r in range(0, w.shape[0], step):
             r1 = min(r + step, w.shape[0])
-            jobs.append(_job(x, x_pairs, w, r, r1, out[:, col + r:col + r1]))
+            jobs.append(_job(x, x_pairs, w, r, r1, out[:, col + r:col + r1], x_q8))
         col += w.shape[0]
     if decoding:
         parallel.run(jobs)

