@@ -19,7 +19,7 @@ from npllama.io import hub
 from npllama.model import weights
 from npllama.model.config import ModelArgs
 from npllama.model.quant import TYPES, QuantTensor
-from oracles import gguf_float32
+from oracles import ROOT, gguf_float32
 from tools.random_gguf import write
 
 # The quantized model widens exactly the values gguf dequantizes (test_quant: bit for bit),
@@ -122,7 +122,7 @@ def test_a_nan_scale_in_the_file_is_refused_naming_the_tensor(tmp_path):
         model.forward(PROMPT)
 
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_quant.py")
+BENCH = os.path.join(ROOT, "tools", "bench_quant.py")
 
 
 def test_bench_tool_budget_and_rss_run_end_to_end(tmp_path):
