@@ -194,6 +194,14 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
         raise bad("special_tokens must map non-empty token strings to integer ids")
     if len(special) > MAX_CONTROL_TOKENS:
         raise bad(f"{len(special):,} control tokens, more than the {MAX_CONTROL_TOKENS:,} accepted")
+    token_bytes = _token_bytes(tokens, bad)
+    _check_control_ids(tokens, special, bad)
+    _check_fields(spec, special, bad)
+    return spec, token_bytes
+
+
+def _token_bytes(tokens: list, bad) -> list:
+    """Each entry's bytes (None for a control token's null), all distinct."""
     token_bytes: list = []
     seen: dict[bytes, int] = {}
     for i, t in enumerate(tokens):
@@ -210,6 +218,11 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
             raise bad(f"tokens {seen[b]} and {i} are the same bytes {b!r}")
         seen[b] = i
         token_bytes.append(b)
+    return token_bytes
+
+
+def _check_control_ids(tokens: list, special: dict, bad) -> None:
+    """Every control token names a null id of its own, and every null id has a name."""
     named: dict[int, str] = {}
     for name, i in special.items():
         if not 0 <= i < len(tokens):
@@ -222,6 +235,11 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
     unnamed = [i for i, t in enumerate(tokens) if t is None and i not in named]
     if unnamed:
         raise bad(f"id {unnamed[0]} has neither bytes nor a control token name")
+
+
+def _check_fields(spec: dict, special: dict, bad) -> None:
+    """bos/eos/pad/unk and stop are control tokens; flags are booleans; the template and
+    system prompt strings (the template within its cap); the chat format one npllama has."""
     for key in ("bos", "pad", "unk", "eos"):
         if spec.get(key) is not None and (not isinstance(spec[key], str) or spec[key] not in special):
             raise bad(f"{key} {describe(spec[key])} is not one of its control tokens")
@@ -242,7 +260,6 @@ def check_spec(spec, path: str) -> tuple[dict, list]:
     if fmt is not None and (not isinstance(fmt, str) or fmt not in CHAT_FORMATS or
                             not all(t in special for t in CHAT_FORMATS[fmt])):
         raise bad(f"chat_format {describe(fmt)} is not one npllama has, or its control tokens are missing")
-    return spec, token_bytes
 
 
 def spec_json(spec: dict, path: str = "tokenizer.json") -> bytes:

@@ -90,15 +90,8 @@ def _stops(special: dict[str, int], eos: str, eos_ids, path: str) -> list[str]:
 def gguf_tokenizer_spec(field, path: str) -> dict:
     """npllama's tokenizer spec from a GGUF's byte-level BPE vocabulary (tokenizer.ggml.*);
     field(key, default) reads one GGUF metadata value."""
-    model = field("tokenizer.ggml.model")
-    pre = field("tokenizer.ggml.pre", "default")
-    for key, value, kind in (("tokenizer.ggml.pre", pre, str),
-                             ("tokenizer.ggml.tokens", field("tokenizer.ggml.tokens"), list),
-                             ("tokenizer.ggml.merges", field("tokenizer.ggml.merges", []), list),
-                             ("tokenizer.ggml.token_type", field("tokenizer.ggml.token_type", []), list),
-                             ("tokenizer.chat_template", field("tokenizer.chat_template", ""), str)):
-        if not isinstance(value, kind):   # metadata of another type than GGUF's writers give it
-            raise TokenizerError(f"{path}: {key} is {type(value).__name__}, not a {kind.__name__}")
+    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
+    _check_gguf_types(field, path)
     if model != "gpt2":
         raise TokenizerError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is)")
     if pre not in GGUF_PRE_TOKENIZERS:
@@ -119,15 +112,7 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
             token_bytes.append(None)
         else:
             token_bytes.append(_gpt2_bytes(t, path, i))
-    pairs = []
-    for m in merges:
-        if not isinstance(m, str):
-            raise TokenizerError(f"{path}: merge {describe(m)} is not a string")
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise TokenizerError(f"{path}: merge {m!r} is not two tokens")
-        pairs.append((_gpt2_bytes(a, path, m), _gpt2_bytes(b, path, m)))
-    check_rankable(token_bytes, pairs, path)
+    check_rankable(token_bytes, _merge_pairs(merges, path), path)
 
     def name(key):
         i = field(key)
@@ -149,6 +134,16 @@ def gguf_tokenizer_spec(field, path: str) -> dict:
             "unk": name("tokenizer.ggml.unknown_token_id"), "stop": stop,
             "add_bos": bool(field("tokenizer.ggml.add_bos_token", True)), "chat_template": template,
             "chat_format": chat_format_of(special), "chat_default": template is not None}
+
+
+def _check_gguf_types(field, path: str) -> None:
+    """The tokenizer metadata have the types GGUF's writers give them."""
+    for key, default, kind in (("tokenizer.ggml.pre", "default", str), ("tokenizer.ggml.tokens", None, list),
+                               ("tokenizer.ggml.merges", [], list), ("tokenizer.ggml.token_type", [], list),
+                               ("tokenizer.chat_template", "", str)):
+        value = field(key, default)
+        if not isinstance(value, kind):
+            raise TokenizerError(f"{path}: {key} is {type(value).__name__}, not a {kind.__name__}")
 
 
 def _gpt2_table() -> dict[int, int]:
@@ -210,66 +205,14 @@ def hf_tokenizer_spec(src: str) -> dict | None:
         return None
     tj = read_json(path, TokenizerError, MAX_HF_TOKENIZER_BYTES)
 
-    def optional(name: str) -> dict:
-        p = _hf_file(src, name)
-        if p is None:
-            return {}
-        d = read_json(p, TokenizerError, MAX_CONFIG_BYTES)
-        if not isinstance(d, dict):
-            raise TokenizerError(f"{p}: not a JSON object")
-        return d
-
-    cfg_path = os.path.join(src, "tokenizer_config.json")
-    cfg, gen, model_cfg = optional("tokenizer_config.json"), optional("generation_config.json"), optional("config.json")
-
     def bad(why: str) -> TokenizerError:
         return TokenizerError(f"{path}: {why}")
 
-    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
-        raise bad("not an HF tokenizer.json (no model)")
-    model = tj["model"]
-    if model.get("type", "BPE") != "BPE" or model.get("byte_fallback") or model.get("dropout") is not None or \
-            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise bad("only byte-level BPE tokenizers (Llama 3's, GPT-2's) are supported")
-    if tj.get("normalizer") is not None:
-        raise bad("a normalizer is not supported (byte-level BPE tokenizers have none)")
-    decoder = tj.get("decoder")
-    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
-        raise bad("the decoder is not byte-level")
-    pre = next((name for name, d in HF_PRE_TOKENIZERS.items() if _without_trim_offsets(tj.get("pre_tokenizer")) == d),
-               None)
-    if pre is None:
-        raise bad(f"pre-tokenizer {str(tj.get('pre_tokenizer'))[:200]} is not one npllama has "
-                  f"({', '.join(HF_PRE_TOKENIZERS)})")
-    vocab, merges, added = model.get("vocab"), model.get("merges"), tj.get("added_tokens") or []
-    if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
-        raise bad("model.vocab, model.merges or added_tokens has the wrong type")
-    ids = list(vocab.values()) + [a.get("id") if isinstance(a, dict) else None for a in added]
-    if not all(type(i) is int and 0 <= i < (1 << 21) for i in ids):
-        raise bad("a token id is not an integer in 0..2097151")
-    n = max(ids, default=-1) + 1
-    token_bytes: list = [None] * n
-    for t, i in vocab.items():
-        if token_bytes[i] is not None:
-            raise bad(f"id {i} is given to two tokens")
-        token_bytes[i] = _gpt2_bytes(t, path, i)
-    special: dict[str, int] = {}
-    for a in added:
-        t = a.get("content")
-        if not isinstance(t, str) or not t or t in special:
-            raise bad(f"added token {a.get('id')} has no content or repeats one")
-        # Added tokens are control tokens: matched in text only where allowed (chat templates).
-        special[t] = a["id"]
-        token_bytes[a["id"]] = None
-    pairs = []
-    for m in merges:
-        a, b = (m.split(" ", 1) + [None])[:2] if isinstance(m, str) else (m if isinstance(m, list) and len(m) == 2
-                                                                           else (None, None))
-        if not isinstance(a, str) or not isinstance(b, str):
-            raise bad(f"merge {str(m)[:80]} is not two tokens")
-        pairs.append((_gpt2_bytes(a, path, m), _gpt2_bytes(b, path, m)))
-    check_rankable(token_bytes, pairs, path)
-
+    pre = _hf_pre_tokenizer(tj, bad)
+    token_bytes, special = _hf_vocabulary(tj["model"], tj.get("added_tokens") or [], path, bad)
+    cfg_path = os.path.join(src, "tokenizer_config.json")
+    cfg, gen, model_cfg = (_optional_json(src, n) for n in ("tokenizer_config.json", "generation_config.json",
+                                                             "config.json"))
     bos = _token_name(cfg.get("bos_token"), cfg_path, "bos_token")
     eos = _token_name(cfg.get("eos_token"), cfg_path, "eos_token")
     post_bos = _post_processor_bos(tj.get("post_processor"))
@@ -288,6 +231,77 @@ def hf_tokenizer_spec(src: str) -> dict | None:
             "stop": _stops(special, eos, eos_ids, os.path.join(src, "generation_config.json")),
             "add_bos": post_bos is not None, "chat_template": template, "chat_format": chat_format_of(special),
             "chat_default": template is not None}
+
+
+def _optional_json(src: str, name: str) -> dict:
+    """An HF folder's optional JSON object file ({} when absent)."""
+    p = _hf_file(src, name)
+    if p is None:
+        return {}
+    d = read_json(p, TokenizerError, MAX_CONFIG_BYTES)
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{p}: not a JSON object")
+    return d
+
+
+def _hf_pre_tokenizer(tj, bad) -> str:
+    """The name of the pre-tokenizer table entry a byte-level BPE tokenizer.json describes
+    exactly (no regex from the file is compiled); anything else is refused."""
+    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+        raise bad("not an HF tokenizer.json (no model)")
+    model = tj["model"]
+    if model.get("type", "BPE") != "BPE" or model.get("byte_fallback") or model.get("dropout") is not None or \
+            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise bad("only byte-level BPE tokenizers (Llama 3's, GPT-2's) are supported")
+    if tj.get("normalizer") is not None:
+        raise bad("a normalizer is not supported (byte-level BPE tokenizers have none)")
+    decoder = tj.get("decoder")
+    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
+        raise bad("the decoder is not byte-level")
+    pre = next((name for name, d in HF_PRE_TOKENIZERS.items() if _without_trim_offsets(tj.get("pre_tokenizer")) == d),
+               None)
+    if pre is None:
+        raise bad(f"pre-tokenizer {str(tj.get('pre_tokenizer'))[:200]} is not one npllama has "
+                  f"({', '.join(HF_PRE_TOKENIZERS)})")
+    return pre
+
+
+def _hf_vocabulary(model: dict, added, path: str, bad) -> tuple[list, dict[str, int]]:
+    """(every id's bytes, None for control tokens; the control tokens by name) from the BPE
+    model's vocab and merges and the added tokens, checked to be rankable by tiktoken."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
+        raise bad("model.vocab, model.merges or added_tokens has the wrong type")
+    ids = list(vocab.values()) + [a.get("id") if isinstance(a, dict) else None for a in added]
+    if not all(type(i) is int and 0 <= i < (1 << 21) for i in ids):
+        raise bad("a token id is not an integer in 0..2097151")
+    token_bytes: list = [None] * (max(ids, default=-1) + 1)
+    for t, i in vocab.items():
+        if token_bytes[i] is not None:
+            raise bad(f"id {i} is given to two tokens")
+        token_bytes[i] = _gpt2_bytes(t, path, i)
+    special: dict[str, int] = {}
+    for a in added:
+        t = a.get("content")
+        if not isinstance(t, str) or not t or t in special:
+            raise bad(f"added token {a.get('id')} has no content or repeats one")
+        # Added tokens are control tokens: matched in text only where allowed (chat templates).
+        special[t] = a["id"]
+        token_bytes[a["id"]] = None
+    check_rankable(token_bytes, _merge_pairs(merges, path), path)
+    return token_bytes, special
+
+
+def _merge_pairs(merges: list, path: str) -> list[tuple[bytes, bytes]]:
+    """BPE merges as byte pairs: "a b" strings (GGUF's and HF's) or [a, b] lists (HF's newer form)."""
+    pairs = []
+    for m in merges:
+        a, b = (m.split(" ", 1) + [None])[:2] if isinstance(m, str) else (m if isinstance(m, list) and len(m) == 2
+                                                                           else (None, None))
+        if not isinstance(a, str) or not isinstance(b, str):
+            raise TokenizerError(f"{path}: merge {describe(m)} is not two tokens")
+        pairs.append((_gpt2_bytes(a, path, m), _gpt2_bytes(b, path, m)))
+    return pairs
 
 
 def _post_processor_bos(post) -> str | None:

@@ -69,65 +69,69 @@ MAX_GGUF_COUNT = 1 << 20      # tensors, metadata keys, array elements: Llama 3'
 MAX_GGUF_STRING = 1 << 24
 
 
+class _Cursor:
+    """A walk through a GGUF header in which every read, length and count is bounded by the
+    bytes left in the file."""
+
+    def __init__(self, path: str, data):
+        self.path, self.data, self.size, self.pos = path, data, len(data), 0
+
+    def take(self, fmt: str) -> tuple:
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise CheckpointError(f"{self.path}: header runs past the end of the file at byte {self.pos}")
+        self.pos += n
+        return struct.unpack_from(fmt, self.data, self.pos - n)
+
+    def count(self, n: int, min_bytes: int, what: str) -> int:
+        if n > MAX_GGUF_COUNT or n * min_bytes > self.size - self.pos:
+            raise CheckpointError(f"{self.path}: {what} count {n} at byte {self.pos} does not fit the file")
+        return n
+
+    def string(self, what: str) -> None:
+        (n,) = self.take("<Q")
+        if n > MAX_GGUF_STRING or self.pos + n > self.size:
+            raise CheckpointError(f"{self.path}: {what} of {n} bytes at byte {self.pos} does not fit the file")
+        self.pos += n
+
+    def value(self, kind: int, depth: int = 0) -> None:
+        if kind in GGUF_SCALAR_SIZES:
+            self.take(f"<{GGUF_SCALAR_SIZES[kind]}s")
+        elif kind == 8:
+            self.string("string")
+        elif kind == 9 and depth == 0:
+            item, n = self.take("<IQ")
+            if item in GGUF_SCALAR_SIZES:
+                self.take(f"<{self.count(n, GGUF_SCALAR_SIZES[item], 'array') * GGUF_SCALAR_SIZES[item]}s")
+            elif item == 8:
+                for _ in range(self.count(n, 8, "array")):
+                    self.string("string")
+            else:
+                raise CheckpointError(f"{self.path}: array of type {item} at byte {self.pos} is not supported")
+        else:
+            raise CheckpointError(f"{self.path}: metadata type {kind} at byte {self.pos} is not supported")
+
+
 def check_layout(path: str, data) -> int:
     """Walk a GGUF's header (metadata and tensor infos) with every length and count bounded
     by the bytes left, before gguf's reader, which handles arrays element by element and
     loops without end on an array whose declared length runs past the file. Returns the
     number of values its tensors hold (what float32 copies of them would take / 4)."""
-    size = len(data)
-    pos = 0
-
-    def take(fmt: str) -> tuple:
-        nonlocal pos
-        n = struct.calcsize(fmt)
-        if pos + n > size:
-            raise CheckpointError(f"{path}: header runs past the end of the file at byte {pos}")
-        pos += n
-        return struct.unpack_from(fmt, data, pos - n)
-
-    def count(n: int, min_bytes: int, what: str) -> int:
-        if n > MAX_GGUF_COUNT or n * min_bytes > size - pos:
-            raise CheckpointError(f"{path}: {what} count {n} at byte {pos} does not fit the file")
-        return n
-
-    def string(what: str) -> None:
-        nonlocal pos
-        (n,) = take("<Q")
-        if n > MAX_GGUF_STRING or pos + n > size:
-            raise CheckpointError(f"{path}: {what} of {n} bytes at byte {pos} does not fit the file")
-        pos += n
-
-    def value(kind: int, depth: int = 0) -> None:
-        if kind in GGUF_SCALAR_SIZES:
-            take(f"<{GGUF_SCALAR_SIZES[kind]}s")
-        elif kind == 8:
-            string("string")
-        elif kind == 9 and depth == 0:
-            item, n = take("<IQ")
-            if item in GGUF_SCALAR_SIZES:
-                take(f"<{count(n, GGUF_SCALAR_SIZES[item], 'array') * GGUF_SCALAR_SIZES[item]}s")
-            elif item == 8:
-                for _ in range(count(n, 8, "array")):
-                    string("string")
-            else:
-                raise CheckpointError(f"{path}: array of type {item} at byte {pos} is not supported")
-        else:
-            raise CheckpointError(f"{path}: metadata type {kind} at byte {pos} is not supported")
-
-    magic, version = take("<4sI")
+    c = _Cursor(path, data)
+    magic, version = c.take("<4sI")
     if magic != b"GGUF" or version not in (2, 3):
         raise CheckpointError(f"{path}: not a little-endian GGUF of version 2 or 3")
-    n_tensors, n_kv = take("<QQ")
-    for _ in range(count(n_kv, 12, "metadata")):
-        string("key")
-        value(take("<I")[0])
+    n_tensors, n_kv = c.take("<QQ")
+    for _ in range(c.count(n_kv, 12, "metadata")):
+        c.string("key")
+        c.value(c.take("<I")[0])
     values = 0
-    for _ in range(count(n_tensors, 24, "tensor")):
-        string("tensor name")
-        (n_dims,) = take("<I")
+    for _ in range(c.count(n_tensors, 24, "tensor")):
+        c.string("tensor name")
+        (n_dims,) = c.take("<I")
         if n_dims > 4:
-            raise CheckpointError(f"{path}: a tensor with {n_dims} dims at byte {pos} (GGUF has at most 4)")
-        values += numel(take(f"<{n_dims}QIQ")[:n_dims])
+            raise CheckpointError(f"{path}: a tensor with {n_dims} dims at byte {c.pos} (GGUF has at most 4)")
+        values += numel(c.take(f"<{n_dims}QIQ")[:n_dims])
     return values
 
 

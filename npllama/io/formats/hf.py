@@ -123,19 +123,12 @@ def weight_files(src: str) -> tuple[str | None, dict | None, dict[str, str]]:
                         for p in sorted(glob.glob(os.path.join(glob.escape(src), "*.safetensors")))}
 
 
-def read_hf(src: str) -> Source:
-    cfg_path = inside(src, "config.json")
-    cfg = read_json(cfg_path, ConfigError)
-    args = hf_config_to_args(cfg, cfg_path)
-    index_path, weight_map, names = weight_files(src)
-    if not names:
-        raise CheckpointError(f"{src}: no .safetensors files")
-    paths = sorted(names)
-    # each file opened once, its descriptor checked: the header and every tensor are read through it
-    opened = {path: open_inside(src, names[path], "shard", where=index_path) for path in paths}
+def _tensor_places(src: str, opened: dict, index_path: str, weight_map: dict | None) -> dict:
+    """Meta's name -> (file, dtype, shape, offset) of every tensor of the opened safetensors
+    files, each where the index maps it, none twice, none the index names missing."""
     where: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
-    for path in paths:
-        header, _ = read_safetensors_header(path, opened[path])
+    for path, f in opened.items():
+        header, _ = read_safetensors_header(path, f)
         for name, (dtype, shape, offset) in header.items():
             if weight_map is not None and os.path.join(src, weight_map.get(name, "")) != path:
                 raise CheckpointError(f"{index_path}: tensor {describe(name)} in {path} is mapped to "
@@ -152,6 +145,19 @@ def read_hf(src: str) -> Source:
         absent = [n for n in weight_map if hf_to_meta(n) not in where and not n.endswith("rotary_emb.inv_freq")]
         if absent:
             raise CheckpointError(f"{index_path}: tensor {describe(absent[0])} is not in {weight_map[absent[0]]}")
+    return where
+
+
+def read_hf(src: str) -> Source:
+    cfg_path = inside(src, "config.json")
+    cfg = read_json(cfg_path, ConfigError)
+    args = hf_config_to_args(cfg, cfg_path)
+    index_path, weight_map, names = weight_files(src)
+    if not names:
+        raise CheckpointError(f"{src}: no .safetensors files")
+    # each file opened once, its descriptor checked: the header and every tensor are read through it
+    opened = {path: open_inside(src, names[path], "shard", where=index_path) for path in sorted(names)}
+    where = _tensor_places(src, opened, index_path, weight_map)
     if field(cfg, "tie_word_embeddings", bool, cfg_path, ConfigError, False) and "output.weight" in where:
         del where["output.weight"]  # HF may save the tied copy too
 
