@@ -12,7 +12,6 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import regex
-import tiktoken
 
 # The Llama 3 tokenizer.model (as in Meta's llama-models 0.3.0).
 LLAMA3_RANKS = 128000
@@ -97,6 +96,7 @@ def tiktoken_classes(chars: str) -> list[int]:
     """Each character's class (an index into CHARACTER_CLASSES) as tiktoken's regex engine
     sees it: a probe Encoding per class whose pattern matches that class alone drops, in
     encode_ordinary, every character outside it."""
+    import tiktoken  # here, not at the top: a command that reads no text starts without it
     if not _class_probes:
         bytes_only = {bytes([b]): b for b in range(256)}
         _class_probes.extend(tiktoken.Encoding(f"npllama-probe-{i}", pat_str=cls, mergeable_ranks=bytes_only,
@@ -272,6 +272,7 @@ def spec_json(spec: dict, path: str = "tokenizer.json") -> bytes:
 def probe_control_tokens(pre_tokenizer: str, special_tokens: dict[str, int]):
     """tiktoken's tables for these control tokens, built and used once (run confined: a
     breach of its limits is the answer that matters), with the 256 byte ranks alone."""
+    import tiktoken  # here, not at the top: a command that reads no text starts without it
     ranks = {bytes([b]): b for b in range(256)}
     probe = tiktoken.Encoding("npllama-probe", pat_str=PRE_TOKENIZERS[pre_tokenizer], mergeable_ranks=ranks,
                               special_tokens={t: (1 << 22) + i for i, t in enumerate(special_tokens)})
@@ -292,6 +293,7 @@ class Tokenizer:
                  eos: str, stop: Sequence[str], chat_format: str | None, name: str = "tokenizer",
                  add_bos: bool = True, chat_default: bool = False, default_system: str | None = None,
                  chat_template: str | None = None, pad: str | None = None, unk: str | None = None):
+        import tiktoken  # here, not at the top: a command that reads no text starts without it
         if pre_tokenizer not in PRE_TOKENIZERS:
             raise TokenizerError(f"{name}: pre-tokenizer {pre_tokenizer!r} is not one npllama knows "
                                  f"({', '.join(PRE_TOKENIZERS)})")

@@ -108,8 +108,11 @@ def test_the_model_core_imports_nothing_of_npllama_but_errors_and_itself():
 
 
 MAX_FUNCTION_LINES = 50
-# Imported inside the function that needs them, so that npllama runs without them.
-OPTIONAL_EXTRAS = ("torch", "ray", "fastapi", "uvicorn", "starlette", "matplotlib", "hypothesis", "threadpoolctl")
+# Imported inside the function that needs them, so that npllama runs without them; and two
+# runtime libraries a start need not pay for (gguf with yaml, tiktoken: together ~0.1 s of
+# `import npllama.cli`), imported where a GGUF is read or a tokenizer built.
+OPTIONAL_EXTRAS = ("torch", "ray", "fastapi", "uvicorn", "starlette", "matplotlib", "hypothesis", "threadpoolctl",
+                   "gguf", "tiktoken")
 
 
 def package_functions():
@@ -240,17 +243,18 @@ with open(sys.argv[1], "w") as f:
 
 def test_jinja2_is_loaded_only_by_the_template_worker():
     # Templates compile and render in the confined worker (text/template_sandbox.py): the
-    # command line's process, rendering one, never loads jinja2 (startup stays light).
+    # command line's process, rendering one, never loads jinja2; nor gguf unless it reads one.
     probe = ("import sys, npllama.cli\n"
+             "start = sorted({m.split('.')[0] for m in sys.modules} & {'jinja2', 'gguf', 'yaml'})\n"
              "from npllama.text.chat_template import ChatTemplate\n"
              "from oracles import byte_tokenizer\n"
              "ids = ChatTemplate(byte_tokenizer(), '{{ messages[0].content }}').encode_dialog_prompt("
              "[{'role': 'user', 'content': 'hi'}])\n"
-             "print(len(ids), any(m.split('.')[0] == 'jinja2' for m in sys.modules))")
+             "print(len(ids), start, 'jinja2' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT])))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["2", "False"]
+    assert r.stdout.split() == ["2", "[]", "False"]
 
 
 def test_normal_paths_import_no_torch(tmp_path):

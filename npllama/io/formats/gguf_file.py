@@ -9,7 +9,6 @@ import mmap
 import os
 import struct
 
-import gguf
 import numpy as np
 
 from ...errors import CheckpointError, ConfigError
@@ -42,6 +41,7 @@ def gguf_field(reader, key: str, kind=None, default=None, path: str = ""):
 def check_tensors(reader, path: str, size: int) -> None:
     """Each tensor: a known type, 1..4 dims whose first is a whole number of blocks, data
     aligned and inside the file, and no two tensors' data overlapping."""
+    import gguf  # here, not at the top: a start that reads no GGUF does not pay for it (and yaml)
     spans = []
     for t in reader.tensors:
         where = f"{path}: tensor {describe(t.name)}"
@@ -150,6 +150,7 @@ def parse_gguf(path: str):
     files, a read-only map of the file). The file is opened once; its header is walked with
     bounds (check_layout), parsed by gguf's reader through the same descriptor, and every
     tensor's extent checked against that descriptor's size; tensor data is read from the map."""
+    import gguf  # here, not at the top: a start that reads no GGUF does not pay for it (and yaml)
     with open_regular(path) as f:   # a FIFO or device is refused before gguf maps it
         size = file_size(f)
         if size < 24:
@@ -220,6 +221,7 @@ def gguf_extra(reader, path: str) -> dict[str, bytes]:
 def read_gguf(path: str) -> Source:
     """A GGUF as a Source for conversion: each tensor dequantized to float32 with gguf's own
     code (F16 kept as float16, BF16 as its bits)."""
+    import gguf  # here, not at the top: a start that reads no GGUF does not pay for it (and yaml)
     _, args, by_name, extra, _ = parse_gguf(path)
     check_types(path, by_name, {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None}
                 | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16})
