@@ -1,6 +1,7 @@
 """`npllama convert` and `npllama info`: checkpoints in, and what one holds."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ def add_parser(sub) -> None:
                    "(default: as in the source; GGUF's quantized tensors become float32)")
     c.add_argument("--force", action="store_true", help="replace an existing DST, if it is a checkpoint npllama "
                    "wrote (anything else is refused and left untouched)")
-    c.add_argument("--shard-size", type=float, default=None, metavar="GB", help="largest shard (default 2 GB)")
+    c.add_argument("--shard-size", type=shard_gb, default=None, metavar="GB", help="largest shard (default 2 GB)")
     c.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
     c.set_defaults(func=cmd_convert)
 
@@ -37,6 +38,17 @@ def add_parser(sub) -> None:
     i.add_argument("--verify", action="store_true", help="check every shard's sha256 against the index and "
                    "every weight for NaN or infinity")
     i.set_defaults(func=cmd_info)
+
+
+def shard_gb(text: str) -> float:
+    """An argparse type: a shard size in GB, finite, from 1 MB to 1 TB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not 1e-3 <= value <= 1024:   # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be from 0.001 to 1024 GB, got {text}")
+    return value
 
 
 def cmd_convert(a) -> int:

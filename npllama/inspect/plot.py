@@ -50,6 +50,9 @@ def attention(trace: dict, layer: int, path: str, head: int | None = None, what:
         traced = sorted({int(m.group(1)) for k in trace if (m := re.match(r"layers\.(\d+)\.", k))})
         raise UsageError(f"{source}: no {name} (layers traced: {', '.join(map(str, traced)) or 'none'})")
     x = np.asarray(trace[name], dtype=np.float32)                      # (n_heads, T, T)
+    n_tokens = np.asarray(trace.get("tokens", ())).size
+    if x.ndim != 3 or x.shape[1] != x.shape[2] or x.shape[1] != n_tokens:
+        raise UsageError(f"{source}: {name} has shape {x.shape}, not (n_heads, T, T) for its {n_tokens} tokens")
     n_heads, T = x.shape[0], x.shape[1]
     if head is not None and not 0 <= head < n_heads:
         raise UsageError(f"--head {head}: layer {layer} has heads 0..{n_heads - 1}")

@@ -207,6 +207,12 @@ def gguf_args(reader, path: str) -> ModelArgs:
     rope_dim = g("rope.dimension_count")
     if rope_dim is not None and rope_dim != args.head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope dim {rope_dim}) are not supported")
+    # Llama 3.1's scaling comes as rope_freqs.weight; llama.cpp's other kinds (linear, yarn)
+    # would change every position's rotation, so they are refused, not dropped.
+    scaling = g("rope.scaling.type", str, "none")
+    if scaling != "none" or g("rope.scaling.factor", float, None) not in (None, 0.0, 1.0):
+        raise CheckpointError(f"{path}: rope scaling {describe(scaling)} (llama.rope.scaling.*) is not supported; "
+                              "Llama 3.1's comes as rope_freqs.weight")
     return args
 
 

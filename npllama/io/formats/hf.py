@@ -79,6 +79,9 @@ def hf_config_to_args(cfg: dict, path: str = "config.json") -> ModelArgs:
         raise ConfigError(f"{path}: expected a JSON object")
     if cfg.get("model_type") not in (None, "llama"):
         raise ConfigError(f"{path}: model_type {describe(cfg.get('model_type'))} is not llama")
+    for key, llama in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, llama) != llama:   # transformers would honour it; npllama's Llama has no such variant
+            raise ConfigError(f"{path}: {key} {describe(cfg[key])} is not Llama's ({llama!r})")
     rope = get("rope_parameters", (dict, type(None)), None) or get("rope_scaling", (dict, type(None)), None) or {}
     dim, n_layers, n_heads = get("hidden_size", int), get("num_hidden_layers", int), get("num_attention_heads", int)
     kw = dict(dim=dim, n_layers=n_layers, n_heads=n_heads,
