@@ -262,10 +262,14 @@ def _check_fields(spec: dict, special: dict, bad) -> None:
         raise bad(f"chat_format {describe(fmt)} is not one npllama has, or its control tokens are missing")
 
 
-def spec_json(spec: dict, path: str = "tokenizer.json") -> bytes:
-    """A spec as the file npllama writes, checked first so that no unreadable file is written."""
+def spec_json(spec: dict, path: str = "tokenizer.json", vocab_size: int | None = None) -> bytes:
+    """A spec as the file npllama writes, checked first so that no unreadable file is written;
+    with vocab_size, its ids must fit the model's vocabulary (else generation fails later)."""
     spec = {"format": SPEC_FORMAT, "version": SPEC_VERSION, **spec}
     check_spec(spec, path)
+    if vocab_size is not None and len(spec["tokens"]) > vocab_size:
+        raise TokenizerError(f"{path}: the tokenizer has {len(spec['tokens']):,} tokens, more than the model's "
+                             f"vocabulary of {vocab_size:,}")
     return json.dumps(spec, ensure_ascii=False).encode()
 
 

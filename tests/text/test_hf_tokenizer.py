@@ -394,3 +394,12 @@ def test_real_llama3_vocabulary_passes_the_rank_check_only_as_itself(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
     with pytest.raises(TokenizerError, match="not in token-id order"):
         hf_tokenizer_spec(str(src))
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_when_converted():
+    # Its ids past the vocabulary would fail only later, in generate, naming no file.
+    spec = small_spec()
+    assert spec_json(spec, "t.json", vocab_size=len(spec["tokens"]))
+    with pytest.raises(TokenizerError, match="t.json: the tokenizer has 261 tokens, more than the model's "
+                                             "vocabulary of 260"):
+        spec_json(spec, "t.json", vocab_size=260)

@@ -176,7 +176,7 @@ def parse_gguf(path: str):
         if meta is None:
             raise CheckpointError(f"{path}: unknown tensor {describe(t.name)}")
         by_name[meta] = t
-    return reader, args, by_name, gguf_extra(reader, path), data
+    return reader, args, by_name, gguf_extra(reader, path, args.vocab_size), data
 
 
 def check_types(path: str, by_name: dict, supported) -> None:
@@ -216,12 +216,12 @@ def gguf_args(reader, path: str) -> ModelArgs:
     return args
 
 
-def gguf_extra(reader, path: str) -> dict[str, bytes]:
+def gguf_extra(reader, path: str, vocab_size: int | None = None) -> dict[str, bytes]:
     """What a converted directory holds beside the tensors: the tokenizer, as tokenizer.json."""
     if gguf_field(reader, "tokenizer.ggml.tokens", list, path=path) is None:
         return {}
     spec = gguf_tokenizer_spec(lambda key, default=None: gguf_field(reader, key, None, default, path), path)
-    return {"tokenizer.json": spec_json(spec)}
+    return {"tokenizer.json": spec_json(spec, path, vocab_size)}
 
 
 def read_gguf(path: str) -> Source:

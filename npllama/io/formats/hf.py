@@ -180,7 +180,7 @@ def read_hf(src: str) -> Source:
     spec = hf_tokenizer_spec(src)     # tokenizer.json (+ tokenizer_config, generation_config), when there
     extra, data = {}, {}
     if spec is not None:
-        data["tokenizer.json"] = spec_json(spec, os.path.join(src, "tokenizer.json"))
+        data["tokenizer.json"] = spec_json(spec, os.path.join(src, "tokenizer.json"), args.vocab_size)
     else:
         for tok in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
             if os.path.lexists(os.path.join(src, tok)):
