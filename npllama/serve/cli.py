@@ -7,6 +7,8 @@ import sys
 import threading
 
 from ..errors import MissingDependencyError, TokenizerError, UsageError
+from ..run.batching import Engine
+from ..text.tokenizer import chat_format
 
 
 def add_parser(sub, add_model_args, open_model) -> None:
@@ -36,9 +38,7 @@ def check_host(host: str, api_key: str | None) -> None:
 
 def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
     """(app, engine, stop event, engine thread) for a Generator's model and tokenizer."""
-    from ..text.tokenizer import chat_format
-    from ..run.batching import Engine
-    from .http import create_app
+    from .http import create_app   # FastAPI's, the optional extra: imported when serving
     engine = Engine(gen.model, gen.tokenizer.stop_ids, slots_queue[1])
     stop = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop,), daemon=True, name="npllama-engine")

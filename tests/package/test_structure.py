@@ -113,6 +113,11 @@ MAX_FUNCTION_LINES = 50
 # `import npllama.cli`), imported where a GGUF is read or a tokenizer built.
 OPTIONAL_EXTRAS = ("torch", "ray", "fastapi", "uvicorn", "starlette", "matplotlib", "hypothesis", "threadpoolctl",
                    "gguf", "tiktoken")
+# Package modules whose own top imports an optional extra (FastAPI), imported where used.
+OPTIONAL_MODULES = ("npllama.serve.http",)
+
+
+PACKAGES = {m for m, p in package_modules().items() if p.endswith("__init__.py")}
 
 
 def package_functions():
@@ -138,8 +143,12 @@ def test_functions_import_only_optional_extras():
         for node in ast.walk(f):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                pkg = m.split(".")[:len(m.split(".")) - node.level + (m in PACKAGES)]
+                names = [".".join(pkg + ([node.module] if node.module else []))]
+                names = [] if names[0] in OPTIONAL_MODULES else names
             elif isinstance(node, ast.ImportFrom):
-                names = ["." if node.level else node.module or ""]
+                names = [node.module or ""]
             else:
                 continue
             inner += [f"{m}.{f.name}:{node.lineno} imports {n}" for n in names
