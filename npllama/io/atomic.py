@@ -128,14 +128,19 @@ def check_file(path: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str) -> Iterator[str]:
+def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str,
+                     verify: Callable[[], None] | None = None) -> Iterator[str]:
     """Yields a fresh directory beside dst to fill; on success it is fsynced and renamed to
-    dst (replacing the old one only as check_directory allows); on failure it is removed."""
+    dst (replacing the old one only as check_directory allows); on failure it is removed.
+    verify, if given, runs after the filling and before the rename: what it raises discards
+    the directory (a source that changed while it was read)."""
     dst = os.path.abspath(dst)
     check_directory(dst, force, owned, what)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
     try:
         yield tmp
+        if verify is not None:
+            verify()
         fsync_tree(tmp)
         if os.path.lexists(dst):
             check_directory(dst, force, owned, what)  # again: it may have changed meanwhile
