@@ -60,7 +60,11 @@ def _folder_entries(root: str) -> Iterator[str]:
     """Every file, link and folder under root, not following links (a bounded walk)."""
     stack, seen = [root], 0
     while stack:
-        with os.scandir(stack.pop()) as it:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:   # unreadable: nothing in it is read by the command either
+            continue
+        with it:
             for e in it:
                 seen += 1
                 if seen > MAX_SOURCE_ENTRIES:

@@ -145,7 +145,8 @@ def unchanged(src: str, stamps: dict[str, list[int]]) -> None:
         except OSError:
             now = None
         if now != stamp:
-            raise CheckpointError(f"{src}: changed while it was being converted ({path}); run again")
+            which = "" if path == os.path.abspath(src) else f" ({path})"
+            raise CheckpointError(f"{src}: changed while it was being converted{which}; run again")
 
 
 def read_memo(path: str) -> dict:

@@ -151,3 +151,13 @@ def test_trace_onto_a_weight_file_its_snapshot_links_to_is_refused(hub_cache, tm
     os.link(weight, tmp_path / "hard")   # a hard link elsewhere to the same weights
     refused(capsys, ["trace", "-m", str(snap), "--tokens", "1,2", "-o", str(tmp_path / "hard")])
     assert snapshot(blobs) == before
+
+
+def test_a_source_folder_too_big_to_walk_is_refused_not_half_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "MAX_SOURCE_ENTRIES", 3)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(4):
+        (src / "sub" / str(i)).write_text("x")
+    with pytest.raises(UsageError, match="holds more than 3 files"):
+        atomic.refuse_overlap(str(tmp_path / "out"), [str(src)], "output")
