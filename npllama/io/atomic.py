@@ -53,27 +53,75 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _same_object(a: str, b: str) -> bool:
-    """Whether two existing paths are one file or directory (a hard link, a bind mount)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False
+MAX_SOURCE_ENTRIES = 100_000   # a model folder holds tens of files; a walk past this is refused, not cut short
+
+
+def _folder_entries(root: str) -> Iterator[str]:
+    """Every file, link and folder under root, not following links (a bounded walk)."""
+    stack, seen = [root], 0
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:   # unreadable: nothing in it is read by the command either
+            continue
+        with it:
+            for e in it:
+                seen += 1
+                if seen > MAX_SOURCE_ENTRIES:
+                    raise UsageError(f"{root}: holds more than {MAX_SOURCE_ENTRIES:,} files; not a model folder "
+                                     "whose outputs can be checked against it, nothing was touched")
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                yield e.path
+
+
+def _source_paths(src: str) -> tuple[set[str], set[str]]:
+    """(folders, files) a source is made of, resolved: a file is itself; a folder is itself
+    plus, for each file or link it holds, where that leads and the folder that lies in (an HF
+    hub cache's snapshots/abc/model.safetensors -> ../../blobs/h3: blobs/h3 and blobs/)."""
+    real = os.path.realpath(src)
+    if not os.path.isdir(src):
+        return set(), {real}
+    folders, files = {real}, set()
+    for path in _folder_entries(src):
+        target = os.path.realpath(path)
+        if os.path.isdir(target):
+            folders.add(target)
+        else:
+            files.add(target)
+            folders.add(os.path.dirname(target))
+    return folders, files
+
+
+def _identities(paths) -> set[tuple[int, int]]:
+    """(device, inode) of each path that exists: a hard link elsewhere is the same file."""
+    out = set()
+    for p in paths:
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(p)
+            out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def refuse_overlap(dst: str, sources, what: str) -> None:
     """An output may not be, contain or lie inside any of its sources, after every symbolic
     link is resolved (and a hard link or bind mount recognised): replacing it would destroy
-    what it is made from, whatever --force says and whatever an index.json there claims.
-    `sources` are paths (None entries are skipped); refused before any work is done."""
+    what it is made from, whatever --force says and whatever an index.json there claims. A
+    folder's sources include what each file in it links to (_source_paths). `sources` are
+    paths (None entries are skipped); refused before any work is done."""
     out = os.path.realpath(dst)
+    mine = _identities([dst])
     for src in sources:
         if src is None:
             continue
-        real = os.path.realpath(src)
-        if _within(out, real) or _within(real, out) or _same_object(dst, src):
+        folders, files = _source_paths(src)
+        hit = next((p for p in sorted(folders) if _within(out, p) or _within(p, out)), None)
+        hit = hit or next((p for p in sorted(files) if _within(p, out)), None)
+        if hit is None and mine and mine & _identities(folders | files):
+            hit = os.path.realpath(src)
+        if hit is not None:
             raise UsageError(f"{dst}: the {what} would be, contain or lie inside its source {src} (resolved: {out} "
-                             f"and {real}); write it somewhere else, nothing was touched")
+                             f"and {hit}); write it somewhere else, nothing was touched")
 
 
 def check_file(path: str, what: str) -> None:
@@ -84,14 +132,19 @@ def check_file(path: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str) -> Iterator[str]:
+def staged_directory(dst: str, force: bool, owned: Callable[[str], bool], what: str,
+                     verify: Callable[[], None] | None = None) -> Iterator[str]:
     """Yields a fresh directory beside dst to fill; on success it is fsynced and renamed to
-    dst (replacing the old one only as check_directory allows); on failure it is removed."""
+    dst (replacing the old one only as check_directory allows); on failure it is removed.
+    verify, if given, runs after the filling and before the rename: what it raises discards
+    the directory (a source that changed while it was read)."""
     dst = os.path.abspath(dst)
     check_directory(dst, force, owned, what)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
     try:
         yield tmp
+        if verify is not None:
+            verify()
         fsync_tree(tmp)
         if os.path.lexists(dst):
             check_directory(dst, force, owned, what)  # again: it may have changed meanwhile

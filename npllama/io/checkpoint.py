@@ -17,7 +17,7 @@ import os
 import shutil
 import struct
 import zipfile
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -82,18 +82,20 @@ def _npy_header(arr: np.ndarray) -> bytes:
 def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.ndarray]], total_bytes: int,
                      n_tensors: int, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                      extra_files: dict | None = None, extra_data: dict[str, bytes] | None = None,
-                     force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> dict:
+                     force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
+                     verify: Callable[[], None] | None = None) -> dict:
     """Stream (name, array) pairs into a checkpoint directory, atomically.
 
     Arrays are float32/float16 or uint16 (bf16 bits). dtype converts every tensor to
     "bfloat16", "float16" or "float32"; None keeps each as it comes. A NaN or infinity in a
     tensor (or made by the conversion) is refused naming the tensor, unless allow_nonfinite
     (a test writing a damaged checkpoint on purpose). The directory appears
-    under `dst` only when complete; an existing `dst` is replaced only with force.
+    under `dst` only when complete (and after verify(), if given, returned); an existing
+    `dst` is replaced only with force.
     """
     if dtype is not None and dtype not in STORAGE:
         raise UsageError(f"unknown dtype {dtype!r}; choose from {', '.join(STORAGE)}")
-    with staged_directory(dst, force, is_checkpoint, "converted checkpoint") as tmp:
+    with staged_directory(dst, force, is_checkpoint, "converted checkpoint", verify) as tmp:
         index = {"format": FORMAT, "version": FORMAT_VERSION, "converter": CONVERTER, "tensors": {}, "shards": {}}
         progress = Progress("convert", total_bytes, "GB", scale=1e9, stream=io.StringIO() if quiet else None)
         shards = _Shards(tmp, shard_bytes)

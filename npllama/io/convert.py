@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from typing import Callable
 
 from ..errors import CheckpointError, NonFiniteError
 from ..untrusted import open_regular
@@ -46,9 +47,10 @@ def open_source(src: str) -> Source:
 
 
 def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
-            shard_bytes: int | None = None, quiet: bool = False) -> dict:
+            shard_bytes: int | None = None, quiet: bool = False, verify: Callable[[], None] | None = None) -> dict:
     """Convert src into npllama's format at dst. Every tensor's shape is checked against the
-    params before anything is written; dst appears only complete."""
+    params before anything is written; dst appears only complete, and only if verify() (given:
+    the source is still what was hashed) returns."""
     refuse_overlap(dst, [src], "converted checkpoint")   # before --force may replace anything
     check_destination(dst, force)   # before reading a byte of the source
     source = open_source(src)
@@ -60,6 +62,6 @@ def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
     try:
         return write_checkpoint(dst, source.args, source.tensors(), source.nbytes, len(source.shapes), dtype=dtype,
                                 extra_files=source.extra_files, extra_data=source.extra_data, force=force,
-                                quiet=quiet, **kw)
+                                quiet=quiet, verify=verify, **kw)
     except NonFiniteError as e:   # the writer knows the tensor; the message names the source too
         raise NonFiniteError(f"{src}: {e}") from None

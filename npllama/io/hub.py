@@ -129,8 +129,24 @@ def file_stamp(path: str) -> list[int]:
     """What tells a file's contents changed without reading it: size and mtime, which cp -p
     and rsync -t copy and os.utime sets, so also ctime (which nothing sets back) and the
     inode and device (a file replaced by another, a symbolic link pointed elsewhere)."""
-    st = os.stat(path)
+    return stamp_of(os.stat(path))
+
+
+def stamp_of(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def unchanged(src: str, stamps: dict[str, list[int]]) -> None:
+    """Raises if any file is no longer the one stamped when it was hashed: the converter
+    opens them again by path, and what it read then must be what the cache key says."""
+    for path, stamp in stamps.items():
+        try:
+            now = file_stamp(path)
+        except OSError:
+            now = None
+        if now != stamp:
+            which = "" if path == os.path.abspath(src) else f" ({path})"
+            raise CheckpointError(f"{src}: changed while it was being converted{which}; run again")
 
 
 def read_memo(path: str) -> dict:
@@ -162,11 +178,12 @@ def open_checked(path: str, cap: int | None, root: str | None = None):
     return f, size
 
 
-def source_key(files: dict[str, int | None], root: str, confine: bool = False) -> str:
+def source_key(files: dict[str, int | None], root: str, confine: bool = False) -> tuple[str, dict[str, list[int]]]:
     """sha256 over the files' names and sha256s (file_digest, each under its cap). Each file's
     digest is remembered with its stamp (file_stamp) in <cache>/converted/hashes.json, so an
     unchanged source is not read again. confine: every file must lie inside root (a folder's
-    files; a GGUF named by the user may be a link to anywhere)."""
+    files; a GGUF named by the user may be a link to anywhere). Returns the key and each
+    file's stamp as hashed (a hashed file's from its open descriptor: what was read)."""
     memo_path = os.path.join(cache_dir(), "converted", "hashes.json")
     memo = read_memo(memo_path)
     stamps = {os.path.abspath(p): file_stamp(p) for p in files}
@@ -188,6 +205,7 @@ def source_key(files: dict[str, int | None], root: str, confine: bool = False) -
               file=sys.stderr, flush=True)
     for p in stale:
         with opened[p][0] as f:
+            stamps[p] = stamp_of(os.fstat(f.fileno()))
             digests[p] = sha256_open(f, opened[p][1], p)
         memo[p] = stamps[p] + [digests[p]]
     h = hashlib.sha256()
@@ -200,7 +218,7 @@ def source_key(files: dict[str, int | None], root: str, confine: bool = False) -
             with open(tmp, "w") as f:
                 json.dump(memo, f)
         write_file(memo_path, write, "hash memo")
-    return h.hexdigest()
+    return h.hexdigest(), stamps
 
 
 def cache_name(path: str) -> str:
@@ -224,7 +242,7 @@ def resolve_model(path: str) -> str:
     kind = detect(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)
     open_source(path).check()   # every header checked (a weight file's size against it) before a byte is hashed
-    key = source_key(source_files(path, kind), root, confine=os.path.isdir(path))
+    key, stamps = source_key(source_files(path, kind), root, confine=os.path.isdir(path))
     out = os.path.join(cache_dir(), "converted", f"{cache_name(path)}-{key[:16]}")
     done = lambda: up_to_date(out)  # noqa: E731
     if not done():
@@ -232,7 +250,7 @@ def resolve_model(path: str) -> str:
         try:
             # --force only over what is there already (an empty or older folder npllama wrote):
             # never over a conversion another process finished meanwhile
-            convert(path, out, force=os.path.lexists(out))
+            convert(path, out, force=os.path.lexists(out), verify=lambda: unchanged(path, stamps))
         except UsageError:
             if not done():
                 raise

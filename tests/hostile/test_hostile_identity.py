@@ -112,3 +112,48 @@ def test_a_side_file_linked_out_of_the_folder_is_refused_before_it_is_hashed(tmp
     with pytest.raises(CheckpointError, match="tokenizer.model: leads outside"):
         hub.resolve_model(str(src))
     assert "hashing" not in capsys.readouterr().err     # refused before any file was read for the key
+
+
+def swap_in(path, data):
+    """path replaced by a new file holding data, as a downloader or `cp` then `mv` would."""
+    tmp = str(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("when", ["before it is read", "and back while it is read"])
+def test_a_source_swapped_while_it_is_converted_is_not_cached_under_the_old_key(tmp_path, cache, monkeypatch, when):
+    """The hub hashes the source, then the converter opens it again by path: a file swapped
+    in between (or swapped and swapped back, a new file of the old bytes) was converted and
+    cached under the first file's key. Sources: fuzz's GGUF seed and the same with another
+    chat template (same size), told apart by what the converted tokenizer holds."""
+    fuzz.seed_gguf(str(tmp_path))
+    m = tmp_path / "model.gguf"
+    a = m.read_bytes()
+    b = a.replace(b"Be brief.", b"Be BRIEF.")
+    assert a != b and len(a) == len(b)
+    real = hub.convert
+
+    def swapping(src, dst, **kw):
+        swap_in(m, b)                   # after the hash, before the converter opens it
+        if when == "before it is read":
+            return real(src, dst, **kw)
+        real_write = checkpoint.write_checkpoint
+
+        def write(*args, **kws):         # the converter has B open; A's bytes come back under the name
+            swap_in(m, a)
+            return real_write(*args, **kws)
+        monkeypatch.setattr("npllama.io.convert.write_checkpoint", write)
+        return real(src, dst, **kw)
+    monkeypatch.setattr(hub, "convert", swapping)
+    with pytest.raises(CheckpointError, match="changed while it was being converted.*run again"):
+        hub.resolve_model(str(m))
+    converted = cache / "converted"
+    assert sorted(os.listdir(converted)) == ["hashes.json"]   # nothing kept, not even a partial folder
+    monkeypatch.setattr(hub, "convert", real)
+    monkeypatch.setattr("npllama.io.convert.write_checkpoint", checkpoint.write_checkpoint)
+    out = hub.resolve_model(str(m))     # run again: what is there now, under its own key
+    want = b"Be brief." if when != "before it is read" else b"Be BRIEF."
+    with open(os.path.join(out, "tokenizer.json"), "rb") as f:
+        assert want in f.read()

@@ -110,3 +110,54 @@ def test_refuse_overlap_sees_through_links(tmp_path):
     with pytest.raises(UsageError, match="its source"):
         atomic.refuse_overlap(str(tmp_path), [str(tmp_path / "alias")], "output")    # contains the source
     atomic.refuse_overlap(str(tmp_path / "srcx"), [str(tmp_path / "src")], "output")   # a sibling: fine
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """An HF hub-cache layout: snapshots/abc/NAME -> ../../blobs/hN, blobs/ holding the bytes."""
+    repo = tmp_path / "models--x--tiny"
+    blobs, snap, seed = repo / "blobs", repo / "snapshots" / "abc", tmp_path / "seed"
+    for d in (blobs, snap, seed):
+        d.mkdir(parents=True)
+    fuzz.seed_hf(str(seed))
+    fuzz.seed_hf_tokenizer(str(seed))
+    for i, name in enumerate(sorted(os.listdir(seed))):
+        os.replace(seed / name, blobs / f"h{i}")
+        os.symlink(f"../../blobs/h{i}", snap / name)
+    return repo
+
+
+def test_convert_onto_the_blobs_its_snapshot_links_into_is_refused(hub_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_CACHE", str(tmp_path / "cache"))
+    blobs = hub_cache / "blobs"
+    (blobs / "index.json").write_text(FORGED_INDEX)
+    before = snapshot(blobs)
+    snap = str(hub_cache / "snapshots" / "abc")
+    refused(capsys, ["convert", snap, str(blobs), "--force", "--quiet"], str(blobs))
+    refused(capsys, ["convert", snap, str(hub_cache), "--force", "--quiet"])   # holds the blobs
+    (blobs / "golden.json").write_text(json.dumps({"npllama": "0", "files": {}}))
+    before = snapshot(blobs)
+    refused(capsys, ["golden", "-m", snap, "--tokens", "1,2", "-o", str(blobs), "--force", "--max-new-tokens", "1"])
+    assert snapshot(blobs) == before
+
+
+def test_trace_onto_a_weight_file_its_snapshot_links_to_is_refused(hub_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_CACHE", str(tmp_path / "cache"))
+    blobs = hub_cache / "blobs"
+    snap = hub_cache / "snapshots" / "abc"
+    before = snapshot(blobs)
+    weight = os.path.realpath(snap / "model-00001-of-00002.safetensors")
+    refused(capsys, ["trace", "-m", str(snap), "--tokens", "1,2", "-o", weight], weight)
+    os.link(weight, tmp_path / "hard")   # a hard link elsewhere to the same weights
+    refused(capsys, ["trace", "-m", str(snap), "--tokens", "1,2", "-o", str(tmp_path / "hard")])
+    assert snapshot(blobs) == before
+
+
+def test_a_source_folder_too_big_to_walk_is_refused_not_half_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "MAX_SOURCE_ENTRIES", 3)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(4):
+        (src / "sub" / str(i)).write_text("x")
+    with pytest.raises(UsageError, match="holds more than 3 files"):
+        atomic.refuse_overlap(str(tmp_path / "out"), [str(src)], "output")

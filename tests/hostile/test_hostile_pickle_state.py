@@ -3,6 +3,7 @@ data.pkl that pushes the admitted torch._utils._rebuild_tensor_v2 and BUILDs it 
 __defaults__ and __doc__ is refused, and the running process's function is unchanged; a
 state dict's own OrderedDict _metadata (what torch.save writes with BUILD) still loads.
 The first fails on main c1182df (checked: the function is rewritten and the load succeeds)."""
+import collections
 import struct
 import zipfile
 
@@ -60,3 +61,27 @@ def test_a_state_dict_with_metadata_still_loads(tmp_path):
     torch.save(sd, path)
     f = PthFile(path)
     np.testing.assert_array_equal(f.array("weight"), sd["weight"].numpy())
+
+
+class StateDictWithState(collections.OrderedDict):
+    """Pickles as an OrderedDict followed by BUILD with the given state (torch.save writes
+    only {"_metadata": ...} there): attributes that would shadow the dict's methods."""
+
+    def __init__(self, items, state):
+        super().__init__(items)
+        self.state = state
+
+    def __reduce__(self):
+        return collections.OrderedDict, (), self.state, None, iter(self.items())
+
+
+@pytest.mark.parametrize("state", [{"get": 1}, {"items": 1}, {"_metadata": {}, "items": 1},
+                                   ({"_metadata": {}}, {"get": 1})], ids=["get", "items", "metadata+items", "slots"])
+def test_a_state_dict_given_other_state_than_metadata_is_refused(tmp_path, state):
+    # before: `get` or `items` shadowed by an int, so reading the state dict raised TypeError
+    path = str(tmp_path / "consolidated.00.pth")
+    sd = StateDictWithState({"a": FakeTensor(FakeStorage("0", 4), 0, (4,), (1,))}, state)
+    write_pth(path, sd, {"0": np.zeros(4, np.float32)})
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: data.pkl gives a state dict the state") as e:
+        PthFile(path)
+    assert "\n" not in str(e.value)

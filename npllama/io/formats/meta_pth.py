@@ -92,6 +92,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if id(target) not in self.created or not isinstance(target, collections.OrderedDict):
             raise CheckpointError(f"{self.path}: data.pkl sets the state of {describe(target)}, which it did not "
                                   "create (only a state dict's own OrderedDicts may be given one)")
+        state = self.stack[-1]
+        # torch.save gives a state dict only its _metadata (the module versions); any other
+        # attribute would shadow the dict's own methods (get, items) for every later reader
+        if not (state is None or (type(state) is dict and all(type(k) is str and k == "_metadata" for k in state))):
+            raise CheckpointError(f"{self.path}: data.pkl gives a state dict the state {describe(state)} (torch.save "
+                                  "writes only _metadata there); refusing to load it")
         pickle._Unpickler.load_build(self)
     dispatch[pickle.BUILD[0]] = load_build
 
