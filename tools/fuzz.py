@@ -80,10 +80,10 @@ def seed_meta(d: str) -> None:
         f.write(b"IQ== 0\n")
 
 
-def seed_hf(d: str) -> None:
+def seed_hf(d: str, vocab: int = 8) -> None:
     from safetensors.numpy import save_file
     from npllama.io.formats.names import meta_to_hf
-    args = _args()
+    args = _args(vocab)
     w = {meta_to_hf(k): v.astype("float16" if v.ndim == 2 else "float32") for k, v in _weights(args).items()}
     names = sorted(w)
     parts = {"model-00001-of-00002.safetensors": names[: len(names) // 2],

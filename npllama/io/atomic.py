@@ -77,19 +77,16 @@ def _folder_entries(root: str) -> Iterator[str]:
 
 def _source_paths(src: str) -> tuple[set[str], set[str]]:
     """(folders, files) a source is made of, resolved: a file is itself; a folder is itself
-    plus, for each file or link it holds, where that leads and the folder that lies in (an HF
-    hub cache's snapshots/abc/model.safetensors -> ../../blobs/h3: blobs/h3 and blobs/)."""
+    plus where each file or link it holds leads (an HF hub cache's snapshots/abc/model.safetensors
+    -> ../../blobs/h3: blobs/h3, so that blobs/ contains a source). A new file beside a linked
+    target destroys nothing, so the target's folder is not a source itself."""
     real = os.path.realpath(src)
     if not os.path.isdir(src):
         return set(), {real}
     folders, files = {real}, set()
     for path in _folder_entries(src):
         target = os.path.realpath(path)
-        if os.path.isdir(target):
-            folders.add(target)
-        else:
-            files.add(target)
-            folders.add(os.path.dirname(target))
+        (folders if os.path.isdir(target) else files).add(target)
     return folders, files
 
 

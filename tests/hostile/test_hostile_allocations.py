@@ -21,7 +21,7 @@ GIB = 1024**3
 
 LOAD = r"""
 import json, resource, sys
-import npllama.model.model as m
+import npllama.model.memory as m
 m.available_memory = lambda: int(sys.argv[2])       # this machine's memory, as the test states it
 from npllama.io.checkpoint import load
 from npllama.model import memory

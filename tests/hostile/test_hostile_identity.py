@@ -26,11 +26,11 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def hf_with_odd_shard(d):
+def hf_with_odd_shard(d, vocab: int = 8):
     """fuzz's HF seed with its second shard moved to sub/part-b (no .safetensors suffix),
     where its index says it is."""
     d.mkdir()
-    fuzz.seed_hf(str(d))
+    fuzz.seed_hf(str(d), vocab)
     (d / "sub").mkdir()
     os.rename(d / "model-00002-of-00002.safetensors", d / "sub" / "part-b")
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -105,7 +105,7 @@ def test_a_shard_truncated_after_the_checks_is_an_npllama_error(tmp_path):
 
 
 def test_a_side_file_linked_out_of_the_folder_is_refused_before_it_is_hashed(tmp_path, cache, capsys):
-    src = hf_with_odd_shard(tmp_path / "hf")
+    src = hf_with_odd_shard(tmp_path / "hf", vocab=256)   # room for the tokenizer's 250 tokens
     fuzz.seed_hf_tokenizer(str(src))    # a tokenizer.json: the converter itself never opens tokenizer.model
     (tmp_path / "outside").write_bytes(b"IQ== 0\n")      # a valid tokenizer.model, elsewhere
     os.symlink(tmp_path / "outside", src / "tokenizer.model")
