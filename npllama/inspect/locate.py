@@ -9,7 +9,10 @@ from ..model.ops import precompute_freqs_cis
 
 QK_HEADS = ("q", "k", "v", "q_rotated", "k_rotated")   # (T, heads, head_dim)
 SCORES = ("scores", "probs")                           # (n_heads, T, S)
-QUERY_SIDE = ("q", "q_rotated", "scores", "probs", "attention")
+# Where KV heads repeated the wrong way show as a pattern over query heads: the scores, probs
+# and attention each query head computes from the KV head it reads. q and q_rotated come
+# before any KV head is read, and k/v have only KV heads.
+QUERY_SIDE = ("scores", "probs", "attention")
 
 
 def kind(name: str) -> str:
