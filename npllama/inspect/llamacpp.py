@@ -132,7 +132,7 @@ def compare_dump(dump: dict, tr: dict, rtol: float, out=None, allow_missing: boo
                  allow_unknown: bool = False, names: str | None = None) -> tuple:
     """Each node of the dump against the trace tr (under its name map `names`), in forward
     order: printed values within atol + rtol * max |trace tensor| + half the print's last
-    digit, and the sum within atol + rtol * sum |trace tensor| + 1e-3. Strict whichever side
+    digit, and the sum within atol * size + rtol * sum |trace tensor| + 1e-3. Strict whichever side
     is the reference: the dump's mapped nodes the trace lacks, and the trace's tensors a
     dump names that this one lacks, fail unless allow_missing, and a node the llamacpp map does not know fails unless allow_unknown.
     Returns (all within, first outside, rows)."""
@@ -164,7 +164,7 @@ def dump_row(name: str, key: str, node: dict, x, rtol: float, atol: float) -> tu
     err = np.inf if np.isnan(err) else err           # a NaN printed or computed is never agreement
     sum_err = abs(total - node["sum"])
     sum_err = np.inf if np.isnan(sum_err) else sum_err
-    ok = err <= atol + rtol * scale + 5e-5 and sum_err <= atol + rtol * float(np.abs(x64).sum()) + 1e-3
+    ok = err <= atol + rtol * scale + 5e-5 and sum_err <= atol * x64.size + rtol * float(np.abs(x64).sum()) + 1e-3
     return name, key, err / max(scale, 1e-30), sum_err, ok
 
 
