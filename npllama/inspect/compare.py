@@ -251,7 +251,7 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     if not rows:
         raise UsageError("the traces share no tensor names" + (f" ({unknown_message(unknown)})" if unknown else ""))
     if not compared_values(rows, a, b):
-        raise UsageError(f"compared nothing: the traces share {', '.join(shown([r[0] for r in rows[:3]]))} but no "
+        raise UsageError(f"compared nothing: the traces share {shown([r[0] for r in rows[:3]])} but no "
                          "float value (only tokens, or empty arrays)")
     if out is not None:
         print_report(report, out, allow_missing, allow_unknown)

@@ -137,6 +137,7 @@ def rope_hint(unrotated: np.ndarray, params: dict, close) -> str | None:
     if unrotated.ndim != 3 or unrotated.shape[-1] % 2 or "rope_theta" not in params:
         return None
     x = unrotated.astype(np.float64)
+    x = np.where(np.isfinite(x), x, 0)    # NaN/inf already fail the tensor; the diagnosis is of the rest
     f = freqs_for(params, x.shape[0])
     if close(rope_rotate_half(x, f)):
         return ("A's rotated q/k are rotate-half RoPE (HF's pairing of j with j + head_dim/2) applied to q/k in "

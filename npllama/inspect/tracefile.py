@@ -56,10 +56,10 @@ def schedule(T: int, chunks: Sequence[int] | None) -> list[tuple[int, int]]:
     out; a chunk longer than what is left is cut. None: one call of all T."""
     if chunks is None:
         return [(0, T)]
-    chunks = list(chunks) if isinstance(chunks, (list, tuple, range, np.ndarray)) else []
+    given, chunks = chunks, list(chunks) if isinstance(chunks, (list, tuple, range, np.ndarray)) else []
     if not chunks or any(not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1
                          for n in chunks):
-        raise UsageError(f"chunks must be positive integers, e.g. 3,1,1; got {chunks!r:.80}")
+        raise UsageError(f"chunks must be a sequence of positive integers, e.g. (3, 1, 1); got {given!r:.80}")
     steps, start = [], 0
     for n in chunks + [1] * T:
         if start >= T:
