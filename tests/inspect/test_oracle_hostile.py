@@ -254,3 +254,13 @@ def test_a_hook_recording_that_cannot_be_stitched_leaves_the_logits_failure_stan
     calls.clear()
     with pytest.raises(AssertionError, match="could not be used"):
         check_against_reference(forward, args, w, tokens, chunks=(2, 1), trace_hook=partial_hook)
+
+
+def test_a_golden_bundle_reduced_to_tokens_compares_nothing(tmp_path):
+    bundle = tmp_path / "gold"
+    bundle.mkdir()
+    np.save(bundle / "tokens.npy", np.arange(T))
+    (bundle / "golden.json").write_text('{"files": {"tokens.npy": {}}}')
+    tracefile.save(str(tmp_path / "t.npz"), trace_dict())
+    with pytest.raises(NpllamaError, match="compared nothing"):
+        compare(tracefile.load(str(tmp_path / "t.npz")), tracefile.load(str(bundle)))
