@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .model.config import ModelArgs
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, NpllamaError, UsageError
 from .model.model import Transformer
 from .model.weights import as_float32, expected_shapes
 from .inspect import locate
@@ -209,6 +209,8 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     (npllama.inspect.compare). Returns npllama's logits."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.number)) or not np.isfinite(rtol) or rtol < 0:
+        raise UsageError(f"rtol must be a finite number >= 0, got {rtol!r:.40}")
     model = Transformer(args, weights, dtype=dtype, max_seq_len=max(args.max_seq_len, len(tokens)))
     # without a hook: tokens, embeddings, norm, logits only
     tr = trace(model, tokens, layers=None if trace_hook else [], chunks=chunks)
@@ -232,9 +234,18 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
         raise AssertionError(
             f"logits part at position {t} (token {int(tokens[t])}){call}: max |yours - npllama| = {err[t]:.3e}, "
             f"{err[t] / scale[t]:.2e} of the logit scale {scale[t]:.3g} (rtol {rtol:g}, {dtype}); {agree}; "
-            f"{len(bad)} of {len(tokens)} positions outside" + (first_divergence(recorded, tr, steps, rtol)
+            f"{len(bad)} of {len(tokens)} positions outside" + (hook_divergence(recorded, tr, steps, rtol)
                                                                  if trace_hook else ""))
     return ours.astype(np.float32)
+
+
+def hook_divergence(recorded: list[dict], ours: dict, steps: list[tuple[int, int]], rtol: float) -> str:
+    """first_divergence, or, when the hook's recordings cannot be stitched or compared, a note
+    saying why: the logits' failure is the finding, and must not be hidden by the hook's."""
+    try:
+        return first_divergence(recorded, ours, steps, rtol)
+    except (NpllamaError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        return f"; the trace_hook's recording could not be used ({type(e).__name__}: {str(e)[:200]})"
 
 
 def first_divergence(recorded: list[dict], ours: dict, steps: list[tuple[int, int]], rtol: float) -> str:

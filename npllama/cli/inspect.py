@@ -3,6 +3,7 @@ measuring it against others."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..errors import UsageError
@@ -52,6 +53,17 @@ def parse_chunks(spec: str) -> list[int]:
     return chunks
 
 
+def tolerance(text: str) -> float:
+    """A tolerance: a finite number >= 0 (NaN or inf would make every comparison pass)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"takes a finite number >= 0, got {text!r:.40}")
+    return v
+
+
 def add_compare(sub) -> None:
     cp = sub.add_parser("compare", help="compare two traces, tensor by tensor, in forward order",
                         description="Print max abs error, max relative error (to the largest |B|) and bf16 ulps per "
@@ -62,9 +74,9 @@ def add_compare(sub) -> None:
                         "compared with the other, a trace, within --rtol of each tensor's scale.")
     cp.add_argument("a", help="a trace (.npz), golden bundle directory, saved-logits file or eval-callback dump")
     cp.add_argument("b", help="the reference, likewise")
-    cp.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
-    cp.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (default 1e-6)")
-    cp.add_argument("--ulps", type=float, default=None, help="instead: tolerance in bf16 ulps at max |B|")
+    cp.add_argument("--rtol", type=tolerance, default=1e-4, help="tolerance relative to max |B| (default 1e-4)")
+    cp.add_argument("--atol", type=tolerance, default=1e-6, help="absolute tolerance (default 1e-6)")
+    cp.add_argument("--ulps", type=tolerance, default=None, help="instead: tolerance in bf16 ulps at max |B|")
     cp.add_argument("--allow-missing", action="store_true", help="pass although tensors of the reference are "
                     "missing from A (default: fail, naming them)")
     cp.add_argument("--allow-unknown", action="store_true", help="pass although a trace holds names its name map "
@@ -164,9 +176,12 @@ def cmd_trace(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    if logits.is_logits_file(a.a) or logits.is_logits_file(a.b):
-        return compare_logits(a)
     dumps = [llamacpp.read_dump(p) for p in (a.a, a.b)]
+    is_logits = [logits.is_logits_file(p) for p in (a.a, a.b)]
+    if any(d is not None for d in dumps) and any(is_logits):
+        raise UsageError("a llama-eval-callback dump compares only with a trace, not with a saved-logits file")
+    if any(is_logits):
+        return compare_logits(a)
     if any(d is not None for d in dumps):
         return compare_dump(a, dumps)
     if a.plot:
@@ -193,10 +208,16 @@ def compare_dump(a, dumps: list) -> int:
     """compare with a llama-eval-callback dump on one side and a trace on the other."""
     if all(d is not None for d in dumps) or a.plot:
         raise UsageError("a llama-eval-callback dump compares with a trace (and draws no --plot)")
+    if a.ulps is not None:
+        raise UsageError("--ulps: a llama-eval-callback dump prints 4 decimals, so dumps compare by relative error "
+                         "(--rtol, --atol)")
     i = 0 if dumps[0] is not None else 1
+    if (a.names_a, a.names_b)[i] not in (None, "llamacpp"):
+        raise UsageError(f"--names-{'ab'[i]}: the dump's names are llama.cpp's (the llamacpp name map)")
     path, other = (a.a, a.b)[i], (a.a, a.b)[1 - i]
     ok, _, _ = llamacpp.compare_dump(llamacpp.parse(dumps[i], path), tracefile.load(other), a.rtol, out=sys.stdout,
-                                     allow_missing=a.allow_missing)
+                                     allow_missing=a.allow_missing, atol=a.atol,
+                                     allow_unknown=a.allow_unknown, names=(a.names_a, a.names_b)[1 - i])
     return 0 if ok else 1
 
 

@@ -23,11 +23,15 @@ from ..model import bf16
 from ..model.observer import QK_LAYOUTS, QK_NAMES, forward_key
 from . import locate
 from .locate import rotate_half_to_interleaved, to_rotate_half
-from .namemaps import guess, rename
+from .namemaps import HOOK_OMITS, guess, rename
+from .tracefile import check_meta
 
 # A score at least this far below 0 is a mask, whatever its constant: exp(-1e4) underflows
 # to exactly 0 in float32 (below ~exp(-104)), so -1e4, finfo.min and -inf give the same probs.
 MASKED = -1e4
+# What an "omits" may excuse: the kinds a forward hook cannot see (namemaps.HOOK_OMITS). Any
+# other tensor a trace lacks is missing, whatever its __meta__ says.
+OMITTABLE = frozenset(k for kinds in HOOK_OMITS.values() for k in kinds)
 
 
 def to_canonical(tr: dict) -> dict:
@@ -51,20 +55,32 @@ def bf16_ulp_at(scale: float) -> float:
     return 2.0 ** (np.floor(np.log2(scale)) - 7) if scale > 0 else 2.0 ** -133
 
 
-def error_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|a - b| elementwise in float64; equal entries (both -inf where masked, both NaN)
-    count as no error, NaN against a number as an infinite one."""
+def error_of(a: np.ndarray, b: np.ndarray, masked: bool = False) -> np.ndarray:
+    """|a - b| elementwise in float64. A NaN on either side is an infinite error (never
+    agreement), and so is any infinity, except, where masked (scores: the causal mask), the
+    same infinity on both sides, which is no error."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
-    with np.errstate(invalid="ignore"):  # -inf - -inf where both are masked: counted as same
-        diff = np.where(same, 0.0, np.abs(a64 - b64))
-    return np.where(np.isnan(diff), np.inf, diff)
+    with np.errstate(invalid="ignore"):  # inf - inf: replaced below
+        diff = np.abs(a64 - b64)
+    bad = ~np.isfinite(a64) | ~np.isfinite(b64)
+    same_inf = np.isinf(a64) & (a64 == b64) if masked else False
+    return np.where(same_inf, 0.0, np.where(bad, np.inf, diff))
 
 
-def compare_arrays(a: np.ndarray, b: np.ndarray) -> dict:
+def nonfinite_notes(x: np.ndarray, y: np.ndarray, masked: bool) -> list[str]:
+    """What makes a tensor fail whatever the tolerance: NaN, or an infinity the other side
+    does not share as a mask."""
+    notes = [f"NaN in {side}" for side, v in (("A", x), ("B", y)) if np.isnan(v).any()]
+    unshared = np.isinf(x) | np.isinf(y)
+    if masked:
+        unshared &= ~(np.isinf(x) & (x == y))
+    return notes + (["an infinity not shared as a mask"] if unshared.any() else [])
+
+
+def compare_arrays(a: np.ndarray, b: np.ndarray, masked: bool = False) -> dict:
     """max |a - b|, that relative to max |b|, and in bf16 ulps at that scale; `diff`, the
-    elementwise error."""
-    diff = error_of(a, b)
+    elementwise error (error_of; masked: scores)."""
+    diff = error_of(a, b, masked)
     finite_b = np.abs(b[np.isfinite(b)].astype(np.float64))
     scale = float(finite_b.max()) if finite_b.size else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -123,6 +139,12 @@ class Tolerance:
     atol: float = 1e-6
     ulps: float | None = None
 
+    def __post_init__(self):
+        for what, v in (("rtol", self.rtol), ("atol", self.atol), ("ulps", self.ulps)):
+            if v is not None and not (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                      and np.isfinite(v) and v >= 0):
+                raise UsageError(f"{what} must be a finite number >= 0, got {v!r:.40}")
+
     def limit(self, scale: float) -> float:
         """The largest error allowed for a tensor whose largest |reference| is scale."""
         return self.ulps * bf16_ulp_at(scale) if self.ulps is not None else self.atol + self.rtol * scale
@@ -151,9 +173,11 @@ def tensor_row(name: str, x: np.ndarray, y: np.ndarray, tol: Tolerance, info: di
     if name == "tokens":
         ok = np.array_equal(x, y)
         return name, None, "identical" if ok else "DIFFERENT tokens", ok
-    s = compare_arrays(x, y)
+    masked = locate.kind(name) == "scores"
+    s = compare_arrays(x, y, masked)
     limit = tol.limit(s["scale"])
     ok = s["max_abs"] <= limit
+    notes = notes + nonfinite_notes(x, y, masked)
     hd = info.get("head_dim")
     diff = s.pop("diff")
     s.update(where=locate.where(diff, name, hd), notes=notes, hints=[], heads=None,
@@ -190,7 +214,7 @@ def layout_hints(rows: list, a: dict, b: dict, tol: Tolerance, info: dict) -> No
 def coverage(a: dict, b: dict) -> tuple[list, list, int]:
     """(the reference's tensors A lacks, those A declares it does not compute, how many A
     has that the reference lacks)."""
-    omits = set(a.get("__meta__", {}).get("omits", []))
+    omits = set(a.get("__meta__", {}).get("omits", [])) & OMITTABLE
     expected = [n for n in b if n != "__meta__" and forward_key(n) is not None]
     absent = sorted((n for n in expected if n not in a), key=forward_key)
     declared = [n for n in absent if locate.kind(n) in omits]
@@ -206,6 +230,9 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     values). names_a/names_b: the name map of each trace (default its __meta__ "names",
     else npllama's). Returns a Report (ok, first failing name, rows, coverage) and prints a
     table to `out`."""
+    tol = Tolerance(rtol, atol, ulps)
+    for side, tr in (("A", a), ("B", b)):
+        check_meta(tr.get("__meta__", {}), f"{side}'s __meta__")
     a, a_unknown, _ = rename(a, names_a or a.get("__meta__", {}).get("names"))
     b, b_unknown, _ = rename(b, names_b or b.get("__meta__", {}).get("names"))
     shared = sorted((n for n in a if n in b and forward_key(n) is not None), key=forward_key)
@@ -213,7 +240,7 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     for n in shared:        # shapes first: the layout conversion works on split heads
         a[n], notes[n] = normalise(a[n], b[n], n)
     a, b = to_canonical(a), to_canonical(b)
-    tol, info = Tolerance(rtol, atol, ulps), shape_info(a, b)
+    info = shape_info(a, b)
     rows = [tensor_row(n, a[n], b[n], tol, info, notes[n]) for n in shared]
     layout_hints(rows, a, b, tol, info)
     first = next((r[0] for r in rows if not r[3]), None)
@@ -221,11 +248,20 @@ def compare(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, ulps: floa
     unknown = {k: v for k, v in (("A", a_unknown), ("B", b_unknown)) if v}
     ok = first is None and (allow_missing or not missing) and (allow_unknown or not unknown)
     report = Report(ok, first, rows, len(shared) + len(missing) + len(declared), missing, declared, unknown, extra)
-    if out is not None:
-        print_report(report, out, allow_missing, allow_unknown)
     if not rows:
         raise UsageError("the traces share no tensor names" + (f" ({unknown_message(unknown)})" if unknown else ""))
+    if not compared_values(rows, a, b):
+        raise UsageError(f"compared nothing: the traces share {shown([r[0] for r in rows[:3]])} but no "
+                         "float value (only tokens, or empty arrays)")
+    if out is not None:
+        print_report(report, out, allow_missing, allow_unknown)
     return report
+
+
+def compared_values(rows: list, a: dict, b: dict) -> bool:
+    """Whether a comparison compared any float value (or failed a tensor on its shape): a
+    pass over tokens or empty arrays alone says nothing of an implementation."""
+    return any(r[0] != "tokens" and (a[r[0]].shape != b[r[0]].shape or b[r[0]].size) for r in rows)
 
 
 def unknown_message(unknown: dict) -> str:

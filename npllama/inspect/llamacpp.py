@@ -13,14 +13,17 @@ import zlib
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, printable
 from ..model.observer import forward_key
-from .namemaps import compiled, map_name
+from .compare import Tolerance
+from .namemaps import MAPS, compiled, map_name, rename
 
 HEADER = re.compile(r"^common_debug_cb_eval:\s+(.+?) = \((\w+)\)\s+(\w+)\(.*\) = \{(\d+), (\d+), (\d+), (\d+)\}$")
 EDGE = 3        # values printed at each end of an axis (common_debug_print_tensor's n)
 MAX_DUMP_BYTES = 256 << 20   # a dump of an 8B model's prompt is tens of MB; a gzip bomb stops here
 MARK = b"common_debug_cb_eval:"
+VIEW = re.compile(r"^.+ \((view|permuted|reshaped|transposed|cont|copy[^)]*)\)\[(VIEW|PERMUTE|RESHAPE|TRANSPOSE|"
+                  r"SET_ROWS|CPY|CONT)\]$")
 
 
 def read_dump(path: str) -> str | None:
@@ -86,14 +89,26 @@ def number(text: str, where: str, line: int) -> float:
 def trace_names(dump: dict) -> dict[str, str]:
     """trace name -> the dump node it is; a node without an op suffix in the map (`attn_norm-0`)
     is looked up by its bare name."""
+    return {target: key for key, (known, target) in node_names(dump).items() if target is not None}
+
+
+def node_names(dump: dict) -> dict[str, tuple[bool, str | None]]:
+    """Each node's (known, trace name or None): known to the llamacpp name map, or a view of
+    a tensor (ggml names it `<name> (view)`, `(permuted)`, `(reshaped)` ...: the KV cache
+    and the attention's layout changes), which holds no values of its own to compare."""
     table, out = compiled("llamacpp"), {}
     for key in dump:
         known, target = map_name(key, table)
         if not known:
             known, target = map_name(key.rsplit("[", 1)[0], table)
-        if target is not None:
-            out[target] = key
+        out[key] = (True, None) if not known and VIEW.match(key) else (known, target)
     return out
+
+
+def dumpable(name: str) -> bool:
+    """Whether a trace tensor is one a llama.cpp dump names (a target of the llamacpp map)."""
+    template = re.sub(r"^layers\.\d+\.", "layers.{i}.", name)
+    return any(target == template for _, target in MAPS["llamacpp"])
 
 
 def sampled(x: np.ndarray, ne: tuple, name: str) -> tuple[np.ndarray, float]:
@@ -113,35 +128,58 @@ def sampled(x: np.ndarray, ne: tuple, name: str) -> tuple[np.ndarray, float]:
     return np.array(rows), float(x.sum())
 
 
-def compare_dump(dump: dict, tr: dict, rtol: float, out=None, allow_missing: bool = False) -> tuple:
-    """Each node of the dump against npllama's trace tr, in forward order: printed values
-    within rtol * max |npllama tensor| + half the print's last digit, and the sum within rtol
-    * sum |npllama tensor|. Strict: a mapped node the trace lacks fails unless
-    allow_missing. Returns (all within, first outside, rows)."""
-    rows, first, missing = [], None, []
-    for name, key in sorted(trace_names(dump).items(), key=lambda kv: forward_key(kv[0])):
-        if name not in tr:
-            missing.append(name)
-            continue
-        node = dump[key]
-        ours, total = sampled(tr[name], node["ne"], name)
-        scale = float(np.abs(np.asarray(tr[name], np.float64)).max())
-        err = float(np.abs(ours - node["values"]).max()) if ours.shape == node["values"].shape else np.inf
-        sum_err = abs(total - node["sum"])
-        ok = err <= rtol * scale + 5e-5 and sum_err <= rtol * float(np.abs(np.asarray(tr[name])).sum()) + 1e-3
-        rows.append((name, key, err / max(scale, 1e-30), sum_err, ok))
-        first = first or (None if ok else name)
-    if out is not None:
-        print(f"{'tensor':<28} {'llama.cpp node':<24} {'max rel':>10} {'sum err':>11}", file=out)
-        for name, key, rel, sum_err, ok in rows:
-            mark = "  <-- first outside tolerance" if name == first else ("  x" if not ok else "")
-            print(f"{name:<28} {key:<24} {rel:10.2e} {sum_err:11.3e}{mark}", file=out)
-        print(f"compared {len(rows)} of the dump's {len(rows) + len(missing)} mapped tensors; "
-              + ("all within tolerance" if first is None else f"first outside tolerance: {first}"), file=out)
-        if missing:
-            print(f"{'allowed' if allow_missing else 'FAIL'}: {len(missing)} missing from the trace, e.g. "
-                  f"{', '.join(missing[:3])}" + ("" if allow_missing else " (--allow-missing compares only the shared "
-                                                 "ones)"), file=out)
+def compare_dump(dump: dict, tr: dict, rtol: float, out=None, allow_missing: bool = False, atol: float = 0.0,
+                 allow_unknown: bool = False, names: str | None = None) -> tuple:
+    """Each node of the dump against the trace tr (under its name map `names`), in forward
+    order: printed values within atol + rtol * max |trace tensor| + half the print's last
+    digit, and the sum within atol * size + rtol * sum |trace tensor| + 1e-3. Strict whichever side
+    is the reference: the dump's mapped nodes the trace lacks, and the trace's tensors a
+    dump names that this one lacks, fail unless allow_missing, and a node the llamacpp map does not know fails unless allow_unknown.
+    Returns (all within, first outside, rows)."""
+    Tolerance(rtol, atol)   # finite and >= 0, as everywhere
+    tr, _, _ = rename(tr, names or tr.get("__meta__", {}).get("names"))
+    mapped = trace_names(dump)
+    unknown = [key for key, (known, _) in node_names(dump).items() if not known]
+    rows, first = [], None
+    for name, key in sorted(mapped.items(), key=lambda kv: forward_key(kv[0])):
+        if name in tr:
+            rows.append(dump_row(name, key, dump[key], tr[name], rtol, atol))
+            first = first or (None if rows[-1][-1] else name)
+    missing = ([n for n in mapped if n not in tr],     # the dump's nodes the trace lacks, and the reverse
+               sorted((n for n in tr if forward_key(n) is not None and dumpable(n) and n not in mapped), key=forward_key))
     if not rows:
         raise UsageError("the dump shares no tensor with the trace")
-    return first is None and (allow_missing or not missing), first, rows
+    if out is not None:
+        print_dump_report(rows, first, missing, unknown, allow_missing, allow_unknown, out)
+    ok = first is None and (allow_missing or not any(missing)) and (allow_unknown or not unknown)
+    return ok, first, rows
+
+
+def dump_row(name: str, key: str, node: dict, x, rtol: float, atol: float) -> tuple:
+    """(name, node, max error relative to max |x|, sum error, within) for one node."""
+    ours, total = sampled(x, node["ne"], name)
+    x64 = np.asarray(x, np.float64)
+    scale = float(np.abs(x64).max()) if x64.size else 0.0
+    err = float(np.abs(ours - node["values"]).max()) if ours.shape == node["values"].shape else np.inf
+    err = np.inf if np.isnan(err) else err           # a NaN printed or computed is never agreement
+    sum_err = abs(total - node["sum"])
+    sum_err = np.inf if np.isnan(sum_err) else sum_err
+    ok = err <= atol + rtol * scale + 5e-5 and sum_err <= atol * x64.size + rtol * float(np.abs(x64).sum()) + 1e-3
+    return name, key, err / max(scale, 1e-30), sum_err, ok
+
+
+def print_dump_report(rows, first, missing, unknown, allow_missing, allow_unknown, out) -> None:
+    print(f"{'tensor':<28} {'llama.cpp node':<24} {'max rel':>10} {'sum err':>11}", file=out)
+    for name, key, rel, sum_err, ok in rows:
+        mark = "  <-- first outside tolerance" if name == first else ("  x" if not ok else "")
+        print(printable(f"{name:<28} {key:<24} {rel:10.2e} {sum_err:11.3e}{mark}"), file=out)
+    print(f"compared {len(rows)} of the dump's {len(rows) + len(missing[0])} mapped tensors; "
+          + ("all within tolerance" if first is None else f"first outside tolerance: {first}"), file=out)
+    verdict, fix = ("allowed", "") if allow_missing else ("FAIL", " (--allow-missing compares only the shared ones)")
+    for names, where in zip(missing, ("missing from the trace", "of the trace's tensors missing from the dump")):
+        if names:
+            print(printable(f"{verdict}: {len(names)} {where}, e.g. {', '.join(names[:3])}{fix}"), file=out)
+    if unknown:
+        print(printable(f"{'allowed' if allow_unknown else 'FAIL'}: {len(unknown)} node(s) of the dump are not in "
+                        f"the llamacpp name map, e.g. {', '.join(unknown[:3])}"
+                        + ("" if allow_unknown else " (--allow-unknown ignores them)")), file=out)

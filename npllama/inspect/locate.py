@@ -9,7 +9,10 @@ from ..model.ops import precompute_freqs_cis
 
 QK_HEADS = ("q", "k", "v", "q_rotated", "k_rotated")   # (T, heads, head_dim)
 SCORES = ("scores", "probs")                           # (n_heads, T, S)
-QUERY_SIDE = ("q", "q_rotated", "scores", "probs", "attention")
+# Where KV heads repeated the wrong way show as a pattern over query heads: the scores, probs
+# and attention each query head computes from the KV head it reads. q and q_rotated come
+# before any KV head is read, and k/v have only KV heads.
+QUERY_SIDE = ("scores", "probs", "attention")
 
 
 def kind(name: str) -> str:
@@ -134,6 +137,7 @@ def rope_hint(unrotated: np.ndarray, params: dict, close) -> str | None:
     if unrotated.ndim != 3 or unrotated.shape[-1] % 2 or "rope_theta" not in params:
         return None
     x = unrotated.astype(np.float64)
+    x = np.where(np.isfinite(x), x, 0)    # NaN/inf already fail the tensor; the diagnosis is of the rest
     f = freqs_for(params, x.shape[0])
     if close(rope_rotate_half(x, f)):
         return ("A's rotated q/k are rotate-half RoPE (HF's pairing of j with j + head_dim/2) applied to q/k in "

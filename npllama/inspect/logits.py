@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import UsageError
 from .compare import Tolerance
 from .namemaps import rename
-from .perplexity import MAGIC, BaseFile
+from .perplexity import LOG_PROB_RANGE, MAGIC, BaseFile
 from .tracefile import load as load_trace
 
 
@@ -65,11 +65,33 @@ def from_base_file(path: str) -> Side:
 
 def base_rows(base: BaseFile, i: int) -> tuple:
     """Chunk i's log p = scale * q + min_log_prob in float64 (the exact values the 16-bit
-    codes stand for), its floors (min_log_prob) and half steps."""
+    codes stand for), its floors and half steps. A row's floor is min_log_prob where the
+    row was clipped there (its 65536 levels span the full LOG_PROB_RANGE nats below the
+    top: entries at the floor may be lower), else -inf (the floor is the row's exact
+    minimum). A row whose values are no log-softmax is refused (check_log_softmax)."""
     rows = base.chunk(i)
     head = np.ascontiguousarray(rows[:, :4]).view("<f4").astype(np.float64)     # (R, 2): scale, min
-    lp = head[:, :1] * rows[:, 4:4 + base.n_vocab].astype(np.float64) + head[:, 1:]
-    return lp, head[:, 1], head[:, 0] / 2
+    q = rows[:, 4:4 + base.n_vocab].astype(np.float64)
+    lp = head[:, :1] * q + head[:, 1:]
+    clipped_at_floor = head[:, 0] * 65535 >= LOG_PROB_RANGE * (1 - 1e-4)
+    check_header(head, base.n_vocab, base.path, i)
+    return lp, np.where(clipped_at_floor, head[:, 1], -np.inf), head[:, 0] / 2
+
+
+def check_header(head: np.ndarray, n_vocab: int, path: str, i: int) -> None:
+    """Every real log-softmax row has its top log p (scale * 65535 + min: the top entry is
+    quantized to the top code) in [-log n_vocab, 0], and a row of one level (scale 0) is
+    the uniform distribution, log p = -log n_vocab everywhere (1e-3 for float32 rounding).
+    A header that says nothing (scale 0 and minimum 0: every log p 0) is refused, not read
+    as agreement."""
+    scale, low = head[:, 0], head[:, 1]
+    top, uniform = scale * 65535 + low, -np.log(n_vocab)
+    ok = (top <= 1e-3) & (top >= uniform - 1e-3) & ((scale > 0) | (np.abs(low - uniform) <= 1e-3))
+    if not ok.all():
+        r = int(np.argmin(ok))
+        raise UsageError(f"{path}: chunk {i + 1}, row {r + 1}: scale {scale[r]:g} and minimum log-probability "
+                         f"{low[r]:g} put the top log p at {top[r]:g}, outside [-log n_vocab, 0] = [{uniform:.4g}, 0]"
+                         " (malformed: not what llama-perplexity writes)")
 
 
 def from_trace(path: str, names: str | None = None) -> Side:
@@ -93,7 +115,8 @@ def trace_rows(logits: np.ndarray) -> tuple:
     """log_softmax in float64; every entry resolved (floor -inf), exact (no step)."""
     x = logits.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
-    lp = x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    with np.errstate(invalid="ignore"):   # inf or NaN logits: NaN log p, an infinite error in compare_run
+        lp = x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
     return lp, np.full(len(x), -np.inf), np.zeros(len(x))
 
 

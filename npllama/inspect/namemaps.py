@@ -65,7 +65,8 @@ MAPS: dict[str, list[tuple[str, str | None]]] = {
         ("ffn_inp-{i}", "layers.{i}.h"), ("ffn_norm-{i}", "layers.{i}.ffn_norm"), ("ffn_gate-{i}", "layers.{i}.w1"),
         ("ffn_up-{i}", "layers.{i}.w3"), ("ffn_swiglu-{i}", None), ("ffn_out-{i}[MUL_MAT]", "layers.{i}.ffn_out"),
         ("ffn_out-{i}[ADD]", None), ("l_out-{i}", "layers.{i}.out"), ("result_norm", "norm"),
-        ("result_output", "logits"), ("norm", None)],
+        ("result_output", "logits"), ("norm", None),
+        ("node_{i}", None)],     # ggml's name for an unnamed node (the GET_ROWS picking the output rows)
     "transformerlens": [
         ("hook_embed", "token_embeddings"), ("blocks.{i}.hook_resid_pre", None), ("blocks.{i}.ln1.hook_scale", None),
         ("blocks.{i}.ln1.hook_normalized", None), ("blocks.{i}.attn.hook_q", "layers.{i}.q"),

@@ -4,6 +4,7 @@ the hardened zip reader."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -17,6 +18,36 @@ from ..untrusted import (MAX_JSON_BYTES, ZipReader, describe, file_size, inside,
 from ..version import __version__
 
 SCORES_BUDGET = 2 << 30  # bytes of (n_heads, T, T) scores and probs a trace keeps unless told otherwise
+# __meta__ "params" fields the comparer computes with: counts (positive ints) and reals (finite, > 0)
+PARAM_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+              "original_max_position_embeddings")
+PARAM_REALS = ("rope_theta", "norm_eps", "rope_scaling_factor", "low_freq_factor", "high_freq_factor")
+SCALED_ROPE = ("rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_meta(meta: dict, where: str) -> None:
+    """A trace's __meta__ fields of the types the comparer reads: "names" a string,
+    "omits" a list of strings, "params" an object of positive counts and reals (a
+    one-line error naming the field otherwise, not a traceback deep in the comparison)."""
+    names, omits = meta.get("names"), meta.get("omits", [])
+    if names is not None and not isinstance(names, str):
+        raise CheckpointError(f"{where}: \"names\" is not a string (a name map's name)")
+    if not isinstance(omits, list) or not all(isinstance(o, str) for o in omits):
+        raise CheckpointError(f"{where}: \"omits\" is not a list of tensor kinds (e.g. [\"scores\"])")
+    params = meta.get("params")
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{where}: \"params\" is not an object")
+    for key in PARAM_INTS + PARAM_REALS:
+        v, count = params.get(key), key in PARAM_INTS
+        if v is None:       # a default (n_kv_heads None: n_heads)
+            continue
+        if isinstance(v, bool) or not isinstance(v, int if count else (int, float)) or not math.isfinite(v) or v <= 0:
+            raise CheckpointError(f"{where}: params {key} is {describe(v)}, not a positive "
+                                  f"{'integer' if count else 'number'}")
+    if params.get("use_scaled_rope") and any(k not in params for k in SCALED_ROPE):
+        raise CheckpointError(f"{where}: params use_scaled_rope without {', '.join(SCALED_ROPE)}")
 
 
 def schedule(T: int, chunks: Sequence[int] | None) -> list[tuple[int, int]]:
@@ -25,9 +56,10 @@ def schedule(T: int, chunks: Sequence[int] | None) -> list[tuple[int, int]]:
     out; a chunk longer than what is left is cut. None: one call of all T."""
     if chunks is None:
         return [(0, T)]
-    chunks = list(chunks)
-    if not chunks or any(not isinstance(n, (int, np.integer)) or n < 1 for n in chunks):
-        raise UsageError(f"chunks must be positive integers, e.g. 3,1,1; got {chunks!r:.80}")
+    given, chunks = chunks, list(chunks) if isinstance(chunks, (list, tuple, range, np.ndarray)) else []
+    if not chunks or any(not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or n < 1
+                         for n in chunks):
+        raise UsageError(f"chunks must be a sequence of positive integers, e.g. (3, 1, 1); got {given!r:.80}")
     steps, start = [], 0
     for n in chunks + [1] * T:
         if start >= T:
@@ -49,6 +81,10 @@ def stitch(steps: list[tuple[int, dict]], T: int) -> dict:
         if len(parts) != len(steps):
             raise UsageError(f"{name}: recorded in {len(parts)} of the {len(steps)} steps")
         if name.rsplit(".", 1)[-1] in ("scores", "probs"):
+            bad = next(((s, x.shape) for (s, _), x in zip(steps, parts) if x.ndim != 3 or x.shape[2] > T), None)
+            if bad is not None:
+                raise UsageError(f"{name}: shape {bad[1]} in the call at start_pos {bad[0]} is not (n_heads, "
+                                 f"tokens, keys) with at most the {T} keys of the whole run")
             full = np.full((parts[0].shape[0], T, T), -np.inf if name.endswith("scores") else 0, np.float32)
             for (start, _), x in zip(steps, parts):
                 full[:, start:start + x.shape[1], :x.shape[2]] = x
@@ -127,6 +163,7 @@ def load_bundle(path: str) -> dict:
             raise CheckpointError(f"{file}: not a numeric array ({dtype})")
         tr[name] = np.memmap(file, dtype, "r", offset=start, shape=shape) if numel(shape) else np.zeros(shape, dtype)
     tr["__meta__"] = {k: v for k, v in meta.items() if k != "files"}
+    check_meta(tr["__meta__"], f"{path}: golden.json")
     tr["__meta__"].setdefault("qk_layout", "interleaved")
     return tr
 
@@ -155,6 +192,7 @@ def load_npz(path: str) -> dict:
     tr["__meta__"] = {} if meta is None else parse_json(meta.encode("utf-8", "surrogatepass"), f"{path}: __meta__")
     if not isinstance(tr["__meta__"], dict):
         raise CheckpointError(f"{path}: __meta__ is not a JSON object")
+    check_meta(tr["__meta__"], f"{path}: __meta__")
     if tr["__meta__"].get("qk_layout", "interleaved") not in QK_LAYOUTS:
         raise CheckpointError(f"{path}: unknown qk_layout {tr['__meta__']['qk_layout']!r:.40} "
                               f"({' or '.join(QK_LAYOUTS)})")
