@@ -45,7 +45,9 @@ def test_quantized_runs_the_gguf_as_it_is_and_generates_what_float32_does(tmp_pa
     assert converted(cache) == []                       # nothing written: the file itself ran
     want = generate(capsys, path, "resident")           # converted once into the cache, float32
     assert len(converted(cache)) == 1
-    assert got[-1]["ids"] == want[-1]["ids"] and len(want[-1]["ids"]) == STEPS
+    # The same tokens and the same end (the byte vocabulary's eos may come before STEPS).
+    assert got[-1]["ids"] == want[-1]["ids"] and got[-1]["stop_reason"] == want[-1]["stop_reason"]
+    assert len(want[-1]["ids"]) >= 5
     for step in want[:-1]:
         best, second = step["top"]
         assert best["logprob"] - second["logprob"] > MARGIN

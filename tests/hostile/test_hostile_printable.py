@@ -32,8 +32,9 @@ def test_info_prints_hostile_token_names_escaped(tmp_path, capsys):
 
 
 def test_compare_rows_escape_tensor_names():
-    a = {"tokens": np.array([1, 2]), HOSTILE: np.ones(3, np.float32), "__meta__": {}}
-    b = {"tokens": np.array([1, 2]), HOSTILE: np.ones(3, np.float32) * 2, "__meta__": {}}
+    logits = np.ones((2, 4), np.float32)     # something to compare, so the report is printed
+    a = {"tokens": np.array([1, 2]), "logits": logits, HOSTILE: np.ones(3, np.float32), "__meta__": {}}
+    b = {"tokens": np.array([1, 2]), "logits": logits, HOSTILE: np.ones(3, np.float32) * 2, "__meta__": {}}
     out = io.StringIO()
     compare(a, b, out=out, allow_unknown=True)
     assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
