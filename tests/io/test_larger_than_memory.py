@@ -83,7 +83,7 @@ CAPPED = """
 import resource, sys
 import numpy as np
 import npllama
-sys.path.insert(0, sys.argv[5])
+sys.path[:0] = sys.argv[5].split(":")      # this test module's folder, and tests/ for oracles
 from test_larger_than_memory import greedy_logits
 path, mode, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = npllama.load(path, weights_mode=mode, max_seq_len=16)
@@ -139,7 +139,8 @@ def test_a_model_larger_than_its_memory_cap_runs_tiled(tmp_path, dtype):
 
 def capped(path: str, mode: str, out: str, steps: int = 1) -> subprocess.CompletedProcess:
     """CAPPED in a fresh interpreter: its exit code 3 when the cap refused memory."""
-    return subprocess.run([sys.executable, "-c", CAPPED, path, mode, out, str(HEADROOM), TESTS, str(steps)],
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run([sys.executable, "-c", CAPPED, path, mode, out, str(HEADROOM), f"{here}:{TESTS}", str(steps)],
                           capture_output=True, text=True, timeout=300, cwd=os.getcwd())
 
 
