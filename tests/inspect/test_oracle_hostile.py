@@ -264,3 +264,42 @@ def test_a_golden_bundle_reduced_to_tokens_compares_nothing(tmp_path):
     tracefile.save(str(tmp_path / "t.npz"), trace_dict())
     with pytest.raises(NpllamaError, match="compared nothing"):
         compare(tracefile.load(str(tmp_path / "t.npz")), tracefile.load(str(bundle)))
+
+
+def test_check_against_reference_refuses_unknown_dtypes_and_non_real_logits():
+    args = small_args(n_layers=1)
+    w = random_weights(args)
+    tokens = np.array([1, 2, 3])
+    ref = tracefile.trace(Transformer(args, w), tokens, scores=False)["logits"]
+    with pytest.raises(NpllamaError, match="float32, bfloat16"):
+        check_against_reference(lambda t: ref, args, w, tokens, dtype="float64")
+    for dtype in (np.complex128, bool, object):        # cast, these would pass or warn
+        with pytest.raises(NpllamaError, match="call 1 of 1"):
+            check_against_reference(lambda t, d=dtype: ref.astype(d), args, w, tokens)
+
+
+def test_a_port_reusing_its_buffers_is_judged_on_what_each_call_returned():
+    args = small_args(n_layers=1)
+    w = random_weights(args)
+    tokens = np.array([1, 2, 3])
+    tr = tracefile.trace(Transformer(args, w), tokens)
+    buf = np.zeros((len(tokens), args.vocab_size))
+
+    def lazy(part, start):              # returns zeros now, writes the right rows later
+        buf[:start + len(part)] = tr["logits"][:start + len(part)] if start else 0.0
+        return buf[start:start + len(part)]
+
+    with pytest.raises(AssertionError, match="position 0"):
+        check_against_reference(lazy, args, w, tokens, chunks=(2, 1))
+
+    calls, first = [], np.zeros((2, args.dim), np.float32)   # call 1's recording: wrong (zeros)
+
+    def reuse(part, start):            # wrong logits; call 2 fixes call 1's recording in its buffer
+        calls.append(start)
+        if len(calls) == 2:
+            first[:] = tr["layers.0.out"][:2]
+        return 1.5 * tr["logits"][start:start + len(part)]
+
+    with pytest.raises(AssertionError, match="first diverging tensor: layers.0.out"):
+        check_against_reference(reuse, args, w, tokens, chunks=(2, 1), trace_hook=lambda: {"layers.0.out": first}
+                                if len(calls) == 1 else {"layers.0.out": tr["layers.0.out"][2:]})
