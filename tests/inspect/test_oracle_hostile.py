@@ -303,3 +303,16 @@ def test_a_port_reusing_its_buffers_is_judged_on_what_each_call_returned():
     with pytest.raises(AssertionError, match="first diverging tensor: layers.0.out"):
         check_against_reference(reuse, args, w, tokens, chunks=(2, 1), trace_hook=lambda: {"layers.0.out": first}
                                 if len(calls) == 1 else {"layers.0.out": tr["layers.0.out"][2:]})
+
+
+def test_a_dump_with_two_nodes_for_one_tensor_is_refused_naming_both():
+    tr = dump_trace()
+    wrong = {**tr, "bad": tr["layers.0.out"] + 50.0}
+    text = lambda nodes: "\n".join(line for name, t in nodes for line in dump_node(name, wrong[t])) + "\n"
+    good = [("embd", "token_embeddings"), ("l_out-0", "layers.0.out")]
+    for nodes in ([("l_out-0", "bad"), *good], [*good, ("l_out-0", "bad")]):   # printed twice, either order
+        with pytest.raises(NpllamaError, match=r"layers\.0\.out is both node l_out-0\[ADD\] and node l_out-0\[ADD\]#2"):
+            llamacpp.compare_dump(llamacpp.parse(text(nodes)), tr, 1e-3)
+    # two names that map to one tensor (a block relabelled onto another's trace name)
+    with pytest.raises(NpllamaError, match="one forward pass"):
+        llamacpp.trace_names({"l_out-0[ADD]": {}, "l_out-0": {}})
