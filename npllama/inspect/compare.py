@@ -196,8 +196,9 @@ def layout_hints(rows: list, a: dict, b: dict, tol: Tolerance, info: dict) -> No
     by_name = {r[0]: r for r in rows}
     for name, s, _, ok in rows:
         k = locate.kind(name)
-        if ok or s is None or k not in QK_NAMES:
-            continue
+        if ok or s is None or k not in QK_NAMES or s["aligned"].ndim == 0 or s["aligned"].shape[-1] % 2 \
+                or s["aligned"].size == 0:
+            continue                  # no even head dimension: no other layout to try
         y, limit = b[name], tol.limit(s["scale"])
         tagged = a.get("__meta__", {}).get("qk_layout", "interleaved")
         other = to_rotate_half(s["aligned"]) if tagged == "rotate_half" else rotate_half_to_interleaved(s["aligned"])

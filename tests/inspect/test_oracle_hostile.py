@@ -316,3 +316,14 @@ def test_a_dump_with_two_nodes_for_one_tensor_is_refused_naming_both():
     # two names that map to one tensor (a block relabelled onto another's trace name)
     with pytest.raises(NpllamaError, match="one forward pass"):
         llamacpp.trace_names({"l_out-0[ADD]": {}, "l_out-0": {}})
+
+
+def test_q_without_an_even_head_dimension_or_without_positions_is_no_traceback():
+    for shape in ((), (T, 63), (T, H, 63), (0, H, 4), (H, 0, 0)):   # 0-D, odd last axis, T = 0
+        x = np.ones(shape, np.float32)
+        for name in ("layers.0.q", "layers.0.scores"):
+            a, b = {"tokens": np.arange(T), name: x + 1}, {"tokens": np.arange(T), name: x}
+            try:
+                assert not compare(a, b).ok          # a layout hint needs an even head dim: skipped
+            except NpllamaError as e:
+                assert "compared nothing" in str(e)  # nothing but empty arrays
