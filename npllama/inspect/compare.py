@@ -117,6 +117,17 @@ def normalise(x: np.ndarray, ref: np.ndarray, name: str) -> tuple[np.ndarray, li
     return x, notes
 
 
+def finite_masks_as_inf(x: np.ndarray, y: np.ndarray, notes: list[str]) -> tuple:
+    """Scores with a finite mask (finfo.min, HF's) on either side read as -inf on both: the
+    scale is then the unmasked scores' (finfo.min's 3.4e38 would excuse any error) and a
+    position masked on one side only is an infinite error."""
+    fx, fy = ((v <= MASKED) & np.isfinite(v) for v in (x, y))
+    if not (fx.any() or fy.any()):
+        return x, y, notes
+    return np.where(fx, -np.inf, x), np.where(fy, -np.inf, y), notes + ["finite mask read as -inf"] * (
+        "finite mask read as -inf" not in notes)
+
+
 @dataclass
 class Report:
     """What compare found; unpacks as (ok, first, rows) for callers that want only those."""
@@ -174,6 +185,8 @@ def tensor_row(name: str, x: np.ndarray, y: np.ndarray, tol: Tolerance, info: di
         ok = np.array_equal(x, y)
         return name, None, "identical" if ok else "DIFFERENT tokens", ok
     masked = locate.kind(name) == "scores"
+    if masked:
+        x, y, notes = finite_masks_as_inf(x, y, notes)
     s = compare_arrays(x, y, masked)
     limit = tol.limit(s["scale"])
     ok = s["max_abs"] <= limit

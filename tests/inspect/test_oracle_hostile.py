@@ -327,3 +327,16 @@ def test_q_without_an_even_head_dimension_or_without_positions_is_no_traceback()
                 assert not compare(a, b).ok          # a layout hint needs an even head dim: skipped
             except NpllamaError as e:
                 assert "compared nothing" in str(e)  # nothing but empty arrays
+
+
+def test_a_reference_with_a_finite_mask_scales_errors_by_the_unmasked_scores():
+    b = trace_dict()
+    mask = np.isneginf(b["layers.0.scores"])
+    fm = {**b, "layers.0.scores": np.where(mask, np.finfo(np.float32).min, b["layers.0.scores"])}
+    assert compare(fm, b).ok and compare(b, fm).ok and compare(fm, fm).ok     # the same mask, two constants
+    off = {**fm, "layers.0.scores": np.where(mask, fm["layers.0.scores"], fm["layers.0.scores"] + 100.0)}
+    for a, ref in ((off, fm), (off, b)):
+        rep = compare(a, ref)        # finfo.min's 3.4e38 as the scale excused any error
+        assert not rep.ok and rep.first == "layers.0.scores"
+    one_side = {**fm, "layers.0.scores": np.where(mask, 0.0, fm["layers.0.scores"]).astype(np.float32)}
+    assert not compare(one_side, fm).ok                                        # masked on B's side only
