@@ -262,8 +262,24 @@ def test_a_golden_bundle_reduced_to_tokens_compares_nothing(tmp_path):
     np.save(bundle / "tokens.npy", np.arange(T))
     (bundle / "golden.json").write_text('{"files": {"tokens.npy": {}}}')
     tracefile.save(str(tmp_path / "t.npz"), trace_dict())
-    with pytest.raises(NpllamaError, match="compared nothing"):
+    with pytest.raises(NpllamaError, match="logits.npy"):     # refused before it compares nothing
         compare(tracefile.load(str(tmp_path / "t.npz")), tracefile.load(str(bundle)))
+
+
+def test_an_edited_golden_bundle_is_refused_naming_its_folder(tmp_path):
+    bundle = tmp_path / "gold"
+    bundle.mkdir()
+    tr = trace_dict()
+    for name in ("tokens", "logits", "layers.0.out"):
+        np.save(bundle / f"{name}.npy", tr[name])
+    files = '{"tokens.npy": {}, "logits.npy": {}, "layers.0.out.npy": {}}'
+    (bundle / "golden.json").write_text('{"tokens": [0, 1, 2], "files": %s}' % files)
+    assert set(tracefile.load(str(bundle))) >= {"tokens", "logits", "layers.0.out"}      # the whole bundle reads
+    for tokens, listed in (("[0, 1, 2]", '{"tokens.npy": {}, "layers.0.out.npy": {}}'),   # logits left out
+                           ("[2, 1, 0]", files), ("[0, 1]", files), ('"012"', files), ("[0, 1, 2.5]", files)):
+        (bundle / "golden.json").write_text('{"tokens": %s, "files": %s}' % (tokens, listed))
+        with pytest.raises(NpllamaError, match=str(bundle)):
+            tracefile.load(str(bundle))
 
 
 def test_check_against_reference_refuses_unknown_dtypes_and_non_real_logits():
