@@ -208,6 +208,8 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     each forward call; a failure then also names the first diverging tensor and where
     (npllama.inspect.compare). Returns npllama's logits."""
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if dtype not in DEFAULT_RTOL:
+        raise UsageError(f"dtype must be one of {', '.join(DEFAULT_RTOL)}, got {dtype!r:.40}")
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.number)) or not np.isfinite(rtol) or rtol < 0:
         raise UsageError(f"rtol must be a finite number >= 0, got {rtol!r:.40}")
@@ -216,10 +218,10 @@ def check_against_reference(forward, args: ModelArgs, weights: dict, tokens, dty
     tr = trace(model, tokens, layers=None if trace_hook else [], chunks=chunks)
     ours = tr["logits"].astype(np.float64)
     steps, parts, recorded = schedule(len(tokens), chunks), [], []
-    for s, n in steps:
+    for k, (s, n) in enumerate(steps):   # each call's results copied now: a port may reuse its buffers
         parts.append(their_logits(forward(tokens) if chunks is None else forward(tokens[s:s + n], s), n,
-                                  ours.shape[1]))
-        recorded += [trace_hook()] if trace_hook else []
+                                  ours.shape[1], f"call {k + 1} of {len(steps)}"))
+        recorded += [snapshot(trace_hook())] if trace_hook else []
     theirs = np.concatenate(parts)
     err = np.abs(theirs - ours).max(axis=-1)
     err = np.where(np.isnan(err), np.inf, err)                 # NaN anywhere is a failure
@@ -270,12 +272,27 @@ def first_divergence(recorded: list[dict], ours: dict, steps: list[tuple[int, in
     return f"; first diverging tensor: {rep.first}{where}{hints}"
 
 
-def their_logits(x, n: int, vocab: int) -> np.ndarray:
-    """One call's logits as float64 (n, vocab): a torch tensor (without importing torch) or
-    an array, with or without a batch axis of one."""
+def snapshot(recording):
+    """A hook's recording with each array (or torch tensor) copied, so a later call that
+    writes into the same buffers does not change what this call recorded."""
+    if not isinstance(recording, dict):
+        return recording
+    return {k: v.detach().clone() if hasattr(v, "detach") else np.array(v, copy=True) if isinstance(v, np.ndarray)
+            else v for k, v in recording.items()}
+
+
+def their_logits(x, n: int, vocab: int, call: str = "the call") -> np.ndarray:
+    """One call's logits as a float64 copy (n, vocab): a torch tensor (without importing
+    torch) or an array of real numbers, with or without a batch axis of one. Complex, bool
+    and object logits are refused, not cast."""
     if hasattr(x, "detach"):
+        if getattr(x, "is_complex", lambda: False)() or str(getattr(x, "dtype", "")) == "torch.bool":
+            raise UsageError(f"forward's logits in {call} are {x.dtype}, not real numbers")
         x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    if x.dtype.kind not in "iuf":
+        raise UsageError(f"forward's logits in {call} have dtype {x.dtype}, not real numbers")
+    x = np.array(x, dtype=np.float64, copy=True)
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
     if x.shape != (n, vocab):

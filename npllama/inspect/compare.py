@@ -117,6 +117,17 @@ def normalise(x: np.ndarray, ref: np.ndarray, name: str) -> tuple[np.ndarray, li
     return x, notes
 
 
+def finite_masks_as_inf(x: np.ndarray, y: np.ndarray, notes: list[str]) -> tuple:
+    """Scores with a finite mask (finfo.min, HF's) on either side read as -inf on both: the
+    scale is then the unmasked scores' (finfo.min's 3.4e38 would excuse any error) and a
+    position masked on one side only is an infinite error."""
+    fx, fy = ((v <= MASKED) & np.isfinite(v) for v in (x, y))
+    if not (fx.any() or fy.any()):
+        return x, y, notes
+    return np.where(fx, -np.inf, x), np.where(fy, -np.inf, y), notes + ["finite mask read as -inf"] * (
+        "finite mask read as -inf" not in notes)
+
+
 @dataclass
 class Report:
     """What compare found; unpacks as (ok, first, rows) for callers that want only those."""
@@ -174,6 +185,8 @@ def tensor_row(name: str, x: np.ndarray, y: np.ndarray, tol: Tolerance, info: di
         ok = np.array_equal(x, y)
         return name, None, "identical" if ok else "DIFFERENT tokens", ok
     masked = locate.kind(name) == "scores"
+    if masked:
+        x, y, notes = finite_masks_as_inf(x, y, notes)
     s = compare_arrays(x, y, masked)
     limit = tol.limit(s["scale"])
     ok = s["max_abs"] <= limit
@@ -196,8 +209,9 @@ def layout_hints(rows: list, a: dict, b: dict, tol: Tolerance, info: dict) -> No
     by_name = {r[0]: r for r in rows}
     for name, s, _, ok in rows:
         k = locate.kind(name)
-        if ok or s is None or k not in QK_NAMES:
-            continue
+        if ok or s is None or k not in QK_NAMES or s["aligned"].ndim == 0 or s["aligned"].shape[-1] % 2 \
+                or s["aligned"].size == 0:
+            continue                  # no even head dimension: no other layout to try
         y, limit = b[name], tol.limit(s["scale"])
         tagged = a.get("__meta__", {}).get("qk_layout", "interleaved")
         other = to_rotate_half(s["aligned"]) if tagged == "rotate_half" else rotate_half_to_interleaved(s["aligned"])

@@ -53,7 +53,8 @@ def shown(n: int) -> list[int]:
 
 def parse(text: str, where: str = "dump") -> dict[str, dict]:
     """{node name[OP]: {"ne": (ne0..ne3), "values": (rows, cols) array, "sum": float}} for
-    every float node the dump printed (the last of a name and op printed twice)."""
+    every float node the dump printed; a name and op printed again is kept as `name[OP]#2`
+    (#3 ...), for trace_names to refuse when it maps to a trace tensor."""
     out, node, key = {}, None, None
     for n, line in enumerate(text.splitlines(), 1):
         m = HEADER.match(line)
@@ -61,6 +62,7 @@ def parse(text: str, where: str = "dump") -> dict[str, dict]:
             name, op, ne = m.group(1), m.group(3), tuple(int(m.group(i)) for i in range(4, 8))
             node = {"ne": ne, "rows": [], "sum": None} if m.group(2) in ("f32", "f16", "bf16") else None
             key = f"{name}[{op}]"
+            key = next(f"{key}#{k}" for k in range(2, len(out) + 3) if f"{key}#{k}" not in out) if key in out else key
             if node is not None:
                 out[key] = node
         elif node is not None and line.strip().startswith("[") and line.strip().endswith("],") and "[" not in \
@@ -88,8 +90,16 @@ def number(text: str, where: str, line: int) -> float:
 
 def trace_names(dump: dict) -> dict[str, str]:
     """trace name -> the dump node it is; a node without an op suffix in the map (`attn_norm-0`)
-    is looked up by its bare name."""
-    return {target: key for key, (known, target) in node_names(dump).items() if target is not None}
+    is looked up by its bare name. Two nodes that are one trace tensor (a node printed twice,
+    or renamed onto another's name) are refused: a dump must be of one forward pass."""
+    out = {}
+    for key, (known, target) in node_names(dump).items():
+        if target is not None and target in out:
+            raise UsageError(printable(f"dump: {target} is both node {out[target]} and node {key} "
+                                       "(a dump must be of one forward pass)"))
+        if target is not None:
+            out[target] = key
+    return out
 
 
 def node_names(dump: dict) -> dict[str, tuple[bool, str | None]]:
@@ -97,11 +107,12 @@ def node_names(dump: dict) -> dict[str, tuple[bool, str | None]]:
     a tensor (ggml names it `<name> (view)`, `(permuted)`, `(reshaped)` ...: the KV cache
     and the attention's layout changes), which holds no values of its own to compare."""
     table, out = compiled("llamacpp"), {}
-    for key in dump:
+    for printed in dump:
+        key = re.sub(r"#\d+$", "", printed)     # a node printed again (parse) maps as the first
         known, target = map_name(key, table)
         if not known:
             known, target = map_name(key.rsplit("[", 1)[0], table)
-        out[key] = (True, None) if not known and VIEW.match(key) else (known, target)
+        out[printed] = (True, None) if not known and VIEW.match(key) else (known, target)
     return out
 
 

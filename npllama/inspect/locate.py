@@ -54,8 +54,10 @@ def describe_where(at: dict) -> str:
 
 
 def per_head(diff: np.ndarray, name: str, head_dim: int | None) -> np.ndarray | None:
-    """Largest error of each head, or None for a tensor without heads."""
+    """Largest error of each head, or None for a tensor without heads (or without entries)."""
     k = kind(name)
+    if diff.size == 0:
+        return None
     if k in QK_HEADS and diff.ndim == 3:
         return diff.max(axis=(0, 2))
     if k in SCORES and diff.ndim == 3:

@@ -162,10 +162,25 @@ def load_bundle(path: str) -> dict:
         if dtype.kind not in "biuf":
             raise CheckpointError(f"{file}: not a numeric array ({dtype})")
         tr[name] = np.memmap(file, dtype, "r", offset=start, shape=shape) if numel(shape) else np.zeros(shape, dtype)
+    check_bundle(path, tr, meta)
     tr["__meta__"] = {k: v for k, v in meta.items() if k != "files"}
     check_meta(tr["__meta__"], f"{path}: golden.json")
     tr["__meta__"].setdefault("qk_layout", "interleaved")
     return tr
+
+
+def check_bundle(path: str, tr: dict, meta: dict) -> None:
+    """What npllama golden writes for one trace is all there: tokens and logits at least (an
+    edited golden.json listing fewer compares less), and tokens.npy the tokens golden.json
+    names (a bundle whose files were swapped for another prompt's)."""
+    lacking = [f"{n}.npy" for n in ("tokens", "logits") if n not in tr]
+    if lacking:
+        raise CheckpointError(f"{path}: golden.json does not list {' or '.join(lacking)} (not a whole golden bundle)")
+    listed = meta.get("tokens")
+    if not isinstance(listed, list) or tr["tokens"].shape != (len(listed),) or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in listed) or \
+            not np.array_equal(np.asarray(tr["tokens"]), np.array(listed, dtype=object).astype(np.int64)):
+        raise CheckpointError(f"{path}: tokens.npy is not the token list golden.json's \"tokens\" gives")
 
 
 def load_npz(path: str) -> dict:

@@ -262,5 +262,97 @@ def test_a_golden_bundle_reduced_to_tokens_compares_nothing(tmp_path):
     np.save(bundle / "tokens.npy", np.arange(T))
     (bundle / "golden.json").write_text('{"files": {"tokens.npy": {}}}')
     tracefile.save(str(tmp_path / "t.npz"), trace_dict())
-    with pytest.raises(NpllamaError, match="compared nothing"):
+    with pytest.raises(NpllamaError, match="logits.npy"):     # refused before it compares nothing
         compare(tracefile.load(str(tmp_path / "t.npz")), tracefile.load(str(bundle)))
+
+
+def test_an_edited_golden_bundle_is_refused_naming_its_folder(tmp_path):
+    bundle = tmp_path / "gold"
+    bundle.mkdir()
+    tr = trace_dict()
+    for name in ("tokens", "logits", "layers.0.out"):
+        np.save(bundle / f"{name}.npy", tr[name])
+    files = '{"tokens.npy": {}, "logits.npy": {}, "layers.0.out.npy": {}}'
+    (bundle / "golden.json").write_text('{"tokens": [0, 1, 2], "files": %s}' % files)
+    assert set(tracefile.load(str(bundle))) >= {"tokens", "logits", "layers.0.out"}      # the whole bundle reads
+    for tokens, listed in (("[0, 1, 2]", '{"tokens.npy": {}, "layers.0.out.npy": {}}'),   # logits left out
+                           ("[2, 1, 0]", files), ("[0, 1]", files), ('"012"', files), ("[0, 1, 2.5]", files)):
+        (bundle / "golden.json").write_text('{"tokens": %s, "files": %s}' % (tokens, listed))
+        with pytest.raises(NpllamaError, match=str(bundle)):
+            tracefile.load(str(bundle))
+
+
+def test_check_against_reference_refuses_unknown_dtypes_and_non_real_logits():
+    args = small_args(n_layers=1)
+    w = random_weights(args)
+    tokens = np.array([1, 2, 3])
+    ref = tracefile.trace(Transformer(args, w), tokens, scores=False)["logits"]
+    with pytest.raises(NpllamaError, match="float32, bfloat16"):
+        check_against_reference(lambda t: ref, args, w, tokens, dtype="float64")
+    for dtype in (np.complex128, bool, object):        # cast, these would pass or warn
+        with pytest.raises(NpllamaError, match="call 1 of 1"):
+            check_against_reference(lambda t, d=dtype: ref.astype(d), args, w, tokens)
+
+
+def test_a_port_reusing_its_buffers_is_judged_on_what_each_call_returned():
+    args = small_args(n_layers=1)
+    w = random_weights(args)
+    tokens = np.array([1, 2, 3])
+    tr = tracefile.trace(Transformer(args, w), tokens)
+    buf = np.zeros((len(tokens), args.vocab_size))
+
+    def lazy(part, start):              # returns zeros now, writes the right rows later
+        buf[:start + len(part)] = tr["logits"][:start + len(part)] if start else 0.0
+        return buf[start:start + len(part)]
+
+    with pytest.raises(AssertionError, match="position 0"):
+        check_against_reference(lazy, args, w, tokens, chunks=(2, 1))
+
+    calls, first = [], np.zeros((2, args.dim), np.float32)   # call 1's recording: wrong (zeros)
+
+    def reuse(part, start):            # wrong logits; call 2 fixes call 1's recording in its buffer
+        calls.append(start)
+        if len(calls) == 2:
+            first[:] = tr["layers.0.out"][:2]
+        return 1.5 * tr["logits"][start:start + len(part)]
+
+    with pytest.raises(AssertionError, match="first diverging tensor: layers.0.out"):
+        check_against_reference(reuse, args, w, tokens, chunks=(2, 1), trace_hook=lambda: {"layers.0.out": first}
+                                if len(calls) == 1 else {"layers.0.out": tr["layers.0.out"][2:]})
+
+
+def test_a_dump_with_two_nodes_for_one_tensor_is_refused_naming_both():
+    tr = dump_trace()
+    wrong = {**tr, "bad": tr["layers.0.out"] + 50.0}
+    text = lambda nodes: "\n".join(line for name, t in nodes for line in dump_node(name, wrong[t])) + "\n"
+    good = [("embd", "token_embeddings"), ("l_out-0", "layers.0.out")]
+    for nodes in ([("l_out-0", "bad"), *good], [*good, ("l_out-0", "bad")]):   # printed twice, either order
+        with pytest.raises(NpllamaError, match=r"layers\.0\.out is both node l_out-0\[ADD\] and node l_out-0\[ADD\]#2"):
+            llamacpp.compare_dump(llamacpp.parse(text(nodes)), tr, 1e-3)
+    # two names that map to one tensor (a block relabelled onto another's trace name)
+    with pytest.raises(NpllamaError, match="one forward pass"):
+        llamacpp.trace_names({"l_out-0[ADD]": {}, "l_out-0": {}})
+
+
+def test_q_without_an_even_head_dimension_or_without_positions_is_no_traceback():
+    for shape in ((), (T, 63), (T, H, 63), (0, H, 4), (H, 0, 0)):   # 0-D, odd last axis, T = 0
+        x = np.ones(shape, np.float32)
+        for name in ("layers.0.q", "layers.0.scores"):
+            a, b = {"tokens": np.arange(T), name: x + 1}, {"tokens": np.arange(T), name: x}
+            try:
+                assert not compare(a, b).ok          # a layout hint needs an even head dim: skipped
+            except NpllamaError as e:
+                assert "compared nothing" in str(e)  # nothing but empty arrays
+
+
+def test_a_reference_with_a_finite_mask_scales_errors_by_the_unmasked_scores():
+    b = trace_dict()
+    mask = np.isneginf(b["layers.0.scores"])
+    fm = {**b, "layers.0.scores": np.where(mask, np.finfo(np.float32).min, b["layers.0.scores"])}
+    assert compare(fm, b).ok and compare(b, fm).ok and compare(fm, fm).ok     # the same mask, two constants
+    off = {**fm, "layers.0.scores": np.where(mask, fm["layers.0.scores"], fm["layers.0.scores"] + 100.0)}
+    for a, ref in ((off, fm), (off, b)):
+        rep = compare(a, ref)        # finfo.min's 3.4e38 as the scale excused any error
+        assert not rep.ok and rep.first == "layers.0.scores"
+    one_side = {**fm, "layers.0.scores": np.where(mask, 0.0, fm["layers.0.scores"]).astype(np.float32)}
+    assert not compare(one_side, fm).ok                                        # masked on B's side only
