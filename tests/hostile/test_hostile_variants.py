@@ -41,6 +41,15 @@ def test_a_gguf_asking_for_other_rope_scaling_is_refused(extra):
         gguf_args(Reader(**extra), "m.gguf")
 
 
+@pytest.mark.parametrize("key,value", [("llama.expert_count", 8), ("llama.attention.sliding_window", 16),
+                                       ("llama.logit_scale", 0.5)])
+def test_a_gguf_of_a_llama_variant_is_refused(key, value):
+    # A Mixtral (experts), sliding-window attention or scaled logits: each changes the answer
+    assert gguf_args(Reader(**{key: 0 if key != "llama.logit_scale" else 1.0}), "m.gguf").dim == 64
+    with pytest.raises(CheckpointError, match=f"m.gguf: {key} {value} is a variant npllama does not implement"):
+        gguf_args(Reader(**{key: value}), "m.gguf")
+
+
 CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 97, "intermediate_size": 128, "hidden_act": "silu"}
 

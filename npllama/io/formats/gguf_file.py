@@ -209,10 +209,15 @@ def gguf_args(reader, path: str) -> ModelArgs:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope dim {rope_dim}) are not supported")
     # Llama 3.1's scaling comes as rope_freqs.weight; llama.cpp's other kinds (linear, yarn)
     # would change every position's rotation, so they are refused, not dropped.
-    scaling = g("rope.scaling.type", str, "none")
-    if scaling != "none" or g("rope.scaling.factor", float, None) not in (None, 0.0, 1.0):
-        raise CheckpointError(f"{path}: rope scaling {describe(scaling)} (llama.rope.scaling.*) is not supported; "
-                              "Llama 3.1's comes as rope_freqs.weight")
+    scaling, factor = g("rope.scaling.type", str, "none"), g("rope.scaling.factor", float, None)
+    if scaling != "none" or factor not in (None, 0.0, 1.0):
+        raise CheckpointError(f"{path}: rope scaling {describe(scaling)} with factor {describe(factor)} "
+                              "(llama.rope.scaling.*) is not supported; Llama 3.1's comes as rope_freqs.weight")
+    # Variants llama.cpp runs under the llama architecture that npllama's Llama is not.
+    for key, plain in (("expert_count", 0), ("attention.sliding_window", 0), ("logit_scale", 1.0)):
+        value = gguf_field(reader, f"llama.{key}", None, plain, path)
+        if value != plain:
+            raise CheckpointError(f"{path}: llama.{key} {describe(value)} is a variant npllama does not implement")
     return args
 
 
