@@ -103,7 +103,7 @@ def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, sco
     prompt through the KV cache as these calls (schedule), e.g. (3, 1, 1): prefill 3
     tokens, then decode steps; every call's intermediates are recorded and stitched at
     their absolute positions (stitch). Default: one forward pass."""
-    T, n_layers = len(tokens), model.args.n_layers
+    T = len(tokens)
     if scores:
         check_scores_budget(model.args, T, layers, scores_budget)
     tokens, steps = np.asarray(tokens), []
