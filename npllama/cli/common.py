@@ -9,7 +9,7 @@ import sys
 from ..errors import UsageError
 from ..io import hub
 from ..io.atomic import refuse_overlap
-from ..io.checkpoint import load, make_model, read_checked, runs_as_gguf
+from ..io.checkpoint import is_gguf, load, make_model, read_checked, runs_as_gguf
 from ..io.formats.gguf_file import open_gguf
 from ..io.hub import default_gguf, default_model, resolve_model
 from ..io.tokens import parse_token_ids, read_token_ids
@@ -52,7 +52,10 @@ def add_model_args(p, ctx: bool = True):
     p.add_argument("-m", "--model", metavar="PATH", help="a converted model directory, or an HF folder, .gguf file or "
                    "Meta folder (converted once into the cache); default: SmolLM2-135M-Instruct, fetched once into "
                    "~/.cache/npllama")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="numerics (default float32)")
+    p.add_argument("--numerics", "--dtype", dest="dtype", choices=["float32", "bfloat16", "llama.cpp"],
+                   default="float32", help="float32 (default); bfloat16: a PyTorch bf16 run; llama.cpp: what "
+                   "llama.cpp's CPU backend computes on a .gguf's own blocks (activations quantized per weight type, "
+                   "f16 KV cache); the .gguf is then run as it is")
     p.add_argument("--weights", dest="weights_mode", choices=["auto", "resident", "tiled", "quantized"],
                    default="auto", help="weights as resident float32 copies, or left in the memory-mapped file as "
                    "stored (tiled: bf16 widened tile by tile, float32 read in place; the page cache streams what does "
@@ -101,8 +104,9 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Ge
         raise UsageError(f"--ctx must be a positive number of tokens, got {ctx}")
     if a.stages is not None and a.ray is None:
         raise UsageError("--stages goes with --ray (local, or the address of a Ray cluster)")
-    source = a.model if a.model is not None else default_gguf() if a.weights_mode == "quantized" else None
-    if source is not None and runs_as_gguf(source, a.weights_mode):
+    as_is = a.weights_mode == "quantized" or a.dtype == "llama.cpp"
+    source = a.model if a.model is not None else default_gguf() if as_is else None
+    if source is not None and (runs_as_gguf(source, a.weights_mode) or a.dtype == "llama.cpp" and is_gguf(source)):
         if a.ray is not None:
             raise UsageError("--ray runs converted checkpoints: a .gguf run quantized runs in one process (drop "
                              "--ray, or pass --weights tiled to convert it)")
@@ -126,13 +130,13 @@ def check_context(a, ctx: int | None, trained: int) -> None:
 
 
 def open_gguf_model(a, path: str, ctx: int | None, max_batch_size: int) -> Generator:
-    """A GGUF as it is, quantized; its header parsed once (gguf's reader takes seconds on a
-    large vocabulary)."""
+    """A GGUF as it is, quantized (llama.cpp numerics: its blocks, held as --weights says);
+    its header parsed once (gguf's reader takes seconds on a large vocabulary)."""
     args, tensors, files = open_gguf(path)
     check_context(a, ctx, args.max_seq_len)
     tokenizer = tokenizer_from_files(files, path)
     model = make_model(path, args, tensors, a.dtype, max_seq_len=ctx, max_batch_size=max_batch_size,
-                       weights_mode="quantized")
+                       weights_mode=a.weights_mode if a.dtype == "llama.cpp" else "quantized")
     return Generator(model, tokenizer)
 
 

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     src.add_argument("--shape", default="llama3.2-1b", help="a released shape instead (default llama3.2-1b; "
                      "llama3-8b, llama3.1-8b, llama3.1-70b, ...)")
     mm.add_argument("--ctx", default="8192,32768,131072", help="context lengths, comma-separated")
-    mm.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    mm.add_argument("--numerics", "--dtype", dest="dtype", choices=["float32", "bfloat16", "llama.cpp"], default="float32")
     mm.add_argument("--weights", choices=["resident", "tiled"], default="resident")
     mm.add_argument("--batch", type=at_least(1), default=1)
     mm.set_defaults(func=cmd_memory)

@@ -31,8 +31,8 @@ def available_memory() -> int:
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32") -> int:
     """K and V of every layer, position and sequence: held as bf16 in bfloat16 numerics (as
-    Meta's model holds them), float32 otherwise."""
-    return 2 * args.n_layers * batch * ctx * args.n_kv_heads * args.head_dim * (2 if dtype == "bfloat16" else 4)
+    Meta's model holds them), f16 in llama.cpp numerics (as llama.cpp does), float32 otherwise."""
+    return 2 * args.n_layers * batch * ctx * args.n_kv_heads * args.head_dim * (4 if dtype == "float32" else 2)
 
 
 def context_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32") -> int:
@@ -64,17 +64,17 @@ def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = PREFILL_CHUNK, batch: 
     - attention: float32 holds one FlashAttention tile of scores (ops.FLASH_BLOCK_BYTES,
       twice for its temporaries); bfloat16 numerics hold one block of query rows of the
       reference (ops.ROWS_SCRATCH_BYTES, or one row when a row alone is more) and the
-      layer's bf16 cache widened to float32.
+      layer's bf16 cache widened to float32; llama.cpp numerics the FlashAttention tile and
+      the layer's f16 cache widened.
     """
     n = batch * chunk
     activations = 4 * n * (7 * args.ffn_dim + 12 * args.dim)
     logits = 8 * batch * args.vocab_size
+    widened = 2 * 4 * batch * ctx * args.n_kv_heads * args.head_dim
     if dtype == "bfloat16":
-        rows = max(ops.ROWS_SCRATCH_BYTES, 16 * batch * args.n_heads * ctx)
-        widened = 2 * 4 * batch * ctx * args.n_kv_heads * args.head_dim
-        attention = rows + widened
+        attention = max(ops.ROWS_SCRATCH_BYTES, 16 * batch * args.n_heads * ctx) + widened
     else:
-        attention = 2 * ops.FLASH_BLOCK_BYTES
+        attention = 2 * ops.FLASH_BLOCK_BYTES + (widened if dtype == "llama.cpp" else 0)
     return activations + logits + attention
 
 
@@ -131,7 +131,7 @@ def choose_context(args: ModelArgs, requested: int | None, available: int, batch
     raise UsageError(
         f"a context of {ctx:,} positions (--ctx / max_seq_len) needs {gib(need['total'])}: "
         f"{gib(need['kv_cache'])} of KV cache ({batch} x {ctx:,} positions x {args.n_layers} layers, "
-        f"{'bf16' if dtype == 'bfloat16' else 'float32'}), {gib(need['weights'])} of {weights_mode} weights, "
+        f"{ {'bfloat16': 'bf16', 'llama.cpp': 'f16'}.get(dtype, 'float32')}), {gib(need['weights'])} of {weights_mode} weights, "
         f"{gib(need['scratch'] + need['rope'])} of scratch and RoPE table and {gib(RESERVE)} reserve, "
         f"but {gib(available)} is available: {advice}")
 

@@ -12,14 +12,22 @@ from typing import Mapping
 
 import numpy as np
 
-from . import bf16, memory
+from . import bf16, ggml, memory
 from .config import ModelArgs
 from ..errors import UsageError
 from .ops import apply_rotary_emb, blocked_attention, identity, precompute_freqs_cis, rms_norm, swiglu
 from .observer import IGNORE, recorder
 from .weights import Weights
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "llama.cpp")
+
+
+def _to_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def _from_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32)
 
 
 class Attention:
@@ -33,8 +41,11 @@ class Attention:
         self.wo = p + "wo.weight"
         self.cache_k, self.cache_v = cache_k, cache_v      # (max_batch_size, max_seq_len, n_kv_heads, head_dim)
         # A bf16 cache (bfloat16 numerics) holds bit patterns: the keys and values are bf16 already.
-        self.to_cache, self.from_cache = ((bf16.to_bits, bf16.from_bits) if cache_k.dtype == np.uint16
-                                          else (identity, identity))
+        # An f16 one (llama.cpp numerics) rounds them, as llama.cpp's does.
+        self.to_cache, self.from_cache = {np.dtype(np.uint16): (bf16.to_bits, bf16.from_bits),
+                                          np.dtype(np.float16): (_to_f16, _from_f16)}.get(cache_k.dtype,
+                                                                                           (identity, identity))
+        self.queries = ggml.queries if cache_k.dtype == np.float16 else identity
 
     def __call__(self, x: np.ndarray, start_pos, freqs_cis: np.ndarray, record=IGNORE, rows=None) -> np.ndarray:
         B, T, _ = x.shape
@@ -46,6 +57,7 @@ class Attention:
         xq = apply_rotary_emb(xq, freqs_cis, self.rnd)
         xk = apply_rotary_emb(xk, freqs_cis, self.rnd)
         record(q_rotated=xq, k_rotated=xk)
+        xq = self.queries(xq)
         if rows is not None:
             output = self.attend_rows(xq, xk, xv, start_pos, rows)
         else:
@@ -126,7 +138,9 @@ class Transformer:
     """Llama 3 with a preallocated KV cache.
 
     weights: Meta's tensor names -> arrays. dtype: "float32" computes everything in float32;
-    "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics).
+    "bfloat16" reproduces a PyTorch bf16 run of Meta's reference (see README, Numerics);
+    "llama.cpp" what llama.cpp's CPU backend computes on a GGUF's own blocks (QuantTensors):
+    activations quantized per weight type, an f16 KV cache (npllama.model.ggml).
     weights_mode: how weights are held (weights.choose_mode); the numerics are the same.
     max_seq_len: the context; by default the longest that fits in memory, up to the trained
     context (npllama.memory). prefill_chunk: longer prompts go through the KV cache this
@@ -151,7 +165,7 @@ class Transformer:
                 and 0 <= self.held.start < self.held.stop <= args.n_layers):
             raise UsageError(f"layers must be a range of at least one of the {args.n_layers} layers, got {layers!r}")
         self.rnd = bf16.round if dtype == "bfloat16" else identity
-        self.weights = Weights(args, weights, self.rnd, weights_mode, self.held)
+        self.weights = Weights(args, weights, self.rnd, weights_mode, self.held, llama_cpp=dtype == "llama.cpp")
         self.weights_mode = self.weights.mode
         self.output = "output.weight" if "output.weight" in self.weights else "tok_embeddings.weight"  # tied head
         # Checked before anything is allocated: a context that cannot fit is an error now,
@@ -170,7 +184,7 @@ class Transformer:
         cache_shape = (len(self.held), self.max_batch_size, self.max_seq_len, args.n_kv_heads, args.head_dim)
         # np.zeros is lazily backed by the OS, so an unused long context costs no memory.
         # bfloat16 numerics hold it as bf16 bits, as Meta's bf16 model holds it.
-        cache_dtype = np.uint16 if dtype == "bfloat16" else np.float32
+        cache_dtype = {"bfloat16": np.uint16, "llama.cpp": np.float16}.get(dtype, np.float32)
         self.cache_k = np.zeros(cache_shape, dtype=cache_dtype)
         self.cache_v = np.zeros(cache_shape, dtype=cache_dtype)
         self.layers = [TransformerBlock(i, args, self.weights, self.cache_k[j], self.cache_v[j])

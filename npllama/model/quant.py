@@ -73,8 +73,8 @@ def _q4_0(b):
     return _scaled(_f16(b, 0), _nibbles(b[:, 2:], 16).astype(np.int8) - np.int8(8))
 
 
-def _q4_1(b):
-    return _scaled(_f16(b, 0), _nibbles(b[:, 4:], 16), _f16(b, 2))
+def _q4_1(b, mins=True):
+    return _scaled(_f16(b, 0), _nibbles(b[:, 4:], 16), _f16(b, 2) if mins else None)
 
 
 def _q5_bits(qh4: np.ndarray, ql: np.ndarray) -> np.ndarray:
@@ -87,8 +87,8 @@ def _q5_0(b):
     return _scaled(_f16(b, 0), _q5_bits(b[:, 2:6], b[:, 6:]).astype(np.int8) - np.int8(16))
 
 
-def _q5_1(b):
-    return _scaled(_f16(b, 0), _q5_bits(b[:, 4:8], b[:, 8:]), _f16(b, 2))
+def _q5_1(b, mins=True):
+    return _scaled(_f16(b, 0), _q5_bits(b[:, 4:8], b[:, 8:]), _f16(b, 2) if mins else None)
 
 
 def _q8_0(b):
@@ -153,6 +153,9 @@ def pad_q8_0(x: np.ndarray) -> np.ndarray:
     return padded.reshape(m, -1)
 
 
+# Q4_1 and Q5_1 without their mins: d * q alone (llama.cpp's dot adds the mins on their own,
+# against its activations' block sums; npllama.model.ggml)
+WITHOUT_MINS = {3: lambda b: _q4_1(b, False), 7: lambda b: _q5_1(b, False)}
 DECODERS = {0: _f32, 1: _f16_values, 30: _bf16, 2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
             12: _q4_k, 13: _q5_k, 14: _q6_k}
 
@@ -198,7 +201,7 @@ class QuantTensor:
     asked (widen()). The scales are checked once, when check() is first called (the tiled
     matmul calls it before its first tile), not on every tile."""
 
-    def __init__(self, raw: np.ndarray, qtype: int, shape: tuple[int, int], name: str):
+    def __init__(self, raw: np.ndarray, qtype: int, shape: tuple[int, int], name: str, mins: bool = True):
         rows, cols = shape
         per_row = row_bytes(qtype, cols, name)
         if raw.dtype != np.uint8 or raw.size != rows * per_row:
@@ -208,6 +211,8 @@ class QuantTensor:
         self.qtype, self.shape, self.name = qtype, (rows, cols), name
         self.ndim = 2
         self.checked = False
+        # mins=False (Q4_1, Q5_1): rows() gives d * q, leaving out each block's min
+        self.decode = DECODERS[qtype] if mins or qtype not in WITHOUT_MINS else WITHOUT_MINS[qtype]
         self.in_place = qtype == 8      # rows(out=) writes into out (else: a new array)
 
     @property
@@ -229,7 +234,7 @@ class QuantTensor:
         """Rows start:stop as float32 (stop - start, cols), in `out` when the type can be
         widened in place (Q8_0: one pass, int8 * scale, the product exact as gguf's is)."""
         if not self.checked:
-            return dequantize(self.raw[start:stop], self.qtype, self.shape[1], self.name)
+            check_scales(self.raw[start:stop], self.qtype, self.name)
         if self.qtype == 8 and out is not None:
             # the cast, then the scaling in place: two passes, each faster than one mixed-type
             # ufunc (which casts through a small buffer)
@@ -237,7 +242,7 @@ class QuantTensor:
             np.copyto(o, b[:, 2:].view(np.int8), casting="unsafe")
             np.multiply(o, _f16(b, 0), out=o)
             return out
-        return DECODERS[self.qtype](self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
+        return self.decode(self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
 
     def padded_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         """Q8_0 rows start:stop, widened with each block's two scale bytes left where they
@@ -251,6 +256,17 @@ class QuantTensor:
         b = out.reshape(-1, 34)
         np.multiply(b, _f16(self.raw[start:stop].reshape(-1, 34), 0), out=b)
         return out
+
+    def without_mins(self) -> "QuantTensor":
+        """The same blocks, whose rows() leave out Q4_1's and Q5_1's mins (checked already if
+        this tensor is)."""
+        w = QuantTensor(self.raw, self.qtype, self.shape, self.name, mins=False)
+        w.checked = self.checked
+        return w
+
+    def block_mins(self) -> np.ndarray:
+        """Q4_1's and Q5_1's mins, (rows, cols / 32) float32."""
+        return _f16(self.raw.reshape(-1, TYPES[self.qtype][2]), 2).reshape(self.shape[0], -1)
 
     def take(self, index) -> np.ndarray:
         """Rows by index (an embedding gather), float32 (..., cols)."""

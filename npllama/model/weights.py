@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import bf16, tiled
+from . import bf16, ggml, tiled
 from .memory import available_memory
 from .quant import QuantTensor
 from .config import ModelArgs
@@ -146,9 +146,9 @@ class Weights(Mapping):
     stage's; default all), see held_names."""
 
     def __init__(self, args: ModelArgs, tensors: Mapping[str, np.ndarray], rnd=identity, mode: str = "auto",
-                 layers: range | None = None):
+                 layers: range | None = None, llama_cpp: bool = False):
         self.tensors = check(args, tensors, layers)
-        self.rnd = rnd
+        self.rnd, self.ggml = rnd, llama_cpp
         self.mode = choose_mode(self.tensors, mode)
         # What was made from the tensors, kept: compute forms by name, fused copies by
         # tuple of names.
@@ -192,23 +192,31 @@ class Weights(Mapping):
 
     def fused(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
         """linear(x, name) for weights that read the same input (wq/wk/wv, w1/w3), computed as
-        one matmul; each result (..., out_i) rounded as its own torch op would be."""
+        one matmul; each result (..., out_i) rounded as its own torch op would be. Under
+        llama.cpp numerics the activations are first what ggml makes of them for each
+        weight's type (npllama.model.ggml)."""
         x2 = x.reshape(-1, x.shape[-1])
         raw = [self.tensors[n] for n in names]
-        if self.mode in ("tiled", "quantized") and all(tiled.supported(w) for w in raw):
-            y = tiled.matmul(x2, raw)
-        elif self.mode in ("tiled", "quantized"):
-            # Each weight where it is: a float32 memory map goes to the matmul as it is (w.T is
-            # a view), so nothing model-sized is copied; joining them would copy them.
-            return [self.rnd((x2 @ self._compute_form(n).T).reshape(*x.shape[:-1], w.shape[0]))
-                    for n, w in zip(names, raw)]
+        if self.ggml:
+            y = ggml.matmul(x2, raw, lambda xt, i, j: self._matmul(xt, names[i:j]))
         else:
-            y = x2 @ self._joined(names).T
+            y = self._matmul(x2, names)
         out, col = [], 0
         for w in raw:
             out.append(self.rnd(y[:, col:col + w.shape[0]].reshape(*x.shape[:-1], w.shape[0])))
             col += w.shape[0]
         return out
+
+    def _matmul(self, x2: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+        # x2 (M, K) @ the weights' float values, joined, .T -> (M, sum N_i)
+        raw = [self.tensors[n] for n in names]
+        if self.mode in ("tiled", "quantized") and all(tiled.supported(w) for w in raw):
+            return tiled.matmul(x2, raw)
+        if self.mode in ("tiled", "quantized"):
+            # Each weight where it is: a float32 memory map goes to the matmul as it is (w.T is
+            # a view), so nothing model-sized is copied; joining them would copy them.
+            return np.concatenate([x2 @ self._compute_form(n).T for n in names], axis=1)
+        return x2 @ self._joined(names).T
 
     def _joined(self, names: tuple[str, ...]) -> np.ndarray:
         # Kept as Meta stores them, (out, in), the weights of a fused matmul one below the other:
