@@ -122,6 +122,16 @@ def matmul(x: np.ndarray, weights: list, float_matmul) -> np.ndarray:
     return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, rnd=None) -> np.ndarray:
+    """ggml's RMS_NORM then MUL: the mean of the float32 squares summed in double (ggml_float),
+    rounded to float32, then x * (1 / sqrt(mean + eps)) * weight in float32 (ops.rms_norm's
+    signature; rnd unused). The double sum makes the result independent of summation order:
+    the next quantization then rounds the same values as llama.cpp's."""
+    x = x.astype(np.float32, copy=False)
+    mean = (x * x).astype(np.float64).mean(axis=-1, keepdims=True).astype(np.float32)
+    return x * (np.float32(1.0) / np.sqrt(mean + np.float32(eps))) * weight
+
+
 def queries(xq: np.ndarray) -> np.ndarray:
     """The queries attention reads: under FA_TILE_Q rows, ggml rounds them to f16."""
     return xq.astype(np.float16).astype(np.float32) if xq.shape[1] < FA_TILE_Q else xq
