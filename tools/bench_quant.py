@@ -115,6 +115,19 @@ def decode_matrices(model) -> list:
     return [model.weights[n] for n in names] + [model.weights[model.output]]
 
 
+def _tile_steps(w, xk):
+    """(rows per tile, widen(r, buf), multiply(f, out)) as the tiled matmul decodes with w:
+    Q8_0 as integers then a batched GEMV over its blocks (tiled._q8_0_decode), else widened
+    rows then a GEMV."""
+    if w.qtype == 8:
+        xb = tiled.q8_0_x_blocks(xk)
+        return (tiled.Q8_DECODE_ROWS, lambda r, n, buf: w.block_integers(r, r + n, buf),
+                lambda r, n, f, out: tiled.q8_0_dots(f, xb, w.block_scales(r, r + n), out))
+    rows = max(1, min(w.shape[0], tiled.TILE_BYTES // (4 * xk.shape[1])))
+    return (rows, lambda r, n, buf: w.rows(r, r + n, buf if w.in_place else None),
+            lambda r, n, f, out: np.matmul(xk, f.T, out=out))
+
+
 def budget(a) -> None:
     model = npllama.load(a.path, weights_mode="quantized", max_seq_len=16)
     parallel.set_threads(1)
@@ -124,22 +137,23 @@ def budget(a) -> None:
         w.check()
         xk = np.resize(x, (1, w.shape[1]))
         xk = pad_q8_0(xk) if w.qtype == 8 else xk           # as the tiled matmul multiplies Q8_0
-        rows = max(1, min(w.shape[0], tiled.TILE_BYTES // (4 * xk.shape[1])))
+        rows, widen_rows, multiply = _tile_steps(w, xk)
+        rows = min(rows, w.shape[0])
         buf, copy = np.empty((rows, xk.shape[1]), np.float32), np.empty((rows, w.raw.shape[1]), np.uint8)
         out = np.empty((1, rows), np.float32)
         for r in range(0, w.shape[0] - rows + 1, rows):
             t0 = time.process_time()
             np.copyto(copy, w.raw[r:r + rows])
             t1 = time.process_time()
-            f = w.padded_rows(r, r + rows, buf) if w.qtype == 8 else w.rows(r, r + rows, buf if w.in_place else None)
+            f = widen_rows(r, rows, buf)
             t2 = time.process_time()
-            np.matmul(xk, f.T, out=out)
+            multiply(r, rows, f, out)
             t3 = time.process_time()
             read, widen, gemv = read + t1 - t0, widen + t2 - t1, gemv + t3 - t2
     total = widen + gemv
     print(f"{a.path}: one decode token's matrices on one core (CPU time): widening {widen * 1e3:.0f} ms "
           f"({widen / total:.0%}; of it, reading the blocks, timed as a copy of them: {read * 1e3:.0f} ms), "
-          f"GEMV {gemv * 1e3:.0f} ms ({gemv / total:.0%})")
+          f"GEMV {gemv * 1e3:.0f} ms ({gemv / total:.0%}; Q8_0: the batched block dots and their scaling)")
 
 
 def rss(a) -> None:

@@ -252,10 +252,20 @@ class QuantTensor:
         the scale's bytes times the scale (finite: the scales were checked); a matmul by
         pad_q8_0(x), zero there, adds exact zeros for them, so each product is the gguf
         value times x and only the summation order differs."""
-        np.copyto(out, self.raw[start:stop].view(np.int8), casting="unsafe")
-        b = out.reshape(-1, 34)
-        np.multiply(b, _f16(self.raw[start:stop].reshape(-1, 34), 0), out=b)
+        b = self.block_integers(start, stop, out).reshape(-1, 34)
+        np.multiply(b, self.block_scales(start, stop).reshape(-1, 1), out=b)
         return out
+
+    def block_integers(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Q8_0 rows start:stop as their blocks' bytes cast to float32, unscaled: (stop - start,
+        cols / 32 * 34) in `out`, each block's int8 values after two junk columns (its scale's
+        bytes), which pad_q8_0(x)'s zeros cancel."""
+        np.copyto(out, self.raw[start:stop].view(np.int8), casting="unsafe")
+        return out
+
+    def block_scales(self, start: int, stop: int) -> np.ndarray:
+        """Q8_0 rows start:stop's block scales, (stop - start, cols / 32) float32."""
+        return _f16(self.raw[start:stop].reshape(-1, 34), 0).reshape(stop - start, -1)
 
     def without_mins(self) -> "QuantTensor":
         """The same blocks, whose rows() leave out Q4_1's and Q5_1's mins (checked already if

@@ -25,6 +25,7 @@ from .quant import QuantTensor, pad_q8_0
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
 DECODE_ROWS = 8                  # up to this many rows of x, a matmul is a GEMV in effect
+Q8_DECODE_ROWS = 128             # Q8_0 rows per tile when decoding: ~1 MB of float32 integers
 HIGH = np.uint32(0xFFFF0000)
 LOW_TO_HIGH = np.uint32(0x10000)
 _local = threading.local()
@@ -67,8 +68,36 @@ def _bf16_pairs(u: np.ndarray):
     return widen
 
 
+def q8_0_x_blocks(x_q8: np.ndarray) -> np.ndarray:
+    """x padded by pad_q8_0, (M, K / 32 * 34) -> its blocks (K / 32, 34, M), as q8_0_dots reads them."""
+    m = x_q8.shape[0]
+    return np.ascontiguousarray(x_q8.reshape(m, -1, 34).transpose(1, 2, 0))
+
+
+def q8_0_dots(q: np.ndarray, xb: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """out (M, n) = x @ W.T for n Q8_0 rows given as their integers q (n, K / 32 * 34)
+    (QuantTensor.block_integers) and scales (n, K / 32): each block's integers dotted with x's
+    32 values (xb, q8_0_x_blocks), one batched GEMV over the blocks, then times the block's
+    scale. Scaling the (rows, blocks) sums rather than every value halves the work: numpy's
+    multiply by one scale per 34 values runs as slowly as the cast (tools/bench_quant.py
+    budget). d * (q . x) for (d q) . x: only the rounding order differs."""
+    n, nb = scales.shape
+    np.einsum("bnm,nb->mn", np.matmul(q.reshape(n, nb, 34).transpose(1, 0, 2), xb), scales, out=out)
+
+
+def _q8_0_decode(x_q8: np.ndarray, w: QuantTensor, r0: int, r1: int, out: np.ndarray) -> None:
+    # out (M, r1 - r0) = x @ w[r0:r1].T for a Q8_0 w and few rows of x, a tile at a time
+    xb = q8_0_x_blocks(x_q8)
+    buf = _buffer(Q8_DECODE_ROWS, x_q8.shape[1])
+    for r in range(r0, r1, Q8_DECODE_ROWS):
+        n = min(Q8_DECODE_ROWS, r1 - r)
+        q8_0_dots(w.block_integers(r, r + n, buf[:n]), xb, w.block_scales(r, r + n), out[:, r - r0:r - r0 + n])
+
+
 def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray, x_q8=None):
     # out = x @ w[r0:r1].T, as a call for a thread
+    if isinstance(w, QuantTensor) and w.qtype == 8 and x.shape[0] <= DECODE_ROWS:
+        return lambda: _q8_0_decode(x_q8, w, r0, r1, out)
     if isinstance(w, QuantTensor) and w.qtype == 8:
         return lambda: _tiles(x_q8, lambda a, b, f: w.padded_rows(r0 + a, r0 + b, f), r1 - r0, out)
     if isinstance(w, QuantTensor):
