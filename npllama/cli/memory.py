@@ -36,7 +36,7 @@ def cmd_memory(a) -> int:
     if min(contexts) <= 0:
         raise UsageError(f"--ctx: context lengths must be positive, got {a.ctx!r}")
     print(f"{name}: {args.n_layers} layers, {args.n_kv_heads} KV heads x {args.head_dim}, {a.dtype} numerics "
-          f"(KV cache {'bf16' if a.dtype == 'bfloat16' else 'float32'}), {a.weights} weights, batch {a.batch}, "
+          f"(KV cache {memory.cache_type(a.dtype)}), {a.weights} weights, batch {a.batch}, "
           f"prefill chunks of {memory.PREFILL_CHUNK}; total includes {memory.gib(memory.RESERVE)} reserve")
     print(memory.table(args, contexts, a.dtype, a.weights, a.batch))
     available, trained = available_memory(), args.max_seq_len

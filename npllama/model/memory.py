@@ -29,6 +29,11 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cache_type(dtype: str) -> str:
+    """What the KV cache holds under these numerics: bf16, f16 (llama.cpp's) or float32."""
+    return {"bfloat16": "bf16", "llama.cpp": "f16"}.get(dtype, "float32")
+
+
 def kv_cache_bytes(args: ModelArgs, ctx: int, batch: int = 1, dtype: str = "float32") -> int:
     """K and V of every layer, position and sequence: held as bf16 in bfloat16 numerics (as
     Meta's model holds them), f16 in llama.cpp numerics (as llama.cpp does), float32 otherwise."""
@@ -131,7 +136,7 @@ def choose_context(args: ModelArgs, requested: int | None, available: int, batch
     raise UsageError(
         f"a context of {ctx:,} positions (--ctx / max_seq_len) needs {gib(need['total'])}: "
         f"{gib(need['kv_cache'])} of KV cache ({batch} x {ctx:,} positions x {args.n_layers} layers, "
-        f"{ {'bfloat16': 'bf16', 'llama.cpp': 'f16'}.get(dtype, 'float32')}), {gib(need['weights'])} of {weights_mode} weights, "
+        f"{cache_type(dtype)}), {gib(need['weights'])} of {weights_mode} weights, "
         f"{gib(need['scratch'] + need['rope'])} of scratch and RoPE table and {gib(RESERVE)} reserve, "
         f"but {gib(available)} is available: {advice}")
 

@@ -23,11 +23,11 @@ STEPS = 10
 MARGIN = 1e-3
 
 
-def generate(capsys, path: str, mode: str) -> list[dict]:
+def generate(capsys, path: str, mode: str, *more: str) -> list[dict]:
     """npllama generate, in this process: its per-token JSON lines and the result line."""
     capsys.readouterr()
     assert cli.main(["generate", "-m", path, "--weights", mode, "--raw", "--json", "--logprobs", "2",
-                     "--max-new-tokens", str(STEPS), "-t", "1", "Quantized weights"]) == 0
+                     "--max-new-tokens", str(STEPS), "-t", "1", *more, "Quantized weights"]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -51,6 +51,22 @@ def test_quantized_runs_the_gguf_as_it_is_and_generates_what_float32_does(tmp_pa
     for step in want[:-1]:
         best, second = step["top"]
         assert best["logprob"] - second["logprob"] > MARGIN
+
+
+def test_llama_cpp_numerics_run_the_gguf_as_it_is_whatever_holds_its_weights(tmp_path, monkeypatch, capsys):
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("NPLLAMA_CACHE", cache)
+    path = write(str(tmp_path / "m.gguf"), ARGS, "Q4_1", seed=3, byte_vocab=True)
+    resident = generate(capsys, path, "resident", "--numerics", "llama.cpp")
+    quantized = generate(capsys, path, "quantized", "--numerics", "llama.cpp")
+    assert converted(cache) == []                       # the blocks decide the activations: never converted
+    assert resident[-1]["ids"] == quantized[-1]["ids"]  # float32 copies or tiles: summation order only
+    for step in resident[:-1]:
+        best, second = step["top"]
+        assert best["logprob"] - second["logprob"] > MARGIN
+    # and they are not float32's numerics: 8-bit activations move log-probabilities by ~1e-3
+    float32 = generate(capsys, path, "quantized")
+    assert abs(float32[0]["top"][0]["logprob"] - resident[0]["top"][0]["logprob"]) > 1e-5
 
 
 def test_auto_runs_a_gguf_quantized_when_float32_copies_would_not_fit(tmp_path, monkeypatch, capsys):
