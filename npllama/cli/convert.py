@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="store every tensor as this "
-                   "(default: as in the source; GGUF's quantized tensors become float32)")
+                   "(default: as in the source: a GGUF's quantized matrices keep their blocks, which run quantized, or "
+                   "widened exactly to float32 when they fit; --dtype float32 dequantizes them)")
     c.add_argument("--force", action="store_true", help="replace an existing DST, if it is a checkpoint npllama "
                    "wrote (anything else is refused and left untouched)")
     c.add_argument("--shard-size", type=shard_gb, default=None, metavar="GB", help="largest shard (default 2 GB)")
@@ -53,7 +54,7 @@ def shard_gb(text: str) -> float:
 
 def cmd_convert(a) -> int:
     index = convert(a.src, a.dst, dtype=a.dtype, force=a.force,
-                    shard_bytes=int(a.shard_size * 1024**3) if a.shard_size else None, quiet=a.quiet)
+                    shard_bytes=int(a.shard_size * 1024**3) if a.shard_size else None, quiet=a.quiet, blocks=True)
     print(f"wrote {a.dst}: {len(index['tensors'])} tensors in {len(index['shards'])} shard(s)", file=sys.stderr)
     return 0
 

@@ -6,7 +6,10 @@ Layout of a converted directory:
     index.json                  tensor -> {shard, dtype, shape}; shard -> {size, sha256}
     model-00001-of-0000N.npz    zip (stored, not deflated) of `<tensor name>.npy` members
     tokenizer.model / tokenizer.json   when the source had one
-bf16 tensors are stored as uint16 bit patterns and recorded as "bfloat16" in the index.
+bf16 tensors are stored as uint16 bit patterns and recorded as "bfloat16" in the index; a
+GGUF's block-quantized matrices (converted without --dtype) as their raw blocks, uint8
+(rows, bytes per row), recorded under their type ("Q4_K") and logical shape (rows, columns),
+and opened as QuantTensors.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .atomic import check_directory, staged_directory
 from ..model import bf16
 from ..model.config import ModelArgs
 from ..model.model import Transformer
+from ..model.quant import BY_NAME, TYPES, QuantTensor, row_bytes
 from ..model.weights import check_shapes, fits_resident
 from ..progress import Progress
 from .formats.gguf_file import gguf_values, open_gguf
@@ -38,6 +42,8 @@ FORMAT_VERSION = 1
 # cache holds from an older npllama is made again (npllama.hub) instead of silently lacking it.
 CONVERTER = 2
 STORAGE = {"bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+# GGUF block types kept as their blocks (F32, F16 and BF16 are stored as arrays)
+BLOCKS = {name: qtype for name, qtype in BY_NAME.items() if TYPES[qtype][1] > 1}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -100,8 +106,8 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
         progress = Progress("convert", total_bytes, "GB", scale=1e9, stream=io.StringIO() if quiet else None)
         shards = _Shards(tmp, shard_bytes)
         for name, arr in tensors:
-            arr, logical = _stored(name, arr, dtype, allow_nonfinite)
-            index["tensors"][name] = {"shard": shards.add(name, arr), "dtype": logical, "shape": list(arr.shape)}
+            arr, logical, shape = _stored(name, arr, dtype, allow_nonfinite)
+            index["tensors"][name] = {"shard": shards.add(name, arr), "dtype": logical, "shape": list(shape)}
             progress.update(progress.done + arr.nbytes, name)
         shards.close()
         progress.close(summary=True)
@@ -109,9 +115,18 @@ def write_checkpoint(dst: str, args: ModelArgs, tensors: Iterable[tuple[str, np.
     return index
 
 
-def _stored(name: str, arr: np.ndarray, dtype: str | None, allow_nonfinite: bool) -> tuple[np.ndarray, str]:
-    """A tensor as it is stored, converted to dtype if asked (bf16 as its uint16 bits), and
-    its logical dtype; a NaN or infinity in it refused (naming it) unless allowed."""
+def _stored(name: str, arr, dtype: str | None, allow_nonfinite: bool) -> tuple[np.ndarray, str, tuple]:
+    """A tensor as it is stored, converted to dtype if asked (bf16 as its uint16 bits), its
+    logical dtype and shape; a NaN or infinity in it refused (naming it) unless allowed. A
+    QuantTensor keeps its blocks unless a dtype is asked for (NaN/inf scales refused)."""
+    if isinstance(arr, QuantTensor) and dtype is None and arr.type_name in BLOCKS:
+        try:
+            arr.check()
+        except NpllamaError as e:
+            raise NonFiniteError(f"{e}; nothing was written") from None
+        return np.ascontiguousarray(arr.raw), arr.type_name, arr.shape
+    if isinstance(arr, QuantTensor):
+        arr = arr.widen()
     logical = "bfloat16" if arr.dtype == np.uint16 else arr.dtype.name
     if logical not in STORAGE:
         raise CheckpointError(f"{name}: unsupported dtype {arr.dtype}")
@@ -123,7 +138,7 @@ def _stored(name: str, arr: np.ndarray, dtype: str | None, allow_nonfinite: bool
     arr = np.ascontiguousarray(arr)
     if not allow_nonfinite:
         check_finite(name, arr, logical)
-    return arr, logical
+    return arr, logical, arr.shape
 
 
 class _Shards:
@@ -231,10 +246,30 @@ def read_index(path: str) -> dict:
         shard = field(t, "shard", str, where)
         if shards and shard not in shards:
             raise CheckpointError(f"{where}: shard {describe(shard)} is not listed under shards")
-        if field(t, "dtype", str, where) not in STORAGE:
+        if field(t, "dtype", str, where) not in STORAGE and t["dtype"] not in BLOCKS:
             raise CheckpointError(f"{where}: unknown dtype {describe(t['dtype'])}")
         check_shape(field(t, "shape", list, where), where)
+        if t["dtype"] in BLOCKS:
+            stored_shape(t, where)
     return index
+
+
+def stored_shape(t: dict, where: str) -> tuple[int, ...]:
+    """The shape of an index entry's .npy member: its own, or for blocks (rows, bytes per row)."""
+    if t["dtype"] not in BLOCKS:
+        return tuple(t["shape"])
+    if len(t["shape"]) != 2:
+        raise CheckpointError(f"{where}: {t['dtype']} blocks must be a matrix, shape {t['shape']}")
+    try:
+        return t["shape"][0], row_bytes(BLOCKS[t["dtype"]], t["shape"][1], "its columns")
+    except NpllamaError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def stored_bytes(t: dict) -> int:
+    """Bytes an index entry's tensor takes as stored (read_index checked it)."""
+    itemsize = 1 if t["dtype"] in BLOCKS else STORAGE[t["dtype"]].itemsize
+    return int(np.prod(stored_shape(t, ""), dtype=np.int64)) * itemsize
 
 
 def read_params(path: str) -> ModelArgs:
@@ -284,9 +319,16 @@ def open_tensors(path: str, index: dict | None = None, names: Iterable[str] | No
             for name in names:
                 if name + ".npy" not in z.members:
                     raise CheckpointError(f"{file}: tensor {name} listed in index.json is not in the shard")
-                t = index["tensors"][name]
-                out[name] = map_npy_member(z, name + ".npy", STORAGE[t["dtype"]], tuple(t["shape"]))
+                out[name] = _mapped(z, name, index["tensors"][name])
     return out
+
+
+def _mapped(z: ZipReader, name: str, t: dict):
+    # a member as the index describes it: an array, or a GGUF type's blocks as a QuantTensor
+    if t["dtype"] not in BLOCKS:
+        return map_npy_member(z, name + ".npy", STORAGE[t["dtype"]], tuple(t["shape"]))
+    raw = map_npy_member(z, name + ".npy", np.dtype(np.uint8), stored_shape(t, f"{z.path}: {name}"))
+    return QuantTensor(raw, BLOCKS[t["dtype"]], tuple(t["shape"]), name)
 
 
 def verify(path: str) -> list[str]:
@@ -310,6 +352,9 @@ def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
     tensors = open_tensors(path)
     for name in list(tensors):
         arr = tensors.pop(name)   # unmapped once checked: only one tensor's pages are held
+        if isinstance(arr, QuantTensor):
+            bad += _bad_scales(arr)
+            continue
         flat = arr.reshape(-1)
         step = max(1, chunk_bytes // max(arr.itemsize, 1))
         for i in range(0, flat.size, step):
@@ -318,6 +363,14 @@ def nonfinite(path: str, chunk_bytes: int = 1 << 24) -> list[str]:
                 break
         del arr, flat
     return bad
+
+
+def _bad_scales(w: QuantTensor) -> list[str]:
+    try:
+        w.check()
+    except NpllamaError:
+        return [w.name]
+    return []
 
 
 def open_checkpoint(path: str) -> tuple[ModelArgs, dict[str, np.ndarray]]:

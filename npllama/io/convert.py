@@ -37,23 +37,26 @@ def detect(src: str) -> str:
                           "an HF one (config.json + *.safetensors) nor a GGUF file")
 
 
-def open_source(src: str) -> Source:
+def open_source(src: str, blocks: bool = False) -> Source:
+    """src as a Source; blocks: a GGUF's block-quantized matrices kept as their blocks."""
     kind = detect(src)
     if kind == "gguf":
-        return read_gguf(src)
+        return read_gguf(src, blocks)
     if kind == "hf":
         return read_hf(src)
     return read_meta(os.path.join(src, "original") if kind == "meta-original" else src)
 
 
 def convert(src: str, dst: str, dtype: str | None = None, force: bool = False,
-            shard_bytes: int | None = None, quiet: bool = False, verify: Callable[[], None] | None = None) -> dict:
+            shard_bytes: int | None = None, quiet: bool = False, verify: Callable[[], None] | None = None,
+            blocks: bool = False) -> dict:
     """Convert src into npllama's format at dst. Every tensor's shape is checked against the
     params before anything is written; dst appears only complete, and only if verify() (given:
-    the source is still what was hashed) returns."""
+    the source is still what was hashed) returns. blocks (without dtype): a GGUF's
+    block-quantized matrices are stored as their blocks, which run quantized or widen exactly."""
     refuse_overlap(dst, [src], "converted checkpoint")   # before --force may replace anything
     check_destination(dst, force)   # before reading a byte of the source
-    source = open_source(src)
+    source = open_source(src, blocks and dtype is None)
     source.check()
     if not {"tokenizer.json", "tokenizer.model"} & (set(source.extra_files) | set(source.extra_data)):
         print(f"npllama: warning: {src} has no tokenizer (tokenizer.json or tokenizer.model): the converted model "

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..io.checkpoint import STORAGE, open_tensors, read_checked
+from ..io.checkpoint import open_tensors, read_checked, stored_bytes
 from ..model.config import ModelArgs
 from ..errors import CheckpointError, MissingDependencyError, NpllamaError, StageError, UsageError
-from ..untrusted import numel
 from ..model.memory import PREFILL_CHUNK
 from ..model.model import DTYPES, Transformer
 from ..model.observer import IGNORE, Recorder
@@ -71,7 +70,7 @@ def split_layers(args: ModelArgs, nbytes: dict[str, int], n_stages: int) -> list
 
 def tensor_bytes(index: dict) -> dict[str, int]:
     """A converted checkpoint's tensors' sizes, from its index."""
-    return {name: numel(t["shape"]) * STORAGE[t["dtype"]].itemsize for name, t in index["tensors"].items()}
+    return {name: stored_bytes(t) for name, t in index["tensors"].items()}
 
 
 class Stage:

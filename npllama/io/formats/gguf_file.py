@@ -229,11 +229,12 @@ def gguf_extra(reader, path: str, vocab_size: int | None = None) -> dict[str, by
     return {"tokenizer.json": spec_json(spec, path, vocab_size)}
 
 
-def read_gguf(path: str) -> Source:
+def read_gguf(path: str, blocks: bool = False) -> Source:
     """A GGUF as a Source for conversion: each tensor dequantized to float32 with gguf's own
-    code (F16 kept as float16, BF16 as its bits)."""
+    code (F16 kept as float16, BF16 as its bits); with blocks, each matrix of a block type
+    npllama runs (model/quant.py) kept as its blocks, a QuantTensor over the file."""
     import gguf  # here, not at the top: a start that reads no GGUF does not pay for it (and yaml)
-    _, args, by_name, extra, _ = parse_gguf(path)
+    _, args, by_name, extra, data = parse_gguf(path)
     check_types(path, by_name, {q for q in gguf.GGMLQuantizationType if gguf.quants._type_traits.get(q) is not None}
                 | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16})
 
@@ -243,12 +244,27 @@ def read_gguf(path: str) -> Source:
             return np.array(t.data.view(np.float16))
         if t.tensor_type == gguf.GGMLQuantizationType.BF16:
             return np.array(t.data.view(np.uint16))
+        if kept(t, shapes[name]):
+            return QuantTensor(_raw(data, t, shapes[name]), int(t.tensor_type), shapes[name], name)
         # GGUF stores q/k already in Meta's interleaved layout: no permutation here.
         return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
+    def kept(t, shape) -> bool:   # kept as its blocks
+        return blocks and len(shape) == 2 and int(t.tensor_type) in TYPES and TYPES[int(t.tensor_type)][1] > 1
+
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
-    nbytes = sum(numel(s) * 4 for s in shapes.values())
+    nbytes = sum(_raw_bytes(t, shapes[n]) if kept(t, shapes[n]) else numel(shapes[n]) * 4 for n, t in by_name.items())
     return Source(path, args, shapes, nbytes, load, extra_data=extra)
+
+
+def _raw_bytes(t, shape) -> int:
+    _, block, size = TYPES[int(t.tensor_type)]
+    return numel(shape) // block * size
+
+
+def _raw(data, t, shape) -> np.ndarray:
+    # a tensor's bytes in the mapped file (check_tensors checked they lie inside it)
+    return np.frombuffer(data, np.uint8, _raw_bytes(t, shape), t.data_offset)
 
 
 def open_gguf(path: str) -> tuple[ModelArgs, dict, dict[str, bytes]]:
@@ -263,8 +279,7 @@ def open_gguf(path: str) -> tuple[ModelArgs, dict, dict[str, bytes]]:
     tensors = {}
     for name, t in by_name.items():
         qtype, shape = int(t.tensor_type), shapes[name]
-        nbytes = numel(shape) // TYPES[qtype][1] * TYPES[qtype][2]
-        raw = np.frombuffer(data, np.uint8, nbytes, t.data_offset)   # in the file: checked by check_tensors
+        raw = _raw(data, t, shape)
         if len(shape) == 1:
             tensors[name] = dequantize(raw, qtype, shape[0], name).reshape(shape)
         else:
