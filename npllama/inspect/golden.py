@@ -11,6 +11,7 @@ import numpy as np
 
 from ..version import __version__
 from ..io.atomic import check_directory, refuse_overlap, staged_directory
+from ..model.quant import QuantTensor
 from .tracefile import trace
 from ..errors import NpllamaError
 from ..untrusted import inside, read_json
@@ -42,11 +43,14 @@ every tensor here must be in yours).
 
 def weights_digest(weights: Mapping[str, np.ndarray], chunk: int = 1 << 24) -> str:
     """sha256 over the tensors in name order: each one's name, dtype and shape, then its
-    bytes, a chunk at a time (a memory-mapped checkpoint is read, not copied)."""
+    bytes, a chunk at a time (a memory-mapped checkpoint is read, not copied). A GGUF's
+    quantized matrix: its type, logical shape and blocks."""
     h = hashlib.sha256()
     for name in sorted(weights):
-        x = np.ascontiguousarray(weights[name])
-        h.update(f"{name} {x.dtype.str} {list(x.shape)}\n".encode())
+        w = weights[name]
+        x = np.ascontiguousarray(w.raw if isinstance(w, QuantTensor) else w)
+        kind = w.type_name if isinstance(w, QuantTensor) else x.dtype.str
+        h.update(f"{name} {kind} {list(w.shape)}\n".encode())
         flat = x.reshape(-1).view(np.uint8) if x.size else np.zeros(0, np.uint8)
         for i in range(0, flat.size, chunk):
             h.update(flat[i:i + chunk])

@@ -90,3 +90,14 @@ def test_a_hostile_index_entry_for_blocks_is_one_line(q4_k_m, tmp_path, entry, s
     with pytest.raises(NpllamaError) as e:
         checkpoint.open_tensors(out)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_golden_digest_covers_the_blocks(q4_k_m, tmp_path):
+    from npllama.inspect.golden import weights_digest
+    out = str(tmp_path / "blocks")
+    convert(q4_k_m, out, quiet=True, blocks=True)
+    gguf_digest = weights_digest(npllama.load(q4_k_m, weights_mode="quantized").weights)
+    assert weights_digest(npllama.load(out).weights) == gguf_digest          # the same blocks, the same digest
+    floats = str(tmp_path / "floats")
+    convert(q4_k_m, floats, dtype="float32", quiet=True)
+    assert weights_digest(npllama.load(floats).weights) != gguf_digest       # float32 values are other bytes
