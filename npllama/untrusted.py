@@ -263,7 +263,9 @@ def check_shape(shape: Any, where: str, error=CheckpointError) -> tuple[int, ...
     numel = 1
     for n in shape:
         numel *= n
-    if numel > MAX_ELEMENTS:
+    # each dimension too: a zero-size shape with a 2**70 dimension holds nothing, and numpy
+    # still cannot make it
+    if numel > MAX_ELEMENTS or any(n > MAX_ELEMENTS for n in shape):
         raise error(f"{where}: shape {describe(shape)} has more elements than any file can hold")
     return tuple(shape)
 

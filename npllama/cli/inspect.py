@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+import numpy as np
+
 from ..errors import UsageError
 from ..inspect import llamacpp, logits, perplexity as pp, plot, tracefile
 from ..inspect.compare import compare
@@ -172,6 +174,14 @@ def cmd_trace(a) -> int:
     t["__meta__"]["pieces"] = [piece(tok, i) for i in ids]   # token text, for `npllama plot`'s axes
     tracefile.save(a.output, t)
     print(f"wrote {a.output}: {len(t) - 1} tensors for {len(t['tokens'])} tokens", file=sys.stderr)
+    # NaN anywhere (masked scores are -inf by design), or non-finite logits: kept, to show
+    # where it starts, but not a trace to compare against
+    bad = next((n for n, v in t.items() if n != "__meta__" and np.issubdtype(np.asarray(v).dtype, np.floating)
+                and (np.isnan(v).any() or n == "logits" and not np.isfinite(v).all())), None)
+    if bad is not None:
+        print(f"npllama: the trace holds non-finite values, first at {bad}; the weights may hold a NaN or "
+              f"infinity (`npllama info DIR --verify`)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,7 +32,7 @@ from ..model.quant import BY_NAME, TYPES, QuantTensor, row_bytes
 from ..model.weights import check_shapes, fits_resident
 from ..progress import Progress
 from .formats.gguf_file import gguf_values, open_gguf
-from ..untrusted import (ZipReader, check_shape, describe, field, inside, map_array, npy_member, open_inside,
+from ..untrusted import (ZipReader, check_shape, describe, field, inside, map_array, npy_member, numel, open_inside,
                          open_regular, read_json)
 
 FORMAT = "npllama"
@@ -251,6 +251,9 @@ def read_index(path: str) -> dict:
         check_shape(field(t, "shape", list, where), where)
         if t["dtype"] in BLOCKS:
             stored_shape(t, where)
+    unused = sorted(set(shards) - {t["shard"] for t in index["tensors"].values()})
+    if unused:   # a size or digest nothing checks against a file npllama reads
+        raise CheckpointError(f"{index_path}: shard {describe(unused[0])} holds no tensor the index lists")
     return index
 
 
@@ -258,8 +261,9 @@ def stored_shape(t: dict, where: str) -> tuple[int, ...]:
     """The shape of an index entry's .npy member: its own, or for blocks (rows, bytes per row)."""
     if t["dtype"] not in BLOCKS:
         return tuple(t["shape"])
-    if len(t["shape"]) != 2:
-        raise CheckpointError(f"{where}: {t['dtype']} blocks must be a matrix, shape {t['shape']}")
+    if len(t["shape"]) != 2 or 0 in t["shape"]:
+        raise CheckpointError(f"{where}: {t['dtype']} blocks must be a matrix with rows and columns, "
+                              f"shape {t['shape']}")
     try:
         return t["shape"][0], row_bytes(BLOCKS[t["dtype"]], t["shape"][1], "its columns")
     except NpllamaError as e:
@@ -269,7 +273,7 @@ def stored_shape(t: dict, where: str) -> tuple[int, ...]:
 def stored_bytes(t: dict) -> int:
     """Bytes an index entry's tensor takes as stored (read_index checked it)."""
     itemsize = 1 if t["dtype"] in BLOCKS else STORAGE[t["dtype"]].itemsize
-    return int(np.prod(stored_shape(t, ""), dtype=np.int64)) * itemsize
+    return numel(stored_shape(t, "")) * itemsize
 
 
 def read_params(path: str) -> ModelArgs:

@@ -68,6 +68,9 @@ class ModelArgs:
             raise ConfigError(f"head_dim (dim / n_heads = {self.head_dim}) must be even for rotary embeddings")
         if self.use_scaled_rope and not self.high_freq_factor > self.low_freq_factor:
             raise ConfigError("high_freq_factor must exceed low_freq_factor")
+        if self.ffn_dim < 1:   # a derived width (ffn_dim_multiplier), not checked above
+            raise ConfigError(f"the feed-forward width derives to {self.ffn_dim} (ffn_dim_multiplier "
+                              f"{self.ffn_dim_multiplier!r}); it must be at least 1")
 
     @property
     def head_dim(self) -> int:

@@ -226,7 +226,7 @@ class QuantTensor:
     def check(self, chunk_rows: int = 4096) -> None:
         """Refuse NaN/inf scales anywhere in the tensor (once; a chunk of rows at a time)."""
         if not self.checked:
-            for r in range(0, self.shape[0], chunk_rows):
+            for r in range(0, self.shape[0] if self.raw.size else 0, chunk_rows):   # no blocks: nothing to check
                 check_scales(self.raw[r:r + chunk_rows], self.qtype, self.name)
             self.checked = True
 

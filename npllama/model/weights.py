@@ -80,6 +80,9 @@ def check_shapes(args: ModelArgs, shapes: Mapping[str, tuple], where: str = "", 
     if unknown:
         raise error(f"{at}unexpected tensors for these params: {', '.join(n[:80] for n in unknown[:5])}"
                     + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    ignored = tuple(shapes.get("rope.freqs", (args.head_dim // 2,)))
+    if ignored != (args.head_dim // 2,):     # ignored, but not of any size: Meta's is (head_dim / 2,)
+        raise error(f"{at}rope.freqs: shape {ignored}, the params say {(args.head_dim // 2,)}")
     held = held_names(args, range(args.n_layers) if layers is None else layers, "output.weight" not in shapes)
     missing = [n for n in held if n not in shapes]
     if missing:

@@ -8,6 +8,7 @@ import dataclasses
 import mmap
 import os
 import struct
+import warnings
 
 import numpy as np
 
@@ -160,7 +161,10 @@ def parse_gguf(path: str):
         # /proc/self/fd/N is this descriptor: gguf's reader reads the very file checked above
         same_file = f"/proc/self/fd/{f.fileno()}"
         try:
-            reader = gguf.GGUFReader(same_file if os.path.exists(same_file) else path)
+            # quiet: a lying header makes numpy warn inside gguf's reader, and the error below says it in one line
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                reader = gguf.GGUFReader(same_file if os.path.exists(same_file) else path)
         except Exception as e:  # noqa: BLE001  gguf's parser fails in many ways on a damaged file: name the file
             raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     check_tensors(reader, path, size)
@@ -246,8 +250,10 @@ def read_gguf(path: str, blocks: bool = False) -> Source:
             return np.array(t.data.view(np.uint16))
         if kept(t, shapes[name]):
             return QuantTensor(_raw(data, t, shapes[name]), int(t.tensor_type), shapes[name], name)
-        # GGUF stores q/k already in Meta's interleaved layout: no permutation here.
-        return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        # GGUF stores q/k already in Meta's interleaved layout: no permutation here. Quiet: a
+        # NaN made of a lying type is refused by name when the tensor is written.
+        with np.errstate(all="ignore"):
+            return np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     def kept(t, shape) -> bool:   # kept as its blocks
         return blocks and len(shape) == 2 and int(t.tensor_type) in TYPES and TYPES[int(t.tensor_type)][1] > 1

@@ -1,0 +1,86 @@
+"""What an independent red-team pass found in checkpoints that keep a GGUF's blocks (and
+around them), each now one line: a zero-size block entry with a 2**62-row loop behind it,
+dimensions numpy cannot make, an ignored tensor of any shape, a derived FFN width of 0, a
+shard no tensor uses, and a trace of NaN logits that exited 0."""
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+
+from npllama import cli
+from npllama.errors import ConfigError, NpllamaError
+from npllama.io import checkpoint
+from npllama.io.convert import convert
+from npllama.model.config import ModelArgs
+from tools.random_gguf import BYTE_VOCAB, write
+
+ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=256, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blocks")
+    convert(write(str(root / "m.gguf"), ARGS, "Q4_K", byte_vocab=True), str(root / "ck"), quiet=True, blocks=True)
+    return str(root / "ck")
+
+
+def edited_index(src, dst, edit):
+    import shutil
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "index.json")
+    with open(path) as f:
+        index = json.load(f)
+    edit(index)
+    with open(path, "w") as f:
+        json.dump(index, f)
+    return dst
+
+
+def extra_entry(name, entry):
+    def edit(index):
+        shard = next(iter(index["shards"]))
+        index["tensors"][name] = {"shard": shard, **entry}
+    return edit
+
+
+@pytest.mark.parametrize("name, entry, says", [
+    ("rope.freqs", {"dtype": "Q4_K", "shape": [2**62, 0]}, "more elements than any file can hold"),
+    ("rope.freqs", {"dtype": "Q4_K", "shape": [2**40, 0]}, "must be a matrix with rows and columns"),
+    ("rope.freqs", {"dtype": "float32", "shape": [2**70, 0]}, "more elements than any file can hold"),
+    ("rope.freqs", {"dtype": "float32", "shape": [7]}, "rope.freqs: shape (7,), the params say (32,)"),
+    ("layers.0.attention.wq.weight", {"dtype": "Q4_K", "shape": [0, 256]}, "must be a matrix with rows and columns"),
+])
+def test_entries_that_loop_or_cannot_be_made_are_refused(blocks, tmp_path, capsys, name, entry, says):
+    path = edited_index(blocks, str(tmp_path / "ck"), extra_entry(name, entry))
+    for argv in (["info", path, "--verify"], ["generate", "-m", path, "--tokens", "1,2", "--max-new-tokens", "1"]):
+        assert cli.main(argv) != 0
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_shard_no_tensor_uses_is_refused(blocks, tmp_path):
+    def edit(index):
+        index["shards"]["phantom.npz"] = {"size": 10**30, "sha256": "0" * 64}
+    path = edited_index(blocks, str(tmp_path / "ck"), edit)
+    with pytest.raises(NpllamaError, match="phantom.npz.* holds no tensor the index lists"):
+        checkpoint.read_index(path)
+
+
+def test_a_feed_forward_width_that_derives_to_zero_is_a_config_error():
+    with pytest.raises(ConfigError, match="feed-forward width derives to 0.*ffn_dim_multiplier"):
+        ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=256,
+                  ffn_dim_multiplier=1e-9)
+
+
+def test_a_trace_with_nan_logits_is_written_but_fails(tmp_path, capsys):
+    path = write(str(tmp_path / "f32.gguf"), ARGS, "F32", byte_vocab=True)
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
+    with open(path, "r+b") as f:                     # an F32 matrix has no scales to refuse: one NaN weight
+        f.seek(t.data_offset + 4 * 7)
+        f.write(np.array([np.nan], np.float32).tobytes())
+    out = str(tmp_path / "t.npz")
+    assert cli.main(["trace", "-m", path, "--numerics", "llama.cpp", "hi", "-o", out]) == 1
+    err = capsys.readouterr().err
+    assert os.path.exists(out) and "non-finite values, first at layers.0.q" in err
