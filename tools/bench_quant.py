@@ -33,7 +33,7 @@ import npllama  # noqa: E402
 from npllama.bench import peers  # noqa: E402
 from npllama.io.hub import cache_dir  # noqa: E402
 from npllama.model import parallel, tiled  # noqa: E402
-from npllama.model.quant import pad_q8_0  # noqa: E402
+from npllama.model.quant import PARTS, pad_q8_0  # noqa: E402
 from tools.random_gguf import write as write_random_gguf  # noqa: E402
 
 GiB = 2**30
@@ -117,12 +117,15 @@ def decode_matrices(model) -> list:
 
 def _tile_steps(w, xk):
     """(rows per tile, widen(r, buf), multiply(f, out)) as the tiled matmul decodes with w:
-    Q8_0 as integers then a batched GEMV over its blocks (tiled._q8_0_decode), else widened
-    rows then a GEMV."""
+    Q8_0 as integers then a batched GEMV over its blocks (tiled._q8_0_decode), other block
+    types as their parts (integers, scales) then block_dots, float types widened then a GEMV."""
     if w.qtype == 8:
         xb = tiled.q8_0_x_blocks(xk)
         return (tiled.Q8_DECODE_ROWS, lambda r, n, buf: w.block_integers(r, r + n, buf),
                 lambda r, n, f, out: tiled.q8_0_dots(f, xb, w.block_scales(r, r + n), out))
+    if w.qtype in PARTS:
+        return (max(1, tiled.TILE_BYTES // (4 * xk.shape[1])), lambda r, n, buf: w.parts(r, r + n),
+                lambda r, n, f, out: np.copyto(out, tiled.block_dots(*f, xk)))
     rows = max(1, min(w.shape[0], tiled.TILE_BYTES // (4 * xk.shape[1])))
     return (rows, lambda r, n, buf: w.rows(r, r + n, buf if w.in_place else None),
             lambda r, n, f, out: np.matmul(xk, f.T, out=out))
@@ -153,7 +156,7 @@ def budget(a) -> None:
     total = widen + gemv
     print(f"{a.path}: one decode token's matrices on one core (CPU time): widening {widen * 1e3:.0f} ms "
           f"({widen / total:.0%}; of it, reading the blocks, timed as a copy of them: {read * 1e3:.0f} ms), "
-          f"GEMV {gemv * 1e3:.0f} ms ({gemv / total:.0%}; Q8_0: the batched block dots and their scaling)")
+          f"GEMV {gemv * 1e3:.0f} ms ({gemv / total:.0%}; block types: the batched block dots and their scaling)")
 
 
 def rss(a) -> None:

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from . import parallel
-from .quant import QuantTensor, pad_q8_0
+from .quant import PARTS, QuantTensor, pad_q8_0
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
@@ -94,10 +94,34 @@ def _q8_0_decode(x_q8: np.ndarray, w: QuantTensor, r0: int, r1: int, out: np.nda
         q8_0_dots(w.block_integers(r, r + n, buf[:n]), xb, w.block_scales(r, r + n), out[:, r - r0:r - r0 + n])
 
 
+def block_dots(q: np.ndarray, d: np.ndarray, m, x: np.ndarray) -> np.ndarray:
+    """x (M, K) @ W.T for n rows of a block type given as its parts (QuantTensor.parts: q
+    (n, S, L), d and m (n, S)) -> (M, n): each sub-block's integers dotted with x's values
+    there (one batched GEMV over the sub-blocks), times its scale, plus its offset times the
+    sum of x there. Decoding, this beats widening (tools/bench_quant.py budget): no pass of
+    numpy's short-loop broadcasts over every value. Only the rounding order differs."""
+    xs = x.reshape(x.shape[0], q.shape[1], q.shape[2])                        # (M, S, L)
+    p = np.matmul(q.transpose(1, 0, 2).astype(np.float32), xs.transpose(1, 2, 0))   # (S, n, M)
+    y = np.einsum("snm,ns->mn", p, d)
+    if m is not None:
+        y += xs.sum(axis=-1) @ m.T
+    return y
+
+
+def _parts_decode(x: np.ndarray, w: QuantTensor, r0: int, r1: int, out: np.ndarray) -> None:
+    # out (M, r1 - r0) = x @ w[r0:r1].T for few rows of x, a tile of rows at a time
+    rows = max(1, TILE_BYTES // (4 * w.shape[1]))
+    for r in range(r0, r1, rows):
+        q, d, m = w.parts(r, min(r + rows, r1))
+        out[:, r - r0:r - r0 + len(d)] = block_dots(q, d, m, x)
+
+
 def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray, x_q8=None):
     # out = x @ w[r0:r1].T, as a call for a thread
     if isinstance(w, QuantTensor) and w.qtype == 8 and x.shape[0] <= DECODE_ROWS:
         return lambda: _q8_0_decode(x_q8, w, r0, r1, out)
+    if isinstance(w, QuantTensor) and w.qtype in PARTS and x.shape[0] <= DECODE_ROWS:
+        return lambda: _parts_decode(x, w, r0, r1, out)
     if isinstance(w, QuantTensor) and w.qtype == 8:
         return lambda: _tiles(x_q8, lambda a, b, f: w.padded_rows(r0 + a, r0 + b, f), r1 - r0, out)
     if isinstance(w, QuantTensor):
