@@ -1,6 +1,7 @@
 """`npllama serve`: its parser and runner (cli.py calls add_parser)."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import sys
@@ -47,15 +48,18 @@ def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
         chat = chat_format(gen.tokenizer)
     except TokenizerError:
         chat = None   # a base model: /v1/chat/completions answers 400
-    app = create_app(engine, gen.tokenizer, chat, name, api_key)
 
-    @app.on_event("shutdown")
-    def drain():
-        engine.draining = True   # new requests get 503; uvicorn has let in-flight ones finish
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # After uvicorn's graceful shutdown has let in-flight requests finish (SIGTERM):
+        engine.draining = True   # a late request gets 503
         stop.set()
         thread.join()
         if hasattr(gen.model, "close"):
             gen.model.close()    # a Pipeline's stages (Ray actors) go with the server
+
+    app = create_app(engine, gen.tokenizer, chat, name, api_key, lifespan)
     app.state.engine_thread = thread
     return app, engine
 
