@@ -17,7 +17,9 @@ Serving, for whether the logprobs are bit-identical.
 Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps
 up to one microbatch per stage in flight: the runnable requests are split into microbatches,
 each submitted without waiting, and a step collects only the oldest one and submits its rows'
-next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. A request's
+next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. Prompt
+chunks are submitted the same way, queued behind them (a step collects until no more than a
+microbatch per stage is left in flight), so that prefill, too, keeps both stages busy. A request's
 rows are computed by the same stage models as on one machine, so its tokens are the same.
 A forward pass that fails (a stage died) fails every request and leaves the engine broken:
 requests get the error, new ones are refused, /health says so.
@@ -91,7 +93,8 @@ class Engine:
         # this process computes at submission, so one "microbatch" of every row per step.
         self.pipelined = hasattr(model, "submit_rows")
         self.depth = len(model.stages) if self.pipelined else 1
-        self.inflight: deque[tuple[object, list[Request]]] = deque()   # (handle or logits, its requests)
+        # (handle or logits, the requests it samples, whether it is a decode microbatch)
+        self.inflight: deque[tuple[object, list[Request], bool]] = deque()
 
     # --- the request side (any thread) ---------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -157,30 +160,36 @@ class Engine:
         """The runnable requests not in flight, split into as many microbatches as the
         pipeline has room for, each submitted: one new token per row, at the row's own
         position, into its own cache row -> how many rows were submitted."""
-        flying = {id(r) for _, group in self.inflight for r in group}
+        flying = {id(r) for _, group, _ in self.inflight for r in group}
         ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and
                  r.fed == len(r.prompt) and id(r) not in flying]
-        k = min(self.depth - len(self.inflight), len(ready))
+        # Prefill chunks in flight take no room: the streams decode on while prompts are fed.
+        k = min(self.depth - sum(decoding for _, _, decoding in self.inflight), len(ready))
         for i in range(max(k, 0)):
             group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
             tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)
             positions = np.array([len(self.held[r.slot]) for r in group])     # (b,)
             rows = [r.slot for r in group]
             run = self.model.submit_rows if self.pipelined else self.model.forward_rows
-            self.inflight.append((run(tokens, positions, rows), group))
+            self.inflight.append((run(tokens, positions, rows), group, True))
             for r in group:
                 self.held[r.slot].append(r.tokens[-1])    # in the cache row once the microbatch has run
         return len(ready) if k > 0 else 0
 
     def _collect_oldest(self) -> bool:
-        """The oldest microbatch's logits (b, vocab): each row's next token sampled."""
+        """The oldest microbatch's logits (b, vocab): each row's next token sampled; then
+        more of the oldest while more than a microbatch per stage is in flight (prefill
+        chunks queued behind the decode ones)."""
         if not self.inflight:
             return False
-        handle, group = self.inflight.popleft()
-        logits = self.model.collect(handle) if self.pipelined else handle
-        for r, row in zip(group, logits):
-            self._emit(r, row)
-        return True
+        while True:
+            handle, group, _ = self.inflight.popleft()
+            logits = self.model.collect(handle) if self.pipelined else handle
+            for r, row in zip(group, logits):
+                self._emit(r, row)
+            if len(self.inflight) <= self.depth:
+                return True
+
     def _reuse_prefix(self, req: Request) -> None:
         """The longest prefix of req's prompt some cache row holds already, copied into req's
         row (at least one token is left to feed, for the logits)."""
@@ -200,18 +209,24 @@ class Engine:
     def _prefill_step(self) -> int:
         """Up to prefill_per_step prompt tokens into the cache rows of the requests being
         prefilled, oldest first, a chunk each; a prompt fed to its end samples its first
-        token -> how many tokens were fed."""
+        token -> how many tokens were fed. Over a pipeline a chunk is submitted like a decode
+        microbatch, its first token sampled when collected: stage 0 takes the next chunk while
+        stage 1 runs this one, where waiting for it would leave one stage idle at a time."""
         budget = self.prefill_per_step
         for req in [r for r in self.active.values() if r.fed < len(r.prompt) and r.finish_reason is None]:
             if budget == 0:
                 break
-            chunk = req.prompt[req.fed:req.fed + budget]
-            logits = self.model.forward_rows(np.array([chunk]), [req.fed], [req.slot])[0]   # (vocab,)
+            chunk, start = req.prompt[req.fed:req.fed + budget], req.fed
             req.fed += len(chunk)
-            self.held[req.slot] = req.prompt[:req.fed]
+            self.held[req.slot] = req.prompt[:req.fed]   # in the cache row once the chunk has run
             budget -= len(chunk)
-            if req.fed == len(req.prompt):
-                self._emit(req, logits)
+            last = [req] if req.fed == len(req.prompt) else []      # whose first token its logits give
+            if self.pipelined:
+                self.inflight.append((self.model.submit_rows(np.array([chunk]), [start], [req.slot]), last, False))
+                continue
+            logits = self.model.forward_rows(np.array([chunk]), [start], [req.slot])
+            for r in last:
+                self._emit(r, logits[0])
         return self.prefill_per_step - budget
 
     def _emit(self, req: Request, logits: np.ndarray) -> None:
@@ -247,7 +262,7 @@ class Engine:
         message = str(e) if isinstance(e, NpllamaError) else f"{type(e).__name__}: {e}"
         with self.lock:
             self.broken = message
-            failed = list(self.waiting) + list(self.active.values()) + [r for _, g in self.inflight for r in g]
+            failed = list(self.waiting) + list(self.active.values()) + [r for _, g, _ in self.inflight for r in g]
             self.waiting.clear()
             self.inflight.clear()
         for req in {id(r): r for r in failed}.values():
