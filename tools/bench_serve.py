@@ -4,6 +4,7 @@ number of concurrent openai clients (each streaming one chat answer per round, g
     python tools/bench_serve.py [-m PATH] [--clients 1,4,16] [--tokens 32] [--rounds 2] [--slots 4]
     python tools/bench_serve.py -m F32.gguf --llama-server /path/to/llama-server      # beside llama.cpp
     python tools/bench_serve.py --ray HOST:PORT --stages 1,2 --clients 1,2,4          # the Ray pipeline
+    python tools/bench_serve.py --ray HOST:PORT --clients 8,16 --slots 16 --repeat 8  # long prompts
 
 Every server is started first (on a free loopback port) and all run the same rounds: for each
 concurrency, round by round, the servers take turns (their order alternates), so a noisy
@@ -63,11 +64,18 @@ def start_llama(binary, gguf, slots, threads):
     sys.exit("llama-server did not start")
 
 
-def one(client, i, n_tokens, out):
+def prompt(i: int, repeat: int) -> str:
+    """Client i's question; with repeat > 1 that many times over, numbered so that no two
+    clients share more than the chat template's prefix (a prefill-bound load)."""
+    text = PROMPTS[i % len(PROMPTS)]
+    return text if repeat == 1 else f"{i}. " + " ".join([text] * repeat)
+
+
+def one(client, i, n_tokens, out, repeat=1):
     """One streamed chat answer -> out gets (TTFT seconds, tokens generated)."""
     t0 = time.perf_counter()
     ttft, chunks, usage = None, 0, None
-    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt(i, repeat)}],
                                             max_tokens=n_tokens, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
     for chunk in stream:
@@ -87,10 +95,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def round_of(client, c, n_tokens, out) -> float:
+def round_of(client, c, n_tokens, out, repeat=1) -> float:
     """c clients at once, one request each -> wall seconds."""
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(client, i, n_tokens, out)) for i in range(c)]
+    threads = [threading.Thread(target=one, args=(client, i, n_tokens, out, repeat)) for i in range(c)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     return time.perf_counter() - t0
@@ -125,11 +133,15 @@ def main():
     ap.add_argument("--stages", type=ints, default=[1, 2])
     ap.add_argument("--clients", type=ints, default=None, help="concurrencies (default 1,4,16; with --ray 1,2,4)")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="each client's prompt this many times over, numbered "
+                    "(default 1: the short prompts as they are)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--slots", type=int, default=4, help="sequences each server decodes together (default 4)")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ctx", type=int, default=512)
     a = ap.parse_args()
+    if a.repeat < 1:
+        sys.exit(f"--repeat must be >= 1, got {a.repeat}")
     if a.llama_server and not (a.model or "").endswith(".gguf"):
         sys.exit("--llama-server needs -m FILE.gguf (both servers serve that file)")
     import openai
@@ -146,7 +158,8 @@ def main():
 def bench(a, clients):
     for _, client in clients:
         one(client, 0, 4, [])   # warm up
-    print(f"{a.tokens} tokens a request, {a.rounds} rounds, {a.slots} slots, {a.threads} threads")
+    print(f"{a.tokens} tokens a request, {a.rounds} rounds, {a.slots} slots, {a.threads} threads"
+          + (f", prompts {a.repeat} times over" if a.repeat > 1 else ""))
     print("| server | clients | requests | tokens | seconds | tok/s | TTFT p50 s | TTFT p99 s |")
     print("|---|---|---|---|---|---|---|---|")
     for c in a.clients or ([1, 2, 4] if a.ray else [1, 4, 16]):
@@ -154,7 +167,7 @@ def bench(a, clients):
         for r in range(a.rounds):
             for name, client in clients[::-1] if r % 2 else clients:   # alternate who goes first
                 out, seconds = results[name]
-                results[name] = (out, seconds + round_of(client, c, a.tokens, out))
+                results[name] = (out, seconds + round_of(client, c, a.tokens, out, a.repeat))
         for name, (out, seconds) in results.items():
             print(row(name, c, out, seconds), flush=True)
 
