@@ -77,12 +77,15 @@ class Request:
 class Engine:
     """The slots of one model, the queue in front of them, and the step that runs them."""
 
-    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64):
-        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step
-        if prefill_per_step < 1:
-            raise UsageError(f"prefill_per_step must be >= 1, got {prefill_per_step}")
+    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64,
+                 microbatch_rows: int = 1):
+        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step;
+        # microbatch_rows: the fewest rows the decoding requests are split down to over a pipeline
+        if prefill_per_step < 1 or microbatch_rows < 1:
+            raise UsageError(f"prefill_per_step and microbatch_rows must be >= 1, got {prefill_per_step} and "
+                             f"{microbatch_rows}")
         self.model, self.stops, self.max_queue = model, set(stop_ids), max_queue
-        self.prefill_per_step = prefill_per_step
+        self.prefill_per_step, self.microbatch_rows = prefill_per_step, microbatch_rows
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}                       # slot -> request
         self.held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # tokens in each cache row
@@ -164,7 +167,11 @@ class Engine:
         ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and
                  r.fed == len(r.prompt) and id(r) not in flying]
         # Prefill chunks in flight take no room: the streams decode on while prompts are fed.
-        k = min(self.depth - sum(decoding for _, _, decoding in self.inflight), len(ready))
+        # A split pays only where a stage's time grows with its rows: each microbatch reads
+        # the stage's weights again (see README, Serving, for where it did not).
+        # Too few rows for one wait for the microbatches in flight, whose rows join them.
+        decoding = sum(d for _, _, d in self.inflight)
+        k = min(self.depth - decoding, len(ready) // self.microbatch_rows or int(not decoding), len(ready))
         for i in range(max(k, 0)):
             group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
             tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)

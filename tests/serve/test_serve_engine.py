@@ -195,6 +195,16 @@ def test_requests_decoding_together_are_split_into_microbatches(weights):
     assert engine.most_decoding == 2 and all(len(r.tokens) == 8 for r in reqs)
 
 
+def test_microbatches_are_no_smaller_than_asked(weights):
+    """microbatch_rows 2: four decoding requests over three stages are two microbatches, not three."""
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), 3)
+    engine = Engine(model, TOK.stop_ids, microbatch_rows=2)
+    watch_inflight(engine)
+    reqs = [Request([256] + list(b"abcd"[:i + 1]), 8) for i in range(SLOTS)]
+    run_mix(engine, [(0, r) for r in reqs])
+    assert engine.most_decoding == 2 and all(len(r.tokens) == 8 for r in reqs)
+
+
 def test_prompts_go_through_the_pipeline_without_waiting_for_each_other(weights):
     """Two prompts arriving together are both in flight (stage 0 feeds the second while
     stage 1 feeds the first), fed in chunks, with the one-machine engine's tokens."""
