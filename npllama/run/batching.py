@@ -15,12 +15,12 @@ than the GEMV of a single sequence. tests/serve/test_serve_engine.py measures it
 Serving, for whether the logprobs are bit-identical.
 
 Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps
-up to one microbatch per stage in flight: the runnable requests are split into microbatches,
-each submitted without waiting, and a step collects only the oldest one and submits its rows'
-next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. Prompt
-chunks are submitted the same way, queued behind them (a step collects until no more than a
-microbatch per stage is left in flight), so that prefill, too, keeps both stages busy. A request's
-rows are computed by the same stage models as on one machine, so its tokens are the same.
+up to one microbatch per stage in flight: the runnable requests are split into microbatches
+(of at least microbatch_rows rows), each submitted without waiting, and a step collects the
+oldest ones until fewer than one per stage are left in flight, then submits their rows' next
+tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. Prompt chunks are
+submitted the same way, so that prefill, too, keeps both stages busy. A request's rows are
+computed by the same stage models as on one machine, so its tokens are the same.
 A forward pass that fails (a stage died) fails every request and leaves the engine broken:
 requests get the error, new ones are refused, /health says so.
 """
@@ -131,7 +131,7 @@ class Engine:
     # --- the engine side (one thread) ----------------------------------------------------
     def step(self) -> bool:
         """Admit (copying a cached shared prefix), feed up to prefill_per_step prompt tokens,
-        submit the decoding rows' next tokens, collect the oldest microbatch in flight. A long
+        submit the decoding rows' next tokens, collect the oldest microbatches in flight. A long
         prompt is fed a chunk a step, between decode steps: the other streams go on. False
         when there was nothing to do."""
         admitted = self._admit()
@@ -139,7 +139,7 @@ class Engine:
             self._reuse_prefix(req)
         fed = self._prefill_step()
         submitted = self._submit_ready()
-        collected = self._collect_oldest()
+        collected = self._collect(waiting_only=not (admitted or fed or submitted))
         return bool(admitted or fed or submitted or collected)
 
     def _admit(self) -> list[Request]:
@@ -183,19 +183,19 @@ class Engine:
                 self.held[r.slot].append(r.tokens[-1])    # in the cache row once the microbatch has run
         return len(ready) if k > 0 else 0
 
-    def _collect_oldest(self) -> bool:
-        """The oldest microbatch's logits (b, vocab): each row's next token sampled; then
-        more of the oldest while more than a microbatch per stage is in flight (prefill
-        chunks queued behind the decode ones)."""
+    def _collect(self, waiting_only: bool) -> bool:
+        """The oldest microbatches' logits (b, vocab), each row's next token sampled, until
+        fewer than one per stage are in flight: the stages keep work while the driver samples
+        and submits. waiting_only (the step submitted nothing): at least the oldest."""
         if not self.inflight:
             return False
-        while True:
+        while self.inflight and (len(self.inflight) >= self.depth or waiting_only):
+            waiting_only = False
             handle, group, _ = self.inflight.popleft()
             logits = self.model.collect(handle) if self.pipelined else handle
             for r, row in zip(group, logits):
                 self._emit(r, row)
-            if len(self.inflight) <= self.depth:
-                return True
+        return True
 
     def _reuse_prefix(self, req: Request) -> None:
         """The longest prefix of req's prompt some cache row holds already, copied into req's

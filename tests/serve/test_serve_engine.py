@@ -176,14 +176,14 @@ def watch_inflight(engine):
     """Records on engine the most decode microbatches (most_decoding) and prompt chunks
     (most_prefilling) it had in flight at once."""
     engine.most_decoding = engine.most_prefilling = 0
-    collect = engine._collect_oldest
+    collect = engine._collect
 
-    def watched():
+    def watched(waiting_only):
         decoding = sum(d for *_, d in engine.inflight)
         engine.most_decoding = max(engine.most_decoding, decoding)
         engine.most_prefilling = max(engine.most_prefilling, len(engine.inflight) - decoding)
-        return collect()
-    engine._collect_oldest = watched
+        return collect(waiting_only)
+    engine._collect = watched
 
 
 def test_requests_decoding_together_are_split_into_microbatches(weights):
