@@ -24,9 +24,9 @@ def add_parser(sub, add_model_args, open_model) -> None:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     s.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
     s.add_argument("--queue", type=int, default=64, help="waiting requests beyond the slots before 429 (default 64)")
-    s.add_argument("--microbatch-rows", type=int, default=4, metavar="N",
-                   help="with --ray: split the decoding requests into microbatches of no fewer than N rows (default 4;"
-                   " 1: one microbatch per stage whatever their size)")
+    s.add_argument("--microbatch-rows", type=int, default=1, metavar="N",
+                   help="with --ray: split the decoding requests into microbatches of no fewer than N rows (default 1:"
+                   " one microbatch per stage whatever their size; see README, Serving, for when more pays)")
     add_model_args(s)
     s.set_defaults(func=lambda a: run(a, open_model))
 
