@@ -15,10 +15,12 @@ than the GEMV of a single sequence. tests/serve/test_serve_engine.py measures it
 Serving, for whether the logprobs are bit-identical.
 
 Over a Pipeline (npllama serve --ray, a model with submit_rows/collect) the decode step keeps
-up to one microbatch per stage in flight: the runnable requests are split into microbatches,
-each submitted without waiting, and a step collects only the oldest one and submits its rows'
-next tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. A request's
-rows are computed by the same stage models as on one machine, so its tokens are the same.
+up to one microbatch per stage in flight: the runnable requests are split into microbatches
+(of at least microbatch_rows rows), each submitted without waiting, and a step collects the
+oldest ones until fewer than one per stage are left in flight, then submits their rows' next
+tokens at once; so stage 1 runs one microbatch while stage 0 runs the next. Prompt chunks are
+submitted the same way, so that prefill, too, keeps both stages busy. A request's rows are
+computed by the same stage models as on one machine, so its tokens are the same.
 A forward pass that fails (a stage died) fails every request and leaves the engine broken:
 requests get the error, new ones are refused, /health says so.
 """
@@ -75,12 +77,15 @@ class Request:
 class Engine:
     """The slots of one model, the queue in front of them, and the step that runs them."""
 
-    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64):
-        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step
-        if prefill_per_step < 1:
-            raise UsageError(f"prefill_per_step must be >= 1, got {prefill_per_step}")
+    def __init__(self, model, stop_ids: Sequence[int], max_queue: int = 64, prefill_per_step: int = 64,
+                 microbatch_rows: int = 1):
+        # max_queue: waiting beyond the slots; prefill_per_step: prompt tokens fed per step;
+        # microbatch_rows: the fewest rows the decoding requests are split down to over a pipeline
+        if prefill_per_step < 1 or microbatch_rows < 1:
+            raise UsageError(f"prefill_per_step and microbatch_rows must be >= 1, got {prefill_per_step} and "
+                             f"{microbatch_rows}")
         self.model, self.stops, self.max_queue = model, set(stop_ids), max_queue
-        self.prefill_per_step = prefill_per_step
+        self.prefill_per_step, self.microbatch_rows = prefill_per_step, microbatch_rows
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}                       # slot -> request
         self.held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # tokens in each cache row
@@ -91,7 +96,8 @@ class Engine:
         # this process computes at submission, so one "microbatch" of every row per step.
         self.pipelined = hasattr(model, "submit_rows")
         self.depth = len(model.stages) if self.pipelined else 1
-        self.inflight: deque[tuple[object, list[Request]]] = deque()   # (handle or logits, its requests)
+        # (handle or logits, the requests it samples, whether it is a decode microbatch)
+        self.inflight: deque[tuple[object, list[Request], bool]] = deque()
 
     # --- the request side (any thread) ---------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -125,7 +131,7 @@ class Engine:
     # --- the engine side (one thread) ----------------------------------------------------
     def step(self) -> bool:
         """Admit (copying a cached shared prefix), feed up to prefill_per_step prompt tokens,
-        submit the decoding rows' next tokens, collect the oldest microbatch in flight. A long
+        submit the decoding rows' next tokens, collect the oldest microbatches in flight. A long
         prompt is fed a chunk a step, between decode steps: the other streams go on. False
         when there was nothing to do."""
         admitted = self._admit()
@@ -133,7 +139,7 @@ class Engine:
             self._reuse_prefix(req)
         fed = self._prefill_step()
         submitted = self._submit_ready()
-        collected = self._collect_oldest()
+        collected = self._collect(waiting_only=not (admitted or fed or submitted))
         return bool(admitted or fed or submitted or collected)
 
     def _admit(self) -> list[Request]:
@@ -157,30 +163,40 @@ class Engine:
         """The runnable requests not in flight, split into as many microbatches as the
         pipeline has room for, each submitted: one new token per row, at the row's own
         position, into its own cache row -> how many rows were submitted."""
-        flying = {id(r) for _, group in self.inflight for r in group}
+        flying = {id(r) for _, group, _ in self.inflight for r in group}
         ready = [r for r in self.active.values() if r.finish_reason is None and not r.cancelled and
                  r.fed == len(r.prompt) and id(r) not in flying]
-        k = min(self.depth - len(self.inflight), len(ready))
+        # Prefill chunks in flight take no room: the streams decode on while prompts are fed.
+        # A split pays only where a stage's time grows with its rows: each microbatch reads
+        # the stage's weights again (see README, Serving, for where it did not).
+        # Too few rows for one wait for the microbatches in flight, whose rows join them.
+        decoding = sum(d for _, _, d in self.inflight)
+        k = min(self.depth - decoding, len(ready) // self.microbatch_rows or int(not decoding), len(ready))
         for i in range(max(k, 0)):
             group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
             tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)
             positions = np.array([len(self.held[r.slot]) for r in group])     # (b,)
             rows = [r.slot for r in group]
             run = self.model.submit_rows if self.pipelined else self.model.forward_rows
-            self.inflight.append((run(tokens, positions, rows), group))
+            self.inflight.append((run(tokens, positions, rows), group, True))
             for r in group:
                 self.held[r.slot].append(r.tokens[-1])    # in the cache row once the microbatch has run
         return len(ready) if k > 0 else 0
 
-    def _collect_oldest(self) -> bool:
-        """The oldest microbatch's logits (b, vocab): each row's next token sampled."""
+    def _collect(self, waiting_only: bool) -> bool:
+        """The oldest microbatches' logits (b, vocab), each row's next token sampled, until
+        fewer than one per stage are in flight: the stages keep work while the driver samples
+        and submits. waiting_only (the step submitted nothing): at least the oldest."""
         if not self.inflight:
             return False
-        handle, group = self.inflight.popleft()
-        logits = self.model.collect(handle) if self.pipelined else handle
-        for r, row in zip(group, logits):
-            self._emit(r, row)
+        while self.inflight and (len(self.inflight) >= self.depth or waiting_only):
+            waiting_only = False
+            handle, group, _ = self.inflight.popleft()
+            logits = self.model.collect(handle) if self.pipelined else handle
+            for r, row in zip(group, logits):
+                self._emit(r, row)
         return True
+
     def _reuse_prefix(self, req: Request) -> None:
         """The longest prefix of req's prompt some cache row holds already, copied into req's
         row (at least one token is left to feed, for the logits)."""
@@ -200,18 +216,24 @@ class Engine:
     def _prefill_step(self) -> int:
         """Up to prefill_per_step prompt tokens into the cache rows of the requests being
         prefilled, oldest first, a chunk each; a prompt fed to its end samples its first
-        token -> how many tokens were fed."""
+        token -> how many tokens were fed. Over a pipeline a chunk is submitted like a decode
+        microbatch, its first token sampled when collected: stage 0 takes the next chunk while
+        stage 1 runs this one, where waiting for it would leave one stage idle at a time."""
         budget = self.prefill_per_step
         for req in [r for r in self.active.values() if r.fed < len(r.prompt) and r.finish_reason is None]:
             if budget == 0:
                 break
-            chunk = req.prompt[req.fed:req.fed + budget]
-            logits = self.model.forward_rows(np.array([chunk]), [req.fed], [req.slot])[0]   # (vocab,)
+            chunk, start = req.prompt[req.fed:req.fed + budget], req.fed
             req.fed += len(chunk)
-            self.held[req.slot] = req.prompt[:req.fed]
+            self.held[req.slot] = req.prompt[:req.fed]   # in the cache row once the chunk has run
             budget -= len(chunk)
-            if req.fed == len(req.prompt):
-                self._emit(req, logits)
+            last = [req] if req.fed == len(req.prompt) else []      # whose first token its logits give
+            if self.pipelined:
+                self.inflight.append((self.model.submit_rows(np.array([chunk]), [start], [req.slot]), last, False))
+                continue
+            logits = self.model.forward_rows(np.array([chunk]), [start], [req.slot])
+            for r in last:
+                self._emit(r, logits[0])
         return self.prefill_per_step - budget
 
     def _emit(self, req: Request, logits: np.ndarray) -> None:
@@ -247,7 +269,7 @@ class Engine:
         message = str(e) if isinstance(e, NpllamaError) else f"{type(e).__name__}: {e}"
         with self.lock:
             self.broken = message
-            failed = list(self.waiting) + list(self.active.values()) + [r for _, g in self.inflight for r in g]
+            failed = list(self.waiting) + list(self.active.values()) + [r for _, g, _ in self.inflight for r in g]
             self.waiting.clear()
             self.inflight.clear()
         for req in {id(r): r for r in failed}.values():

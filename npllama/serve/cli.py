@@ -1,6 +1,7 @@
 """`npllama serve`: its parser and runner (cli.py calls add_parser)."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import sys
@@ -23,6 +24,9 @@ def add_parser(sub, add_model_args, open_model) -> None:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     s.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
     s.add_argument("--queue", type=int, default=64, help="waiting requests beyond the slots before 429 (default 64)")
+    s.add_argument("--microbatch-rows", type=int, default=1, metavar="N",
+                   help="with --ray: split the decoding requests into microbatches of no fewer than N rows (default 1:"
+                   " one microbatch per stage whatever their size; see README, Serving, for when more pays)")
     add_model_args(s)
     s.set_defaults(func=lambda a: run(a, open_model))
 
@@ -36,10 +40,10 @@ def check_host(host: str, api_key: str | None) -> None:
         raise UsageError(f"--host {host} is not loopback: give --api-key too")
 
 
-def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
+def build(gen, slots_queue=(4, 64), api_key=None, name="npllama", microbatch_rows=1):
     """(app, engine, stop event, engine thread) for a Generator's model and tokenizer."""
     from .http import create_app   # FastAPI's, the optional extra: imported when serving
-    engine = Engine(gen.model, gen.tokenizer.stop_ids, slots_queue[1])
+    engine = Engine(gen.model, gen.tokenizer.stop_ids, slots_queue[1], microbatch_rows=microbatch_rows)
     stop = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop,), daemon=True, name="npllama-engine")
     thread.start()
@@ -47,15 +51,18 @@ def build(gen, slots_queue=(4, 64), api_key=None, name="npllama"):
         chat = chat_format(gen.tokenizer)
     except TokenizerError:
         chat = None   # a base model: /v1/chat/completions answers 400
-    app = create_app(engine, gen.tokenizer, chat, name, api_key)
 
-    @app.on_event("shutdown")
-    def drain():
-        engine.draining = True   # new requests get 503; uvicorn has let in-flight ones finish
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # After uvicorn's graceful shutdown has let in-flight requests finish (SIGTERM):
+        engine.draining = True   # a late request gets 503
         stop.set()
         thread.join()
         if hasattr(gen.model, "close"):
             gen.model.close()    # a Pipeline's stages (Ray actors) go with the server
+
+    app = create_app(engine, gen.tokenizer, chat, name, api_key, lifespan)
     app.state.engine_thread = thread
     return app, engine
 
@@ -67,10 +74,10 @@ def run(a, open_model) -> int:
     except ImportError:
         raise MissingDependencyError("npllama serve needs FastAPI and uvicorn: pip install 'npllama[serve]'") from None
     check_host(a.host, a.api_key)
-    if a.slots <= 0 or a.queue < 0:
-        raise UsageError("--slots must be >= 1 and --queue >= 0")
+    if a.slots <= 0 or a.queue < 0 or a.microbatch_rows <= 0:
+        raise UsageError("--slots and --microbatch-rows must be >= 1 and --queue >= 0")
     gen = open_model(a, max_batch_size=a.slots)
-    app, _ = build(gen, (a.slots, a.queue), a.api_key, a.model or "SmolLM2-135M-Instruct")
+    app, _ = build(gen, (a.slots, a.queue), a.api_key, a.model or "SmolLM2-135M-Instruct", a.microbatch_rows)
     sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((a.host, a.port))

@@ -320,8 +320,8 @@ class Completions:
                              "usage": usage(ask, req)})
 
 
-def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None):
-    app = FastAPI(title="npllama serve")
+def create_app(engine: Engine, tokenizer, chat, model_name: str, api_key=None, lifespan=None):
+    app = FastAPI(title="npllama serve", lifespan=lifespan)
     add_common_routes(app, engine, model_name, api_key)
     completions = Completions(engine, tokenizer, chat, model_name)
 

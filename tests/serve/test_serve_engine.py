@@ -172,12 +172,54 @@ def test_microbatches_in_flight_give_the_one_machine_tokens(weights, mix, n_stag
     assert model.flying == 0 and not engine.inflight and not engine.active
 
 
+def watch_inflight(engine):
+    """Records on engine the most decode microbatches (most_decoding) and prompt chunks
+    (most_prefilling) it had in flight at once."""
+    engine.most_decoding = engine.most_prefilling = 0
+    collect = engine._collect
+
+    def watched(waiting_only):
+        decoding = sum(d for *_, d in engine.inflight)
+        engine.most_decoding = max(engine.most_decoding, decoding)
+        engine.most_prefilling = max(engine.most_prefilling, len(engine.inflight) - decoding)
+        return collect(waiting_only)
+    engine._collect = watched
+
+
 def test_requests_decoding_together_are_split_into_microbatches(weights):
     model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), 2)
     engine = Engine(model, TOK.stop_ids)
+    watch_inflight(engine)
     reqs = [Request([256] + list(b"abcd"[:i + 1]), 8) for i in range(SLOTS)]   # greedy: never a stop id here
     run_mix(engine, [(0, r) for r in reqs])
-    assert model.most == 2 and all(len(r.tokens) == 8 for r in reqs)
+    assert engine.most_decoding == 2 and all(len(r.tokens) == 8 for r in reqs)
+
+
+def test_microbatches_are_no_smaller_than_asked(weights):
+    """microbatch_rows 2: four decoding requests over three stages are two microbatches, not three."""
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), 3)
+    engine = Engine(model, TOK.stop_ids, microbatch_rows=2)
+    watch_inflight(engine)
+    reqs = [Request([256] + list(b"abcd"[:i + 1]), 8) for i in range(SLOTS)]
+    run_mix(engine, [(0, r) for r in reqs])
+    assert engine.most_decoding == 2 and all(len(r.tokens) == 8 for r in reqs)
+
+
+def test_prompts_go_through_the_pipeline_without_waiting_for_each_other(weights):
+    """Two prompts arriving together are both in flight (stage 0 feeds the second while
+    stage 1 feeds the first), fed in chunks, with the one-machine engine's tokens."""
+    prompts = [[256] + list(b"The cat sat on a mat."), [256] + list(b"A long way home.")]
+    one, piped = ([Request(p, 6) for p in prompts] for _ in range(2))
+    run_mix(Engine(Transformer(ARGS, weights, max_batch_size=SLOTS), TOK.stop_ids, prefill_per_step=16),
+            [(0, r) for r in one])
+    model = InOrder(Transformer(ARGS, weights, max_batch_size=SLOTS), 2)
+    engine = Engine(model, TOK.stop_ids, prefill_per_step=16)
+    watch_inflight(engine)
+    run_mix(engine, [(0, r) for r in piped])
+    assert engine.most_prefilling >= 2 and model.flying == 0
+    for a, b in zip(one, piped):
+        assert a.tokens == b.tokens and len(b.tokens) == 6
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=TOL)
 
 
 def test_a_failing_step_fails_every_request_and_refuses_new_ones(weights):

@@ -1,5 +1,7 @@
 """schemathesis against `npllama serve`'s own OpenAPI schema, in process, on a small random
 model: no generated request may get a 5xx or an answer outside the schema; bounded examples."""
+import contextlib
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -12,9 +14,16 @@ schemathesis = pytest.importorskip("schemathesis")
 ARGS = small_args(dim=32, n_heads=2, n_kv_heads=1, vocab_size=260, max_seq_len=64)
 APP, ENGINE = build(Generator(Transformer(ARGS, random_weights(ARGS, seed=1), max_batch_size=2), byte_tokenizer()),
                     (2, 4), None, "tiny")
+
+
+@contextlib.asynccontextmanager
+async def no_drain(app):
+    yield
+
+
 # schemathesis calls the app through a client that runs its shutdown after every call; the
 # drain on shutdown (tested in test_serve_smollm2.py) would stop the engine after the first.
-APP.router.on_shutdown.clear()
+APP.router.lifespan_context = no_drain
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
