@@ -31,7 +31,6 @@ TYPES = {
 BY_NAME = {name: qtype for qtype, (name, _, _) in TYPES.items()}
 # Byte offsets of each block's float16 scales (d, and m / dmin where there is one).
 SCALE_OFFSETS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}
-NIBBLE_SHIFTS = np.array([0, 4], np.uint8)
 
 
 def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -69,12 +68,12 @@ def _high_bits(qh: np.ndarray, n_bits: int, group: int) -> np.ndarray:
 # n blocks of S sub-blocks of L values, each value d * q (+ m). _decoded makes the values;
 # the tiled matmul's decode path dots q with x first and scales the sums (tiled.block_dots).
 
-def _decoded(parts, mins: bool = True) -> np.ndarray:
+def _decoded(parts) -> np.ndarray:
     # d * q (+ m), q's integers as float32, in place -> (n, S * L)
     q, d, m = parts
     r = q.astype(np.float32)
     np.multiply(d[:, :, None], r, out=r)
-    if m is not None and mins:
+    if m is not None:
         np.add(r, m[:, :, None], out=r)
     return r.reshape(r.shape[0], -1)
 
@@ -166,9 +165,6 @@ def pad_q8_0(x: np.ndarray) -> np.ndarray:
 
 PARTS = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k}
 DECODERS = {0: _f32, 1: _f16_values, 30: _bf16} | {t: (lambda b, f=f: _decoded(f(b))) for t, f in PARTS.items()}
-# Q4_1 and Q5_1 without their mins: d * q alone (llama.cpp's dot adds the mins on their own,
-# against its activations' block sums; npllama.model.ggml)
-WITHOUT_MINS = {t: (lambda b, f=PARTS[t]: _decoded(f(b), mins=False)) for t in (3, 7)}
 
 
 def row_bytes(qtype: int, cols: int, name: str = "tensor") -> int:
@@ -212,7 +208,7 @@ class QuantTensor:
     asked (widen()). The scales are checked once, when check() is first called (the tiled
     matmul calls it before its first tile), not on every tile."""
 
-    def __init__(self, raw: np.ndarray, qtype: int, shape: tuple[int, int], name: str, mins: bool = True):
+    def __init__(self, raw: np.ndarray, qtype: int, shape: tuple[int, int], name: str):
         rows, cols = shape
         per_row = row_bytes(qtype, cols, name)
         if raw.dtype != np.uint8 or raw.size != rows * per_row:
@@ -222,8 +218,6 @@ class QuantTensor:
         self.qtype, self.shape, self.name = qtype, (rows, cols), name
         self.ndim = 2
         self.checked = False
-        # mins=False (Q4_1, Q5_1): rows() gives d * q, leaving out each block's min
-        self.decode = DECODERS[qtype] if mins or qtype not in WITHOUT_MINS else WITHOUT_MINS[qtype]
         self.in_place = qtype == 8      # rows(out=) writes into out (else: a new array)
 
     @property
@@ -253,7 +247,7 @@ class QuantTensor:
             np.copyto(o, b[:, 2:].view(np.int8), casting="unsafe")
             np.multiply(o, _f16(b, 0), out=o)
             return out
-        return self.decode(self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
+        return DECODERS[self.qtype](self.raw[start:stop].reshape(-1, TYPES[self.qtype][2])).reshape(-1, self.shape[1])
 
     def padded_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         """Q8_0 rows start:stop, widened with each block's two scale bytes left where they
@@ -269,11 +263,10 @@ class QuantTensor:
 
     def parts(self, start: int, stop: int):
         """Rows start:stop of a block type as (integers q (n, S, L), scales d (n, S), offsets
-        m (n, S) or None; mins=False drops them): each row S sub-blocks of L values d * q (+ m)."""
+        m (n, S) or None): each row S sub-blocks of L values d * q (+ m)."""
         n = stop - start
         q, d, m = PARTS[self.qtype](self.raw[start:stop].reshape(-1, TYPES[self.qtype][2]))
-        keep = m is not None and self.decode is not WITHOUT_MINS.get(self.qtype)
-        return q.reshape(n, -1, q.shape[-1]), d.reshape(n, -1), m.reshape(n, -1) if keep else None
+        return q.reshape(n, -1, q.shape[-1]), d.reshape(n, -1), None if m is None else m.reshape(n, -1)
 
     def block_integers(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         """Q8_0 rows start:stop as their blocks' bytes cast to float32, unscaled: (stop - start,
@@ -285,13 +278,6 @@ class QuantTensor:
     def block_scales(self, start: int, stop: int) -> np.ndarray:
         """Q8_0 rows start:stop's block scales, (stop - start, cols / 32) float32."""
         return _f16(self.raw[start:stop].reshape(-1, 34), 0).reshape(stop - start, -1)
-
-    def without_mins(self) -> "QuantTensor":
-        """The same blocks, whose rows() leave out Q4_1's and Q5_1's mins (checked already if
-        this tensor is)."""
-        w = QuantTensor(self.raw, self.qtype, self.shape, self.name, mins=False)
-        w.checked = self.checked
-        return w
 
     def block_mins(self) -> np.ndarray:
         """Q4_1's and Q5_1's mins, (rows, cols / 32) float32."""

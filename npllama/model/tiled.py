@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from . import parallel
+from . import ops, parallel
 from .quant import PARTS, QuantTensor, pad_q8_0
 
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
@@ -53,7 +53,7 @@ def _tiles(x: np.ndarray, widen, n: int, out: np.ndarray, in_place: bool = True)
     buf = _buffer(rows, k_dim) if in_place else None
     for r in range(0, n, rows):
         k = min(rows, n - r)
-        np.matmul(x, widen(r, r + k, None if buf is None else buf[:k]).T, out=out[:, r:r + k])
+        ops.matmul(x, widen(r, r + k, None if buf is None else buf[:k]), out=out[:, r:r + k])
 
 
 def _bf16_pairs(u: np.ndarray):

@@ -19,7 +19,7 @@ from .memory import available_memory
 from .quant import QuantTensor
 from .config import ModelArgs
 from ..errors import UsageError, WeightError
-from .ops import identity
+from .ops import identity, matmul
 
 WEIGHT_MODES = ("auto", "resident", "tiled", "quantized")
 WEIGHT_DTYPES = ("float32", "float16", "float64", "uint16", "bfloat16")
@@ -218,8 +218,8 @@ class Weights(Mapping):
         if self.mode in ("tiled", "quantized"):
             # Each weight where it is: a float32 memory map goes to the matmul as it is (w.T is
             # a view), so nothing model-sized is copied; joining them would copy them.
-            return np.concatenate([x2 @ self._compute_form(n).T for n in names], axis=1)
-        return x2 @ self._joined(names).T
+            return np.concatenate([matmul(x2, self._compute_form(n)) for n in names], axis=1)
+        return matmul(x2, self._joined(names))
 
     def _joined(self, names: tuple[str, ...]) -> np.ndarray:
         # Kept as Meta stores them, (out, in), the weights of a fused matmul one below the other:
