@@ -121,7 +121,7 @@ def _tile_steps(w, xk):
     types as their parts (integers, scales) then block_dots, float types widened then a GEMV."""
     if w.qtype == 8:
         xb = tiled.q8_0_x_blocks(xk)
-        return (tiled.Q8_DECODE_ROWS, lambda r, n, buf: w.block_integers(r, r + n, buf),
+        return (tiled.q8_0_decode_rows(xk.shape[1]), lambda r, n, buf: w.block_integers(r, r + n, buf),
                 lambda r, n, f, out: tiled.q8_0_dots(f, xb, w.block_scales(r, r + n), out))
     if w.qtype in PARTS:
         return (max(1, tiled.TILE_BYTES // (4 * xk.shape[1])), lambda r, n, buf: w.parts(r, r + n),

@@ -107,6 +107,9 @@ def open_model(a, max_seq_len: int | None = None, max_batch_size: int = 1) -> Ge
     as_is = a.weights_mode == "quantized" or a.dtype == "llama.cpp"
     source = a.model if a.model is not None else default_gguf() if as_is else None
     if source is not None and (runs_as_gguf(source, a.weights_mode) or a.dtype == "llama.cpp" and is_gguf(source)):
+        if a.ray is not None and a.dtype == "llama.cpp":
+            raise UsageError("--ray runs converted checkpoints: convert the .gguf first (`npllama convert X.gguf "
+                             "DIR` keeps its blocks, which llama.cpp numerics need), then -m DIR")
         if a.ray is not None:
             raise UsageError("--ray runs converted checkpoints: a .gguf run quantized runs in one process (drop "
                              "--ray, or pass --weights tiled to convert it)")

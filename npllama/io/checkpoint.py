@@ -121,7 +121,8 @@ def _stored(name: str, arr, dtype: str | None, allow_nonfinite: bool) -> tuple[n
     QuantTensor keeps its blocks unless a dtype is asked for (NaN/inf scales refused)."""
     if isinstance(arr, QuantTensor) and dtype is None and arr.type_name in BLOCKS:
         try:
-            arr.check()
+            if not allow_nonfinite:
+                arr.check()
         except NpllamaError as e:
             raise NonFiniteError(f"{e}; nothing was written") from None
         return np.ascontiguousarray(arr.raw), arr.type_name, arr.shape
@@ -249,8 +250,7 @@ def read_index(path: str) -> dict:
         if field(t, "dtype", str, where) not in STORAGE and t["dtype"] not in BLOCKS:
             raise CheckpointError(f"{where}: unknown dtype {describe(t['dtype'])}")
         check_shape(field(t, "shape", list, where), where)
-        if t["dtype"] in BLOCKS:
-            stored_shape(t, where)
+        stored_shape(t, where)
     unused = sorted(set(shards) - {t["shard"] for t in index["tensors"].values()})
     if unused:   # a size or digest nothing checks against a file npllama reads
         raise CheckpointError(f"{index_path}: shard {describe(unused[0])} holds no tensor the index lists")

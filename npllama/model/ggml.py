@@ -50,10 +50,10 @@ def activation_kind(w) -> str:
     return {"float16": "f16", "uint16": "bf16", "bfloat16": "bf16"}.get(w.dtype.name, "f32")
 
 
-def _blocks_q8(x: np.ndarray, n: int):
-    # x (M, K) -> its blocks of 32 (M, K / 32, 32), amax (M, K / 32, 1), the unrounded scale
-    # amax / 127 and the int8 values q (as float32)
-    b = x.reshape(x.shape[0], -1, n)
+def _blocks_q8(x: np.ndarray):
+    # x (M, K) -> the unrounded scale amax / 127 of each block of 32 (M, K / 32, 1) and the
+    # int8 values q (M, K / 32, 32), as float32
+    b = x.reshape(x.shape[0], -1, 32)
     amax = np.abs(b).max(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
         iscale = np.where(amax != 0, np.float32(127) / amax, np.float32(0))
@@ -62,14 +62,14 @@ def _blocks_q8(x: np.ndarray, n: int):
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """x (M, K) float32 -> the values of its Q8_0 blocks, fp16(d) * q, (M, K) float32."""
-    d, q = _blocks_q8(x, 32)
+    d, q = _blocks_q8(x)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
 
 
 def quantize_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) float32 -> (the values of its Q8_1 blocks (M, K), their stored sums s
     (M, K / 32), each fp16(d * sum q) as float32)."""
-    d, q = _blocks_q8(x, 32)
+    d, q = _blocks_q8(x)
     s = (d[..., 0] * q.sum(axis=-1, dtype=np.float32)).astype(np.float16).astype(np.float32)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape), s
 
@@ -133,5 +133,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, rnd=None) -> np.ndar
 
 
 def queries(xq: np.ndarray) -> np.ndarray:
-    """The queries attention reads: under FA_TILE_Q rows, ggml rounds them to f16."""
-    return xq.astype(np.float16).astype(np.float32) if xq.shape[1] < FA_TILE_Q else xq
+    """The queries attention reads, xq (B, T, n_heads, head_dim): under FA_TILE_Q query rows
+    in the batch (B * T: ggml counts a batch's tokens), ggml rounds them to f16."""
+    return xq.astype(np.float16).astype(np.float32) if xq.shape[0] * xq.shape[1] < FA_TILE_Q else xq

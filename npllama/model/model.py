@@ -234,8 +234,7 @@ class Transformer:
 
     def head(self, h: np.ndarray, record=IGNORE) -> np.ndarray:
         """Final norm and output projection: h (B, T, dim) -> float32 logits (B, T, vocab)."""
-        norm = ggml.rms_norm if self.weights.ggml else rms_norm
-        h = norm(h, self.weights.weight("norm.weight"), self.args.norm_eps, self.rnd)
+        h = self.layers[0].rms_norm(h, self.weights.weight("norm.weight"), self.args.norm_eps, self.rnd)
         logits = self.weights.linear(h, self.output)
         record(norm=h, logits=logits)
         return logits

@@ -280,8 +280,11 @@ class QuantTensor:
         return _f16(self.raw[start:stop].reshape(-1, 34), 0).reshape(stop - start, -1)
 
     def block_mins(self) -> np.ndarray:
-        """Q4_1's and Q5_1's mins, (rows, cols / 32) float32."""
-        return _f16(self.raw.reshape(-1, TYPES[self.qtype][2]), 2).reshape(self.shape[0], -1)
+        """Q4_1's and Q5_1's mins, (rows, cols / 32) float32, made once and kept (1/8 of the
+        float32 matrix's size): llama.cpp numerics read them every matmul."""
+        if getattr(self, "_mins", None) is None:
+            self._mins = _f16(self.raw.reshape(-1, TYPES[self.qtype][2]), 2).reshape(self.shape[0], -1)
+        return self._mins
 
     def take(self, index) -> np.ndarray:
         """Rows by index (an embedding gather), float32 (..., cols)."""

@@ -25,7 +25,7 @@ from .quant import PARTS, QuantTensor, pad_q8_0
 TILE_BYTES = 512 * 1024          # the widened tile for decode: it and its source fit in L2
 PREFILL_TILE_BYTES = 8 * 1024**2 # for many rows of x: wider tiles make an efficient GEMM
 DECODE_ROWS = 8                  # up to this many rows of x, a matmul is a GEMV in effect
-Q8_DECODE_ROWS = 128             # Q8_0 rows per tile when decoding: ~1 MB of float32 integers
+Q8_DECODE_BYTES = 2 * TILE_BYTES # Q8_0's tile when decoding: its integers, as float32
 HIGH = np.uint32(0xFFFF0000)
 LOW_TO_HIGH = np.uint32(0x10000)
 _local = threading.local()
@@ -68,6 +68,11 @@ def _bf16_pairs(u: np.ndarray):
     return widen
 
 
+def q8_0_decode_rows(padded_cols: int) -> int:
+    """Q8_0 rows per decode tile: ~1 MB of float32 integers, and its source, in L2."""
+    return max(1, Q8_DECODE_BYTES // (4 * padded_cols))
+
+
 def q8_0_x_blocks(x_q8: np.ndarray) -> np.ndarray:
     """x padded by pad_q8_0, (M, K / 32 * 34) -> its blocks (K / 32, 34, M), as q8_0_dots reads them."""
     m = x_q8.shape[0]
@@ -88,32 +93,37 @@ def q8_0_dots(q: np.ndarray, xb: np.ndarray, scales: np.ndarray, out: np.ndarray
 def _q8_0_decode(x_q8: np.ndarray, w: QuantTensor, r0: int, r1: int, out: np.ndarray) -> None:
     # out (M, r1 - r0) = x @ w[r0:r1].T for a Q8_0 w and few rows of x, a tile at a time
     xb = q8_0_x_blocks(x_q8)
-    buf = _buffer(Q8_DECODE_ROWS, x_q8.shape[1])
-    for r in range(r0, r1, Q8_DECODE_ROWS):
-        n = min(Q8_DECODE_ROWS, r1 - r)
+    rows = q8_0_decode_rows(x_q8.shape[1])
+    buf = _buffer(rows, x_q8.shape[1])
+    for r in range(r0, r1, rows):
+        n = min(rows, r1 - r)
         q8_0_dots(w.block_integers(r, r + n, buf[:n]), xb, w.block_scales(r, r + n), out[:, r - r0:r - r0 + n])
 
 
-def block_dots(q: np.ndarray, d: np.ndarray, m, x: np.ndarray) -> np.ndarray:
+def block_dots(q: np.ndarray, d: np.ndarray, m, x: np.ndarray, x_sums: np.ndarray | None = None) -> np.ndarray:
     """x (M, K) @ W.T for n rows of a block type given as its parts (QuantTensor.parts: q
     (n, S, L), d and m (n, S)) -> (M, n): each sub-block's integers dotted with x's values
     there (one batched GEMV over the sub-blocks), times its scale, plus its offset times the
-    sum of x there. Decoding, this beats widening (tools/bench_quant.py budget): no pass of
-    numpy's short-loop broadcasts over every value. Only the rounding order differs."""
+    sum of x there (x_sums (M, S), given or made). Decoding, this beats widening
+    (tools/bench_quant.py budget): no pass of numpy's short-loop broadcasts over every value.
+    Only the rounding order differs."""
     xs = x.reshape(x.shape[0], q.shape[1], q.shape[2])                        # (M, S, L)
     p = np.matmul(q.transpose(1, 0, 2).astype(np.float32), xs.transpose(1, 2, 0))   # (S, n, M)
     y = np.einsum("snm,ns->mn", p, d)
     if m is not None:
-        y += xs.sum(axis=-1) @ m.T
+        y += (xs.sum(axis=-1) if x_sums is None else x_sums) @ m.T
     return y
 
 
 def _parts_decode(x: np.ndarray, w: QuantTensor, r0: int, r1: int, out: np.ndarray) -> None:
     # out (M, r1 - r0) = x @ w[r0:r1].T for few rows of x, a tile of rows at a time
     rows = max(1, TILE_BYTES // (4 * w.shape[1]))
+    sums = None
     for r in range(r0, r1, rows):
         q, d, m = w.parts(r, min(r + rows, r1))
-        out[:, r - r0:r - r0 + len(d)] = block_dots(q, d, m, x)
+        if m is not None and sums is None:                 # x's sums per sub-block, once
+            sums = x.reshape(x.shape[0], q.shape[1], q.shape[2]).sum(axis=-1)
+        out[:, r - r0:r - r0 + len(d)] = block_dots(q, d, m, x, sums)
 
 
 def _job(x: np.ndarray, x_pairs, w, r0: int, r1: int, out: np.ndarray, x_q8=None):

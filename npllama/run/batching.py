@@ -171,7 +171,10 @@ class Engine:
         # the stage's weights again (see README, Serving, for where it did not).
         # Too few rows for one wait for the microbatches in flight, whose rows join them.
         decoding = sum(d for _, _, d in self.inflight)
-        k = min(self.depth - decoding, len(ready) // self.microbatch_rows or int(not decoding), len(ready))
+        room = self.depth - decoding                           # microbatches the pipeline can take
+        full = len(ready) // self.microbatch_rows             # microbatches of at least R rows
+        wanted = full if full else int(not decoding)           # nothing decoding: submit what there is
+        k = min(room, wanted, len(ready))
         for i in range(max(k, 0)):
             group = ready[i * len(ready) // k:(i + 1) * len(ready) // k]
             tokens = np.array([[r.tokens[-1]] for r in group])                 # (b, 1)

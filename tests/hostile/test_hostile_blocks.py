@@ -4,6 +4,7 @@ dimensions numpy cannot make, an ignored tensor of any shape, a derived FFN widt
 shard no tensor uses, and a trace of NaN logits that exited 0."""
 import json
 import os
+import shutil
 
 import gguf
 import numpy as np
@@ -27,7 +28,6 @@ def blocks(tmp_path_factory):
 
 
 def edited_index(src, dst, edit):
-    import shutil
     shutil.copytree(src, dst)
     path = os.path.join(dst, "index.json")
     with open(path) as f:

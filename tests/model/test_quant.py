@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from npllama.errors import WeightError
+from npllama.model import tiled
 from npllama.model.quant import SCALE_OFFSETS, TYPES, QuantTensor, dequantize, pad_q8_0
+from tools.random_gguf import random_blocks
 
 QTYPES = sorted(TYPES)
 
@@ -102,3 +104,23 @@ def test_bad_sizes_refused():
         QuantTensor(np.zeros(33, np.uint8), 8, (1, 32), "w")
     with pytest.raises(WeightError, match="ggml type 99"):
         QuantTensor(np.zeros(33, np.uint8), 99, (1, 32), "w")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 17])     # decode block dots (<= 8), GEMMs, ops.matmul's few rows
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16"])
+def test_the_tiled_matmul_of_every_block_type_is_the_product_of_gguf_s_values(qtype, rows, monkeypatch):
+    # every path tiled.matmul takes (block dots when decoding, widened tiles for GEMMs, on 1-2
+    # threads) against float64 products of gguf's own dequantization
+    monkeypatch.setenv("NPLLAMA_THREADS", "2")
+    rng = np.random.default_rng(rows)
+    t = gguf.GGMLQuantizationType[qtype]
+    n, k = 37, 512
+    raw = random_blocks(rng, int(t), n, k, 1.0) if qtype.endswith("_K") else \
+        gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), t)      # K-quants: gguf cannot
+    w = QuantTensor(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(t), (n, k), "w")
+    values = gguf.quants.dequantize(np.ascontiguousarray(raw).view(np.uint8), t).astype(np.float64).reshape(n, k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    got = tiled.matmul(x, [w])
+    # float32 sums of k products, each exact or rounded once: within (k + 2) eps32 of the sum of |terms|
+    bound = (k + 2) * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(values).T)
+    assert np.all(np.abs(got - x.astype(np.float64) @ values.T) <= bound)

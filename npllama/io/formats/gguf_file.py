@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import CheckpointError, ConfigError
 from ...model.config import ModelArgs
 from ...model.ops import rope_frequencies
-from ...model.quant import TYPES, QuantTensor, dequantize
+from ...model.quant import TYPES, QuantTensor, dequantize, row_bytes
 from ...model.weights import check_shapes
 from ...text.tokenizer import spec_json
 from ...text.tokenizer_import import gguf_tokenizer_spec
@@ -264,8 +264,8 @@ def read_gguf(path: str, blocks: bool = False) -> Source:
 
 
 def _raw_bytes(t, shape) -> int:
-    _, block, size = TYPES[int(t.tensor_type)]
-    return numel(shape) // block * size
+    # whole rows of the tensor's type (check_tensors checked the extent: rows are whole)
+    return numel(shape[:-1]) * row_bytes(int(t.tensor_type), shape[-1], t.name)
 
 
 def _raw(data, t, shape) -> np.ndarray:
