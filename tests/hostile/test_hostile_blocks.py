@@ -2,7 +2,6 @@
 around them), each now one line: a zero-size block entry with a 2**62-row loop behind it,
 dimensions numpy cannot make, an ignored tensor of any shape, a derived FFN width of 0, a
 shard no tensor uses, and a trace of NaN logits that exited 0."""
-import json
 import os
 import shutil
 
@@ -15,6 +14,7 @@ from npllama.errors import ConfigError, NpllamaError
 from npllama.io import checkpoint
 from npllama.io.convert import convert
 from npllama.model.config import ModelArgs
+from test_hostile import edit_index
 from tools.random_gguf import BYTE_VOCAB, write
 
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_VOCAB, multiple_of=256, max_seq_len=64)
@@ -29,12 +29,7 @@ def blocks(tmp_path_factory):
 
 def edited_index(src, dst, edit):
     shutil.copytree(src, dst)
-    path = os.path.join(dst, "index.json")
-    with open(path) as f:
-        index = json.load(f)
-    edit(index)
-    with open(path, "w") as f:
-        json.dump(index, f)
+    edit_index(dst, edit)
     return dst
 
 
