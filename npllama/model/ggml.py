@@ -60,18 +60,17 @@ def _blocks_q8(x: np.ndarray):
     return amax / np.float32(127), np.rint(b * iscale)
 
 
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """x (M, K) float32 -> the values of its Q8_0 blocks, fp16(d) * q, (M, K) float32."""
-    d, q = _blocks_q8(x)
-    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
-
-
 def quantize_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (M, K) float32 -> (the values of its Q8_1 blocks (M, K), their stored sums s
-    (M, K / 32), each fp16(d * sum q) as float32)."""
+    """x (M, K) float32 -> (the values of its Q8_1 blocks, fp16(d) * q, (M, K), their stored
+    sums s (M, K / 32), each fp16(d * sum q) as float32). Q8_0's values are the same."""
     d, q = _blocks_q8(x)
     s = (d[..., 0] * q.sum(axis=-1, dtype=np.float32)).astype(np.float16).astype(np.float32)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape), s
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """x (M, K) float32 -> the values of its Q8_0 blocks, fp16(d) * q, (M, K) float32."""
+    return quantize_q8_1(x)[0]
 
 
 def quantize_q8_k(x: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ class Attention:
         self.to_cache, self.from_cache = {np.dtype(np.uint16): (bf16.to_bits, bf16.from_bits),
                                           np.dtype(np.float16): (_to_f16, _from_f16)}.get(cache_k.dtype,
                                                                                            (identity, identity))
-        self.queries = ggml.queries if cache_k.dtype == np.float16 else identity
+        self.queries = ggml.queries if weights.ggml else identity   # from the numerics, as the norm is
 
     def __call__(self, x: np.ndarray, start_pos, freqs_cis: np.ndarray, record=IGNORE, rows=None) -> np.ndarray:
         B, T, _ = x.shape
