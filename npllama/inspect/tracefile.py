@@ -109,8 +109,9 @@ def trace(model, tokens: Sequence[int], layers: Iterable[int] | None = None, sco
     tokens, steps = np.asarray(tokens), []
     for start, n in schedule(T, chunks):
         step: dict = {}
-        model.forward(tokens[start:start + n], start_pos=start, trace=Recorder(step, layers, squeeze=True,
-                                                                               scores=scores))
+        with np.errstate(all="ignore"):   # non-finite values are kept, and reported by whoever checks them
+            model.forward(tokens[start:start + n], start_pos=start, trace=Recorder(step, layers, squeeze=True,
+                                                                                   scores=scores))
         steps.append((start, step))
     out = stitch(steps, T)
     out["__meta__"] = {"params": model.args.to_dict(), "dtype": model.dtype, "npllama": __version__,

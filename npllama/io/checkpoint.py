@@ -291,12 +291,20 @@ def read_checked(path: str) -> tuple[ModelArgs, dict]:
     return args, index
 
 
+WRITTEN = {"params.json", "index.json", "tokenizer.json", "tokenizer.model"}   # and the shards
+
+
 def is_checkpoint(path: str) -> bool:
-    """Whether a directory holds npllama's index.json (what --force may replace)."""
+    """Whether a directory is a checkpoint npllama wrote, and holds nothing else (what --force
+    may replace: replacing it deletes the folder): a valid index, and only the files npllama
+    writes, regular files all (a note or a folder of the user's inside makes it not ours)."""
     try:
-        return read_json(inside(path, "index.json")).get("format") == FORMAT
-    except (NpllamaError, AttributeError):
+        shards = set(read_index(path)["shards"])
+        entries = os.listdir(path)
+    except (NpllamaError, OSError):
         return False
+    return all(e in WRITTEN | shards and os.path.isfile(os.path.join(path, e))
+               and not os.path.islink(os.path.join(path, e)) for e in entries)
 
 
 def check_destination(dst: str, force: bool) -> None:

@@ -113,7 +113,8 @@ class Generator:
 
     def _forward(self, tokens: np.ndarray, start_pos: int, phase: str) -> np.ndarray:
         t0 = time.perf_counter()
-        logits = self.model.forward(tokens, start_pos=start_pos, last_only=True)
+        with np.errstate(all="ignore"):   # a NaN or overflow on the way is reported below, in one line
+            logits = self.model.forward(tokens, start_pos=start_pos, last_only=True)
         dt = time.perf_counter() - t0
         if not np.isfinite(logits).all():
             # A NaN or inf in the weights spreads to every later position: stop rather than
@@ -121,7 +122,8 @@ class Generator:
             where = getattr(self.model, "path", None)
             hint = f"`npllama info {where} --verify`" if where else "`npllama info DIR --verify`"
             raise WeightError(f"the model computed non-finite logits at position {start_pos + tokens.shape[-1] - 1}; "
-                              f"its weights may hold a NaN or infinity ({hint} lists the tensors)")
+                              f"its weights may hold a NaN or infinity ({hint} lists those tensors) or values so "
+                              "large that a sum overflows (`npllama trace` names the first tensor that does)")
         n = tokens.shape[-1] * (tokens.shape[0] if tokens.ndim == 2 else 1)
         if phase == "prompt":
             self.timings.prompt_tokens += n

@@ -21,10 +21,14 @@ ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=BYTE_V
 
 
 @pytest.fixture(scope="module")
-def blocks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blocks")
-    convert(write(str(root / "m.gguf"), ARGS, "Q4_K", byte_vocab=True), str(root / "ck"), quiet=True, blocks=True)
-    return str(root / "ck")
+def q4_k_gguf(tmp_path_factory):
+    return write(str(tmp_path_factory.mktemp("gguf") / "m.gguf"), ARGS, "Q4_K", byte_vocab=True)
+
+
+@pytest.fixture
+def blocks(q4_k_gguf, tmp_path):
+    convert(q4_k_gguf, str(tmp_path / "orig"), quiet=True, blocks=True)
+    return str(tmp_path / "orig")
 
 
 def edited_index(src, dst, edit):
@@ -79,3 +83,29 @@ def test_a_trace_with_nan_logits_is_written_but_fails(tmp_path, capsys):
     assert cli.main(["trace", "-m", path, "--numerics", "llama.cpp", "hi", "-o", out]) == 1
     err = capsys.readouterr().err
     assert os.path.exists(out) and "non-finite values, first at layers.0.q" in err
+
+
+def test_force_never_replaces_a_checkpoint_holding_files_npllama_did_not_write(blocks, tmp_path, q4_k_gguf):
+    # second red-team pass: a folder was "ours" by its index.json alone, and --force deleted it whole
+    for extra in ("NOTES.md", os.path.join("sub", "deep.txt")):
+        dst = str(tmp_path / extra.replace(os.sep, "_"))
+        shutil.copytree(blocks, dst)
+        os.makedirs(os.path.dirname(os.path.join(dst, extra)), exist_ok=True)
+        with open(os.path.join(dst, extra), "w") as f:
+            f.write("precious")
+        with pytest.raises(NpllamaError, match="not a converted checkpoint npllama wrote.*nothing was touched"):
+            convert(q4_k_gguf, dst, force=True, quiet=True, blocks=True)
+        with open(os.path.join(dst, extra)) as f:
+            assert f.read() == "precious"
+    convert(q4_k_gguf, blocks, force=True, quiet=True, blocks=True)   # its own checkpoint: replaced
+
+
+def test_a_gguf_norm_stored_as_blocks_is_refused(tmp_path):
+    from npllama.io.formats.gguf_file import open_gguf
+    path = write(str(tmp_path / "m.gguf"), ARGS, "Q8_0", byte_vocab=True)
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_norm.weight")
+    with open(path, "r+b") as f:              # its type field, after name, n_dims and dims
+        f.seek(t.field.offset + 8 + len(t.name) + 4 + 8 * len(t.shape))
+        f.write(np.array([8], np.uint32).tobytes())   # Q8_0: fits inside the F32 bytes
+    with pytest.raises(NpllamaError, match="attn_norm.weight.*is a vector of type Q8_0"):
+        open_gguf(path)

@@ -179,6 +179,9 @@ def parse_gguf(path: str):
         meta = gguf_to_meta(t.name)
         if meta is None:
             raise CheckpointError(f"{path}: unknown tensor {describe(t.name)}")
+        if len(t.shape) == 1 and int(t.tensor_type) not in (0, 1, 30):   # llama.cpp writes norms as floats
+            raise CheckpointError(f"{path}: {describe(t.name)} is a vector of type {t.tensor_type.name}, not "
+                                  "F32, F16 or BF16")
         by_name[meta] = t
     return reader, args, by_name, gguf_extra(reader, path, args.vocab_size), data
 
